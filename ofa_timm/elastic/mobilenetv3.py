@@ -1,0 +1,542 @@
+"""Elastic MobileNetV3: a timm ``MobileNetV3`` turned into an OFA supernet, and back into stock timm models.
+
+The supernet keeps the source model's modules and state-dict keys. Inverted-residual stages become elastic:
+  * depth: a stage runs its first ``d`` blocks;
+  * expand ratio: the expansion conv keeps its leading ``make_divisible(in_chs * e)`` channels;
+  * kernel size: the depthwise kernel is centre-cropped through learned transform matrices (OFA).
+The stem, a leading depthwise-separable block and the final 1x1 conv stage stay static, as in OFA.
+
+``ElasticMobileNetV3.extract(subnet)`` builds a stock ``timm.models.MobileNetV3`` from a per-block arch_def and loads
+the subnet's sliced weights into it strictly.
+
+``ofa_mobilenetv3(width_mult)`` builds the canonical OFA MobileNetV3 spaces (kernel {3,5,7}, expand {3,4,6},
+depth {2,3,4}, width 1.0 / 1.2) as timm models, and ``convert_ofa_state_dict`` maps the reference implementation's
+checkpoints onto them.
+"""
+import copy
+import re
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import get_act_layer, make_divisible
+from timm.models import MobileNetV3
+from timm.models._efficientnet_blocks import (
+    ConvBnAct, DepthwiseSeparableConv, InvertedResidual, SqueezeExcite)
+from timm.models._efficientnet_builder import decode_arch_def, round_channels
+from timm.models._manipulate import checkpoint_seq
+
+from ..space import SearchSpace, StageChoices, Subnet, SubnetLike
+from ._build import assign_state, build_on_meta
+from .ops import ElasticBatchNormAct2d, ElasticConv2d, ElasticSqueezeExcite
+
+__all__ = [
+    'ElasticMobileNetV3', 'ofa_mobilenetv3', 'ofa_mobilenetv3_arch_def', 'convert_ofa_state_dict',
+    'OFA_KERNELS', 'OFA_EXPANDS', 'OFA_DEPTHS', 'OFA_RESOLUTIONS',
+]
+
+OFA_KERNELS: Tuple[int, ...] = (3, 5, 7)
+OFA_EXPANDS: Tuple[float, ...] = (3.0, 4.0, 6.0)
+OFA_DEPTHS: Tuple[int, ...] = (2, 3, 4)
+OFA_RESOLUTIONS: Tuple[int, ...] = tuple(range(128, 225, 4))
+
+# Activation codes understood by timm's arch_def strings ('_nre', '_nhs', ...).
+_ACT_CODES = ('re', 'r6', 'hs', 'sw', 'mi')
+_ACT_NAMES = dict(re='relu', r6='relu6', hs='hard_swish', sw='swish', mi='mish')
+_SE_RATIO = 0.25
+
+
+def _act_code(act: nn.Module, where: str) -> str:
+    for code in _ACT_CODES:
+        if type(act) is get_act_layer(_ACT_NAMES[code]):
+            return code
+    raise ValueError(
+        f'{where}: activation {type(act).__name__} has no timm arch_def code; supported: '
+        f'{sorted(_ACT_NAMES.values())}')
+
+
+@dataclass(frozen=True)
+class _Block:
+    """What the arch_def string of one source block needs to say."""
+    kind: str  # 'ds', 'ir' or 'cn'
+    in_chs: int
+    out_chs: int
+    kernel: int
+    stride: int
+    act: str
+    exp_ratio: float = 1.0
+    mid_chs: int = 0
+    se: bool = False
+    noskip: bool = False
+
+    def arch_str(self, kernel: Optional[int] = None, exp_ratio: Optional[float] = None) -> str:
+        k = kernel or self.kernel
+        s = f'{self.kind}_r1_k{k}_s{self.stride}'
+        if self.kind == 'ir':
+            s += f'_e{exp_ratio or self.exp_ratio:g}'
+        elif self.kind == 'ds':
+            s += '_e1'
+        s += f'_c{self.out_chs}'
+        if self.se:
+            s += f'_se{_SE_RATIO}'
+        s += f'_n{self.act}'
+        if self.noskip:
+            s += '_noskip'
+        return s
+
+    @property
+    def droppable(self) -> bool:
+        # A block can be skipped by elastic depth only if dropping it keeps the tensor shape.
+        return self.in_chs == self.out_chs and self.stride == 1
+
+
+def _is_elastic_candidate(block: nn.Module) -> bool:
+    if type(block) is not InvertedResidual:
+        return False
+    plain = (
+        block.conv_s2d is None and isinstance(block.aa, nn.Identity)
+        and type(block.conv_pw) is nn.Conv2d and type(block.conv_dw) is nn.Conv2d
+        and type(block.conv_pwl) is nn.Conv2d
+        and block.conv_pw.kernel_size == (1, 1) and block.conv_pwl.kernel_size == (1, 1)
+        and block.conv_dw.groups == block.conv_dw.in_channels
+    )
+    return plain and (isinstance(block.se, nn.Identity) or type(block.se) is SqueezeExcite)
+
+
+def _describe_block(block: nn.Module, where: str) -> _Block:
+    if isinstance(block, InvertedResidual):
+        in_chs, mid = block.conv_pw.in_channels, block.conv_pw.out_channels
+        exp = mid / in_chs
+        if make_divisible(in_chs * exp) != mid:
+            raise ValueError(f'{where}: {mid} mid channels are not make_divisible({in_chs} * e) for any e')
+        return _Block(
+            'ir', in_chs, block.conv_pwl.out_channels, block.conv_dw.kernel_size[0], block.conv_dw.stride[0],
+            _act_code(block.bn1.act, where), exp_ratio=exp, mid_chs=mid, se=not isinstance(block.se, nn.Identity),
+            noskip=not block.has_skip and in_chs == block.conv_pwl.out_channels and block.conv_dw.stride[0] == 1)
+    if isinstance(block, DepthwiseSeparableConv):
+        if block.has_pw_act or block.conv_s2d is not None:
+            raise ValueError(f'{where}: depthwise-separable blocks with pw_act or s2d are not supported')
+        in_chs, out = block.conv_dw.in_channels, block.conv_pw.out_channels
+        return _Block(
+            'ds', in_chs, out, block.conv_dw.kernel_size[0], block.conv_dw.stride[0], _act_code(block.bn1.act, where),
+            se=not isinstance(block.se, nn.Identity),
+            noskip=not block.has_skip and in_chs == out and block.conv_dw.stride[0] == 1)
+    if isinstance(block, ConvBnAct):
+        if block.has_skip:
+            raise ValueError(f'{where}: ConvBnAct blocks with a skip connection are not supported')
+        return _Block(
+            'cn', block.conv.in_channels, block.conv.out_channels, block.conv.kernel_size[0], block.conv.stride[0],
+            _act_code(block.bn1.act, where))
+    raise ValueError(
+        f'{where}: {type(block).__name__} blocks are not supported; supported: InvertedResidual, '
+        f'DepthwiseSeparableConv, ConvBnAct')
+
+
+def _allowed(options: Sequence[float], source: float) -> Tuple[Any, ...]:
+    # Choices never exceed the source, and always contain it, so the max subnet is the source model.
+    return tuple(sorted({o for o in options if o < source} | {source}))
+
+
+class ElasticMobileNetV3(nn.Module):
+    """Elastic supernet over a timm ``MobileNetV3``.
+
+    The supernet owns (deep copies of) the source model's modules, so its state dict has timm's keys plus the kernel
+    transform matrices. Its max subnet computes exactly the source model.
+    """
+
+    def __init__(
+            self,
+            model: MobileNetV3,
+            kernels: Sequence[int] = OFA_KERNELS,
+            expands: Sequence[float] = OFA_EXPANDS,
+            depths: Sequence[int] = OFA_DEPTHS,
+            resolutions: Optional[Sequence[int]] = OFA_RESOLUTIONS,
+            grow_kernels: bool = False,
+    ):
+        """
+        Args:
+            model: Source timm ``MobileNetV3`` (pretrained or not); it is copied, not modified.
+            kernels: Candidate depthwise kernel sizes. Per block, choices larger than the source kernel are dropped
+                unless ``grow_kernels``.
+            expands: Candidate expand ratios. Per block, choices above the source ratio are dropped and the source
+                ratio is always allowed.
+            depths: Candidate stage depths. Per stage, choices above the source depth are dropped and the source depth
+                is always allowed.
+            resolutions: Allowed input resolutions (None: only the source model's).
+            grow_kernels: Zero-pad every elastic depthwise kernel to ``max(kernels)``; the function is unchanged.
+        """
+        super().__init__()
+        if not isinstance(model, MobileNetV3):
+            raise ValueError(f'ElasticMobileNetV3 needs a timm MobileNetV3, got {type(model).__name__}')
+        if not isinstance(model.norm_head, nn.Identity):
+            raise ValueError('MobileNetV3 models with a head norm (MobileNetV4 style) are not supported')
+        if not kernels or not expands or not depths:
+            raise ValueError('kernels, expands and depths need at least one candidate each')
+        model = copy.deepcopy(model)
+        self.num_classes = model.num_classes
+        self.in_chans = model.conv_stem.in_channels
+        self.drop_rate = model.drop_rate
+        self.num_features = model.num_features
+        self.head_hidden_size = model.head_hidden_size
+        self.feature_info = copy.deepcopy(model.feature_info)
+        self.grad_checkpointing = False
+        self.pretrained_cfg = copy.deepcopy(getattr(model, 'pretrained_cfg', None) or _default_cfg(model.num_classes))
+        self.default_cfg = self.pretrained_cfg
+
+        self.conv_stem = model.conv_stem
+        self.bn1 = model.bn1
+        self.blocks = model.blocks
+        self.global_pool = model.global_pool
+        self.conv_head = model.conv_head
+        self.norm_head = model.norm_head
+        self.act2 = model.act2
+        self.flatten = model.flatten
+        self.classifier = model.classifier
+
+        self._stem_act = _act_code(model.bn1.act, 'stem')
+        self._block_specs: List[List[_Block]] = [
+            [_describe_block(b, f'blocks.{s}.{i}') for i, b in enumerate(stage)] for s, stage in enumerate(self.blocks)]
+        se_template = next((b.se for stage in self.blocks for b in stage if type(getattr(b, 'se', None)) is SqueezeExcite), None)
+        self._se_gate = type(se_template.gate) if se_template is not None else None
+        self._se_act = type(se_template.act1) if se_template is not None else None
+
+        # Convert inverted-residual stages into elastic stages.
+        stage_choices = []
+        self.elastic_stages: Tuple[int, ...] = tuple(
+            s for s, stage in enumerate(self.blocks) if all(_is_elastic_candidate(b) for b in stage))
+        if not self.elastic_stages:
+            raise ValueError('The model has no plain inverted-residual stage to make elastic')
+        for s in self.elastic_stages:
+            specs = self._block_specs[s]
+            min_depth = max([i for i, b in enumerate(specs) if not b.droppable] + [0]) + 1
+            depth_choices = tuple(d for d in _allowed(depths, len(specs)) if d >= min_depth)
+            kernel_slots, expand_slots = [], []
+            for i, (block, spec) in enumerate(zip(self.blocks[s], specs)):
+                k_opts = _allowed(kernels, spec.kernel)
+                if grow_kernels and max(kernels) > spec.kernel:
+                    k_opts = tuple(sorted(set(kernels) | {spec.kernel}))
+                kernel_slots.append(k_opts)
+                expand_slots.append(_allowed(tuple(float(e) for e in expands), spec.exp_ratio))
+                block.conv_pw = ElasticConv2d.from_static(block.conv_pw)
+                block.bn1 = ElasticBatchNormAct2d.from_static(block.bn1)
+                block.conv_dw = ElasticConv2d.from_static(block.conv_dw, k_opts)
+                block.bn2 = ElasticBatchNormAct2d.from_static(block.bn2)
+                if spec.se:
+                    block.se = ElasticSqueezeExcite.from_static(block.se, _SE_RATIO)
+                block.conv_pwl = ElasticConv2d.from_static(block.conv_pwl)
+            stage_choices.append(StageChoices(depth_choices, tuple(kernel_slots), tuple(expand_slots)))
+
+        source_res = int(self.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
+        resolutions = tuple(resolutions) if resolutions else ()
+        self.space = SearchSpace(tuple(stage_choices), resolutions=tuple(set(resolutions) | {source_res}))
+        self._stage_depths: List[int] = [len(stage) for stage in self.blocks]
+        self.active_subnet: Subnet = self.space.max()
+        self.set_active(self.active_subnet)
+
+    # --- elastic API --------------------------------------------------------------------------------------------
+    def _slots(self, subnet: Subnet):
+        """Yield (stage index, block index, block, spec, kernel, expand) for every block slot of ``subnet``."""
+        slot = 0
+        for s in self.elastic_stages:
+            for i, (block, spec) in enumerate(zip(self.blocks[s], self._block_specs[s])):
+                yield s, i, block, spec, subnet.kernels[slot], subnet.expands[slot]
+                slot += 1
+
+    def set_active(self, subnet: Optional[SubnetLike] = None) -> Subnet:
+        """Make ``subnet`` (default: the max subnet) the one ``forward`` computes. Returns it validated."""
+        subnet = self.space.max() if subnet is None else self.space.validate(subnet)
+        for s, i, block, spec, kernel, expand in self._slots(subnet):
+            mid = make_divisible(spec.in_chs * expand)
+            block.conv_pw.set_active(out_channels=None if mid == spec.mid_chs else mid)
+            block.conv_dw.set_active(kernel_size=kernel)
+        for s, depth in zip(self.elastic_stages, subnet.depths):
+            self._stage_depths[s] = depth
+        self.active_subnet = subnet
+        return subnet
+
+    def sample_active(self, seed: Any = None) -> Subnet:
+        """Activate a random subnet of the space (see ``SearchSpace.sample``) and return it."""
+        return self.set_active(self.space.sample(seed))
+
+    def arch_def(self, subnet: Optional[SubnetLike] = None) -> List[List[str]]:
+        """The timm arch_def (one string per block) of ``subnet`` (default: the active one)."""
+        subnet = self.active_subnet if subnet is None else self.space.validate(subnet)
+        choices = {(s, i): (k, e) for s, i, _, _, k, e in self._slots(subnet)}
+        depths = dict(zip(self.elastic_stages, subnet.depths))
+        arch = []
+        for s, specs in enumerate(self._block_specs):
+            arch.append([
+                spec.arch_str(*choices.get((s, i), (None, None))) for i, spec in enumerate(specs[:depths.get(s)])])
+        return arch
+
+    @torch.no_grad()
+    def extract(self, subnet: Optional[SubnetLike] = None) -> MobileNetV3:
+        """Build a stock timm ``MobileNetV3`` carrying ``subnet``'s weights (default: the active subnet).
+
+        The model is independent of the supernet (no shared storage), in the supernet's train/eval mode, and its
+        ``pretrained_cfg['input_size']`` carries the subnet's resolution.
+        """
+        subnet = self.active_subnet if subnet is None else self.space.validate(subnet)
+        model = assign_state(self._build_static(self.arch_def(subnet)), self._static_state(subnet))
+        model.train(self.training)
+        cfg = copy.deepcopy(self.pretrained_cfg)
+        if subnet.resolution is not None:
+            cfg['input_size'] = (self.in_chans, subnet.resolution, subnet.resolution)
+        model.pretrained_cfg = model.default_cfg = cfg
+        return model
+
+    def _build_static(self, arch_def: List[List[str]]) -> MobileNetV3:
+        se_layer = None
+        if self._se_gate is not None:
+            se_layer = partial(
+                SqueezeExcite, gate_layer=self._se_gate, force_act_layer=self._se_act, rd_round_fn=round_channels)
+        bn = self.bn1
+        return build_on_meta(  # every tensor is replaced by the subnet's: skip the random init
+            MobileNetV3,
+            block_args=decode_arch_def(arch_def),
+            num_classes=self.num_classes,
+            in_chans=self.in_chans,
+            stem_size=self.conv_stem.out_channels,
+            fix_stem=True,
+            num_features=self.head_hidden_size,
+            head_bias=self.conv_head.bias is not None,
+            act_layer=get_act_layer(_ACT_NAMES[self._stem_act]),
+            norm_layer=partial(nn.BatchNorm2d, eps=bn.eps, momentum=bn.momentum),
+            se_layer=se_layer,
+            round_chs_fn=partial(round_channels, divisor=1),  # arch_def channels are exact already
+            drop_rate=self.drop_rate,
+            global_pool=self.global_pool.pool_type,
+        )
+
+    def _static_state(self, subnet: Subnet) -> Dict[str, torch.Tensor]:
+        def clone(prefix: str, module: nn.Module) -> Dict[str, torch.Tensor]:
+            return {prefix + k: v.detach().clone() for k, v in module.state_dict().items()}
+
+        def prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            return {prefix + k: v for k, v in state.items()}
+
+        state = clone('conv_stem.', self.conv_stem)
+        state.update(clone('bn1.', self.bn1))
+        for name in ('conv_head', 'norm_head', 'classifier'):
+            state.update(clone(f'{name}.', getattr(self, name)))
+        for s, stage in enumerate(self.blocks):
+            if s not in self.elastic_stages:
+                state.update(clone(f'blocks.{s}.', stage))
+        depths = dict(zip(self.elastic_stages, subnet.depths))
+        for s, i, block, spec, kernel, expand in self._slots(subnet):
+            if i >= depths[s]:
+                continue
+            p = f'blocks.{s}.{i}.'
+            mid = make_divisible(spec.in_chs * expand)
+            state.update(prefixed(p + 'conv_pw.', block.conv_pw.static_state(spec.in_chs, out_channels=mid)))
+            state.update(prefixed(p + 'bn1.', block.bn1.static_state(mid)))
+            state.update(prefixed(p + 'conv_dw.', block.conv_dw.static_state(mid, kernel_size=kernel)))
+            state.update(prefixed(p + 'bn2.', block.bn2.static_state(mid)))
+            if spec.se:
+                state.update(prefixed(p + 'se.', block.se.static_state(mid)))
+            state.update(prefixed(p + 'conv_pwl.', block.conv_pwl.static_state(mid)))
+            state.update(clone(p + 'bn3.', block.bn3))
+        return state
+
+    # --- timm model API -----------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^conv_stem|bn1', blocks=r'^blocks\.(\d+)' if coarse else r'^blocks\.(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier; as in timm, the pooling of the efficient head cannot change its width."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            from timm.layers import SelectAdaptivePool2d
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
+            self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
+        device, dtype = self.conv_head.weight.device, self.conv_head.weight.dtype
+        self.classifier = (
+            nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype) if num_classes > 0
+            else nn.Identity())
+
+    def active_blocks(self) -> List[nn.Module]:
+        """The blocks the active subnet runs, in order."""
+        return [b for stage, d in zip(self.blocks, self._stage_depths) for b in stage[:d]]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_stem(x)
+        x = self.bn1(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(nn.Sequential(*self.active_blocks()), x, flatten=False)
+        for stage, depth in zip(self.blocks, self._stage_depths):
+            for i, block in enumerate(stage):
+                if i == depth:
+                    break
+                x = block(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        x = self.conv_head(x)
+        x = self.norm_head(x)
+        x = self.act2(x)
+        x = self.flatten(x)
+        if self.drop_rate > 0.:
+            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _default_cfg(num_classes: int = 1000) -> Dict[str, Any]:
+    return dict(
+        url='', num_classes=num_classes, input_size=(3, 224, 224), pool_size=(1, 1), crop_pct=0.875,
+        interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv='conv_stem', classifier='classifier')
+
+
+# --- canonical OFA MobileNetV3 spaces -------------------------------------------------------------------------------
+_OFA_BASE_WIDTHS = (16, 24, 40, 80, 112, 160)
+_OFA_STRIDES = (1, 2, 2, 2, 1, 2)
+_OFA_ACTS = ('re', 're', 're', 'hs', 'hs', 'hs')
+_OFA_SE = (False, False, True, False, True, True)
+
+
+def ofa_mobilenetv3_arch_def(
+        width_mult: float = 1.2, kernel: int = 7, expand: float = 6, depth: int = 4,
+) -> Tuple[List[List[str]], int, int]:
+    """The timm arch_def of the largest OFA MobileNetV3 of a width multiplier.
+
+    Returns:
+        (arch_def, stem channels, head channels).
+    """
+    widths = [make_divisible(w * width_mult) for w in _OFA_BASE_WIDTHS]
+    arch = [[f'ds_r1_k3_s1_e1_c{widths[0]}_nre']]
+    for s in range(1, 6):
+        se = f'_se{_SE_RATIO}' if _OFA_SE[s] else ''
+        arch.append([f'ir_r{depth}_k{kernel}_s{_OFA_STRIDES[s]}_e{expand:g}_c{widths[s]}{se}_n{_OFA_ACTS[s]}'])
+    arch.append([f'cn_r1_k1_s1_c{make_divisible(960 * width_mult)}_nhs'])
+    return arch, make_divisible(16 * width_mult), make_divisible(1280 * width_mult)
+
+
+def ofa_mobilenetv3(
+        width_mult: float = 1.2,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.,
+        drop_path_rate: float = 0.,
+        kernels: Sequence[int] = OFA_KERNELS,
+        expands: Sequence[float] = OFA_EXPANDS,
+        depths: Sequence[int] = OFA_DEPTHS,
+        resolutions: Sequence[int] = OFA_RESOLUTIONS,
+) -> ElasticMobileNetV3:
+    """The canonical OFA MobileNetV3 supernet (``ofa_mbv3_d234_e346_k357_w1.0`` / ``_w1.2``), randomly initialised.
+
+    It is numerically identical to the reference ``OFAMobileNetV3`` given the same weights
+    (see :func:`convert_ofa_state_dict`).
+    """
+    arch, stem, head = ofa_mobilenetv3_arch_def(width_mult, max(kernels), max(expands), max(depths))
+    source = MobileNetV3(
+        block_args=decode_arch_def(arch),
+        num_classes=num_classes,
+        in_chans=in_chans,
+        stem_size=stem,
+        fix_stem=True,
+        num_features=head,
+        head_bias=False,
+        act_layer=get_act_layer('hard_swish'),
+        se_layer=partial(SqueezeExcite, gate_layer='hard_sigmoid', force_act_layer=nn.ReLU, rd_round_fn=round_channels),
+        drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
+    )
+    source.pretrained_cfg = _default_cfg(num_classes)
+    return ElasticMobileNetV3(source, kernels=kernels, expands=expands, depths=depths, resolutions=resolutions)
+
+
+# --- reference checkpoint conversion --------------------------------------------------------------------------------
+_LEGACY_RENAMES = (('.mobile_inverted_conv.', '.conv.'),)
+_REF_LAYER_MAP = (
+    # (reference sub-key regex, timm sub-key); applied to 'blocks.N.' suffixes.
+    (r'conv\.inverted_bottleneck\.conv\.(conv\.)?weight$', 'conv_pw.weight'),
+    (r'conv\.inverted_bottleneck\.bn\.(bn\.)?(\w+)$', r'bn1.\2'),
+    (r'conv\.depth_conv\.conv\.(conv\.)?weight$', 'conv_dw.weight'),
+    (r'conv\.depth_conv\.conv\.(\d+)to(\d+)_matrix$', r'conv_dw.kernel_transform_\1to\2'),
+    (r'conv\.depth_conv\.bn\.(bn\.)?(\w+)$', r'bn2.\2'),
+    (r'conv\.depth_conv\.se\.fc\.reduce\.(\w+)$', r'se.conv_reduce.\1'),
+    (r'conv\.depth_conv\.se\.fc\.expand\.(\w+)$', r'se.conv_expand.\1'),
+    (r'conv\.point_linear\.conv\.(conv\.)?weight$', 'conv_pwl.weight'),
+    (r'conv\.point_linear\.bn\.(bn\.)?(\w+)$', r'bn3.\2'),
+)
+_REF_FIRST_BLOCK_MAP = (
+    (r'conv\.depth_conv\.conv\.(conv\.)?weight$', 'conv_dw.weight'),
+    (r'conv\.depth_conv\.bn\.(bn\.)?(\w+)$', r'bn1.\2'),
+    (r'conv\.point_linear\.conv\.(conv\.)?weight$', 'conv_pw.weight'),
+    (r'conv\.point_linear\.bn\.(bn\.)?(\w+)$', r'bn2.\2'),
+)
+_REF_TOP_MAP = (
+    (r'first_conv\.conv\.weight$', 'conv_stem.weight'),
+    (r'first_conv\.bn\.(bn\.)?(\w+)$', r'bn1.\2'),
+    (r'final_expand_layer\.conv\.weight$', 'blocks.6.0.conv.weight'),
+    (r'final_expand_layer\.bn\.(bn\.)?(\w+)$', r'blocks.6.0.bn1.\2'),
+    (r'feature_mix_layer\.conv\.weight$', 'conv_head.weight'),
+    (r'classifier\.linear\.(linear\.)?(\w+)$', r'classifier.\2'),
+)
+
+
+def _map_key(key: str, rules: Sequence[Tuple[str, str]]) -> Optional[str]:
+    for pattern, repl in rules:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
+
+
+def convert_ofa_state_dict(
+        state_dict: Mapping[str, torch.Tensor], stage_depths: Sequence[int] = (4, 4, 4, 4, 4),
+) -> Dict[str, torch.Tensor]:
+    """Map a reference ``OFAMobileNetV3`` state dict (current or legacy key names) onto this supernet's keys.
+
+    Args:
+        state_dict: The reference checkpoint's ``state_dict`` (unwrap ``{'state_dict': ...}`` first).
+        stage_depths: Max depth of each of the reference's elastic stages.
+
+    Raises:
+        ValueError: On a key that does not belong to an OFA MobileNetV3.
+    """
+    out = {}
+    first_elastic = 1
+    boundaries = [first_elastic]
+    for d in stage_depths:
+        boundaries.append(boundaries[-1] + d)
+    for key, value in state_dict.items():
+        new_key = key
+        for old, new in _LEGACY_RENAMES:
+            new_key = new_key.replace(old, new)
+        m = re.match(r'blocks\.(\d+)\.(.*)$', new_key)
+        if m:
+            n, rest = int(m.group(1)), m.group(2)
+            if n == 0:
+                mapped = _map_key(rest, _REF_FIRST_BLOCK_MAP)
+                prefix = 'blocks.0.0.'
+            else:
+                stage = next((s for s in range(len(stage_depths)) if n < boundaries[s + 1]), None)
+                if stage is None:
+                    raise ValueError(f'Reference key {key!r} lies beyond the {sum(stage_depths)} elastic blocks')
+                mapped = _map_key(rest, _REF_LAYER_MAP)
+                prefix = f'blocks.{stage + 1}.{n - boundaries[stage]}.'
+            mapped = prefix + mapped if mapped else None
+        else:
+            mapped = _map_key(new_key, _REF_TOP_MAP)
+            if mapped and mapped.startswith('blocks.6.'):
+                mapped = mapped.replace('blocks.6.', f'blocks.{len(stage_depths) + 1}.', 1)
+        if mapped is None:
+            raise ValueError(f'Reference key {key!r} is not part of an OFA MobileNetV3 checkpoint')
+        out[mapped] = value
+    return out

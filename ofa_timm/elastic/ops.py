@@ -1,0 +1,416 @@
+"""Elastic layers: static PyTorch / timm layers whose active size can shrink.
+
+Each elastic layer is built *from* a static layer (``from_static``), reuses its parameters under the same names (so
+state dicts keep timm's keys) and turns *back into* a static layer for the active setting (``to_static``), or hands
+out just the tensors of that static layer (``static_state``) for fast whole-model extraction.
+
+Conventions, shared by every layer here:
+  * Input channels are read from the input tensor, so a layer follows whatever its predecessor produced.
+  * Output sizes and kernel sizes are set explicitly (``active_out_channels``, ``active_kernel_size``) by the
+    supernet's ``set_active``; ``forward`` never writes them.
+  * Width shrinking keeps leading channels (a prefix slice), as in OFA.
+  * When the active setting is the full layer, the parameters are used as they are, so the max subnet costs the
+    same as the source model.
+"""
+from typing import Dict, Optional, Sequence, Type, TypeVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, make_divisible
+from timm.models._efficientnet_blocks import SqueezeExcite
+
+__all__ = [
+    'ElasticConv2d', 'ElasticBatchNorm2d', 'ElasticBatchNormAct2d', 'ElasticLinear', 'ElasticSqueezeExcite',
+    'is_elastic',
+]
+
+M = TypeVar('M', bound=nn.Module)
+
+
+def _adopt(new: M, old: nn.Module) -> M:
+    """Move the parameters, buffers and children of ``old`` into ``new`` (built on the meta device)."""
+    for name, param in old.named_parameters(recurse=False):
+        setattr(new, name, param)
+    for name, buf in old.named_buffers(recurse=False):
+        new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
+    for name, child in old.named_children():
+        setattr(new, name, child)
+    new.train(old.training)
+    return new
+
+
+def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # Extraction must not share storage with the supernet: an exported model is trained on its own.
+    return None if t is None else t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _same_padding(kernel_size: int, stride: int, dilation: int) -> int:
+    # timm's symmetric static padding (timm.layers.get_padding), recomputed for every active kernel size.
+    return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
+class ElasticConv2d(nn.Conv2d):
+    """A dense or depthwise ``nn.Conv2d`` with elastic channels and, for depthwise convs, elastic kernel size.
+
+    Dense convs slice the leading ``active_out_channels`` filters and the leading input channels of the input.
+    Depthwise convs follow their input's channel count. A smaller depthwise kernel is the centre of the next larger
+    one passed through a learned ``k² x k²`` transform (OFA's kernel transformation), applied from the largest kernel
+    down: 7 -> 5 -> 3. The transforms are initialised to identity, so at first a small kernel is the plain centre
+    crop.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: int,
+            stride: int = 1,
+            dilation: int = 1,
+            groups: int = 1,
+            bias: bool = True,
+            kernel_sizes: Optional[Sequence[int]] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        """
+        Args:
+            in_channels: Maximum input channels.
+            out_channels: Maximum output channels.
+            kernel_size: Maximum (square, odd) kernel size.
+            stride: Convolution stride.
+            dilation: Convolution dilation.
+            groups: 1 (dense) or ``in_channels`` (depthwise).
+            bias: Whether the conv has a bias.
+            kernel_sizes: Allowed kernel sizes, depthwise only; defaults to ``(kernel_size,)``.
+        """
+        if groups not in (1, in_channels) or (groups > 1 and in_channels != out_channels):
+            raise ValueError(
+                f'ElasticConv2d supports dense (groups=1) or depthwise (groups=in=out) convs, '
+                f'got in={in_channels}, out={out_channels}, groups={groups}')
+        if kernel_size % 2 == 0:
+            raise ValueError(f'ElasticConv2d needs an odd kernel size, got {kernel_size}')
+        kernel_sizes = tuple(sorted(set(kernel_sizes or (kernel_size,))))
+        if kernel_sizes[-1] != kernel_size or any(k % 2 == 0 or k < 1 for k in kernel_sizes):
+            raise ValueError(
+                f'kernel_sizes {list(kernel_sizes)} must be odd and top out at the kernel size {kernel_size}')
+        if len(kernel_sizes) > 1 and groups == 1:
+            raise ValueError('Elastic kernel sizes are only supported for depthwise convs')
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride,
+            padding=_same_padding(kernel_size, stride, dilation), dilation=dilation, groups=groups, bias=bias,
+            device=device, dtype=dtype)
+        self.kernel_sizes = kernel_sizes
+        self.depthwise = groups > 1
+        self.active_out_channels: Optional[int] = None
+        self.active_kernel_size: int = kernel_size
+        for big, small in zip(kernel_sizes[::-1], kernel_sizes[-2::-1]):
+            self.register_parameter(
+                self.transform_name(big, small),
+                nn.Parameter(torch.eye(small * small, device=device, dtype=dtype)))
+
+    @staticmethod
+    def transform_name(big: int, small: int) -> str:
+        """Parameter name of the ``big -> small`` kernel transform matrix."""
+        return f'kernel_transform_{big}to{small}'
+
+    @classmethod
+    def from_static(cls, conv: nn.Conv2d, kernel_sizes: Optional[Sequence[int]] = None) -> 'ElasticConv2d':
+        """Build an elastic conv that reuses ``conv``'s parameters.
+
+        Args:
+            conv: A dense or depthwise conv with timm's symmetric padding.
+            kernel_sizes: Allowed kernel sizes (depthwise only). A maximum above the conv's kernel grows the kernel by
+                zero padding, which leaves the function unchanged.
+        """
+        k = conv.kernel_size[0]
+        if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
+                or conv.dilation[0] != conv.dilation[1]:
+            raise ValueError(f'ElasticConv2d needs square kernels, strides and dilations, got {conv}')
+        if not isinstance(conv.padding, tuple) or conv.padding != (_same_padding(k, conv.stride[0], conv.dilation[0]),) * 2:
+            raise ValueError(
+                f"ElasticConv2d needs timm's symmetric static padding; {conv} uses padding {conv.padding!r} "
+                f"(TF 'same' padding models such as tf_* variants are not supported)")
+        max_k = max(kernel_sizes) if kernel_sizes else k
+        if max_k < k:
+            raise ValueError(f'kernel_sizes {list(kernel_sizes)} must include the source kernel size {k}')
+        new = cls(
+            conv.in_channels, conv.out_channels, max_k, stride=conv.stride[0], dilation=conv.dilation[0],
+            groups=conv.groups, bias=conv.bias is not None, kernel_sizes=kernel_sizes, device='meta',
+            dtype=conv.weight.dtype)
+        for name, param in new.named_parameters(recurse=False):
+            if name.startswith('kernel_transform_'):
+                setattr(new, name, nn.Parameter(torch.eye(param.shape[0], device=conv.weight.device,
+                                                          dtype=conv.weight.dtype)))
+        new.weight = conv.weight if max_k == k else nn.Parameter(F.pad(conv.weight.detach(), [(max_k - k) // 2] * 4))
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
+
+    @property
+    def max_kernel_size(self) -> int:
+        return self.kernel_sizes[-1]
+
+    def set_active(self, out_channels: Optional[int] = None, kernel_size: Optional[int] = None) -> None:
+        """Set the active output channels (dense convs) and kernel size (depthwise convs); None means the maximum."""
+        if out_channels is not None:
+            if self.depthwise:
+                raise ValueError('A depthwise conv follows its input channels; do not set out_channels')
+            if not 0 < out_channels <= self.out_channels:
+                raise ValueError(f'out_channels={out_channels} outside 1..{self.out_channels}')
+        if kernel_size is not None and kernel_size not in self.kernel_sizes:
+            raise ValueError(f'kernel_size={kernel_size} not allowed; allowed {list(self.kernel_sizes)}')
+        self.active_out_channels = out_channels
+        self.active_kernel_size = kernel_size or self.max_kernel_size
+
+    def active_weight(self, in_channels: int) -> torch.Tensor:
+        """The weight of the active setting for ``in_channels`` input channels."""
+        return self.weight_for(in_channels, self.active_out_channels, self.active_kernel_size)
+
+    def weight_for(
+            self, in_channels: int, out_channels: Optional[int] = None, kernel_size: Optional[int] = None,
+    ) -> torch.Tensor:
+        """The weight of an explicit setting (None means the maximum), without touching the active one."""
+        if self.depthwise:
+            weight = self.weight if in_channels == self.out_channels else self.weight[:in_channels]
+            return self._transformed_kernel(weight, kernel_size or self.max_kernel_size)
+        out_channels = out_channels or self.out_channels
+        if out_channels == self.out_channels and in_channels == self.in_channels:
+            return self.weight
+        return self.weight[:out_channels, :in_channels]
+
+    def _transformed_kernel(self, weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        channels = weight.shape[0]
+        for big, small in zip(self.kernel_sizes[::-1], self.kernel_sizes[-2::-1]):
+            if big <= kernel_size:
+                break
+            start = (big - small) // 2
+            centre = weight[:, :, start:start + small, start:start + small].reshape(channels, small * small)
+            weight = F.linear(centre, getattr(self, self.transform_name(big, small)))
+            weight = weight.view(channels, 1, small, small)
+        return weight
+
+    def active_bias(self, out_channels: int) -> Optional[torch.Tensor]:
+        if self.bias is None or out_channels == self.out_channels:
+            return self.bias
+        return self.bias[:out_channels]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_channels = x.shape[1]
+        weight = self.active_weight(in_channels)
+        k = weight.shape[-1]
+        padding = self.padding if k == self.kernel_size[0] else _same_padding(k, self.stride[0], self.dilation[0])
+        return F.conv2d(
+            x, weight, self.active_bias(weight.shape[0]), self.stride, padding, self.dilation,
+            in_channels if self.depthwise else 1)
+
+    def static_state(
+            self, in_channels: int, out_channels: Optional[int] = None, kernel_size: Optional[int] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Tensors of the static ``nn.Conv2d`` of a setting, keyed as in its state dict.
+
+        Args:
+            in_channels: Input channels of the static conv.
+            out_channels: Output channels (dense convs); defaults to the active setting.
+            kernel_size: Kernel size (depthwise convs); defaults to the active setting.
+        """
+        with torch.no_grad():
+            weight = self.weight_for(
+                in_channels, out_channels or self.active_out_channels, kernel_size or self.active_kernel_size)
+            state = {'weight': _detached(weight)}
+            if self.bias is not None:
+                state['bias'] = _detached(self.active_bias(weight.shape[0]))
+        return state
+
+    def to_static(self, in_channels: int) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` holding the active setting's weights."""
+        state = self.static_state(in_channels)
+        out_channels, _, k, _ = state['weight'].shape
+        conv = nn.Conv2d(
+            in_channels, out_channels, k, stride=self.stride, padding=_same_padding(k, self.stride[0], self.dilation[0]),
+            dilation=self.dilation, groups=in_channels if self.depthwise else 1, bias=self.bias is not None,
+            device='meta')
+        conv.load_state_dict(state, assign=True)
+        return conv.train(self.training)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if len(self.kernel_sizes) > 1:
+            s += f', kernel_sizes={list(self.kernel_sizes)}'
+        return s
+
+
+class _ElasticBatchNormMixin:
+    """Batch norm over a leading subset of channels, read from the input.
+
+    Running statistics of the active channels are updated in place through views, so statistics of each width stay
+    where the corresponding channels live.
+    """
+    num_features: int
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    num_batches_tracked: Optional[torch.Tensor]
+    momentum: Optional[float]
+    eps: float
+    training: bool
+    track_running_stats: bool
+
+    def _elastic_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        full = c == self.num_features
+
+        def part(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return t if t is None or full else t[:c]
+
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            x, part(self.running_mean) if track else None, part(self.running_var) if track else None,
+            part(self.weight), part(self.bias), use_batch_stats, momentum, self.eps)
+
+    def static_state(self, num_features: int) -> Dict[str, torch.Tensor]:
+        """Tensors of the static batch norm over the first ``num_features`` channels."""
+        state = {}
+        for name in ('weight', 'bias', 'running_mean', 'running_var'):
+            t = getattr(self, name)
+            if t is not None:
+                state[name] = _detached(t[:num_features])
+        if self.num_batches_tracked is not None:
+            state['num_batches_tracked'] = _detached(self.num_batches_tracked)
+        return state
+
+
+class ElasticBatchNorm2d(_ElasticBatchNormMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` over the leading channels of its input."""
+
+    @classmethod
+    def from_static(cls, bn: nn.BatchNorm2d) -> 'ElasticBatchNorm2d':
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device='meta')
+        return _adopt(new, bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._elastic_batch_norm(x)
+
+    def to_static(self, num_features: int) -> nn.BatchNorm2d:
+        bn = nn.BatchNorm2d(
+            num_features, self.eps, self.momentum, self.affine, self.track_running_stats, device='meta')
+        bn.load_state_dict(self.static_state(num_features), assign=True)
+        return bn.train(self.training)
+
+
+class ElasticBatchNormAct2d(_ElasticBatchNormMixin, BatchNormAct2d):
+    """timm ``BatchNormAct2d`` (norm, drop, activation) over the leading channels of its input."""
+
+    @classmethod
+    def from_static(cls, bn: BatchNormAct2d) -> 'ElasticBatchNormAct2d':
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device='meta')
+        return _adopt(new, bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self._elastic_batch_norm(x)))
+
+    def to_static(self, num_features: int) -> BatchNormAct2d:
+        bn = BatchNormAct2d(
+            num_features, self.eps, self.momentum, self.affine, self.track_running_stats, device='meta')
+        bn.act, bn.drop = self.act, self.drop
+        bn.load_state_dict(self.static_state(num_features), assign=True)
+        return bn.train(self.training)
+
+
+class ElasticLinear(nn.Linear):
+    """``nn.Linear`` that reads the leading ``in_features`` of its input (the classifier after an elastic width)."""
+
+    @classmethod
+    def from_static(cls, linear: nn.Linear) -> 'ElasticLinear':
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device='meta')
+        return _adopt(new, linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[-1]
+        weight = self.weight if c == self.in_features else self.weight[:, :c]
+        return F.linear(x, weight, self.bias)
+
+    def static_state(self, in_features: int) -> Dict[str, torch.Tensor]:
+        state = {'weight': _detached(self.weight[:, :in_features])}
+        if self.bias is not None:
+            state['bias'] = _detached(self.bias)
+        return state
+
+    def to_static(self, in_features: int) -> nn.Linear:
+        linear = nn.Linear(in_features, self.out_features, bias=self.bias is not None, device='meta')
+        linear.load_state_dict(self.static_state(in_features), assign=True)
+        return linear.train(self.training)
+
+
+class ElasticSqueezeExcite(SqueezeExcite):
+    """timm ``SqueezeExcite`` whose channels follow its input.
+
+    The reduced width is ``make_divisible(channels * rd_ratio, rd_divisor)``, recomputed for the active channels as
+    timm does when it builds an SE block for that width (and as OFA does in its dynamic SE).
+    """
+
+    def __init__(self, in_chs: int, rd_ratio: float = 0.25, rd_divisor: int = 8, device=None, dtype=None):
+        super().__init__(
+            in_chs, rd_channels=make_divisible(in_chs * rd_ratio, rd_divisor), device=device, dtype=dtype)
+        self.rd_ratio = rd_ratio
+        self.rd_divisor = rd_divisor
+
+    @classmethod
+    def from_static(cls, se: SqueezeExcite, rd_ratio: float = 0.25, rd_divisor: int = 8) -> 'ElasticSqueezeExcite':
+        """Build from a timm ``SqueezeExcite`` whose reduced width follows ``make_divisible(c * rd_ratio)``.
+
+        Raises:
+            ValueError: If the SE block was built with another reduction rule.
+        """
+        in_chs, rd = se.conv_reduce.in_channels, se.conv_reduce.out_channels
+        if make_divisible(in_chs * rd_ratio, rd_divisor) != rd:
+            raise ValueError(
+                f'SE block with {in_chs} -> {rd} channels does not follow make_divisible(c * {rd_ratio}, {rd_divisor}); '
+                f'its reduced width cannot be recomputed for smaller widths')
+        new = cls(in_chs, rd_ratio, rd_divisor, device='meta')
+        return _adopt(new, se)
+
+    def reduced_channels(self, channels: int) -> int:
+        return make_divisible(channels * self.rd_ratio, self.rd_divisor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if c == self.conv_reduce.in_channels:
+            return super().forward(x)
+        rd = self.reduced_channels(c)
+        x_se = x.mean((2, 3), keepdim=True)
+        x_se = F.conv2d(x_se, self.conv_reduce.weight[:rd, :c], self.conv_reduce.bias[:rd])
+        x_se = self.act1(x_se)
+        x_se = F.conv2d(x_se, self.conv_expand.weight[:c, :rd], self.conv_expand.bias[:c])
+        return x * self.gate(x_se)
+
+    def static_state(self, channels: int) -> Dict[str, torch.Tensor]:
+        rd = self.reduced_channels(channels)
+        return {
+            'conv_reduce.weight': _detached(self.conv_reduce.weight[:rd, :channels]),
+            'conv_reduce.bias': _detached(self.conv_reduce.bias[:rd]),
+            'conv_expand.weight': _detached(self.conv_expand.weight[:channels, :rd]),
+            'conv_expand.bias': _detached(self.conv_expand.bias[:channels]),
+        }
+
+    def to_static(self, channels: int) -> SqueezeExcite:
+        se = SqueezeExcite(channels, rd_channels=self.reduced_channels(channels), device='meta')
+        se.act1, se.gate = self.act1, self.gate
+        se.load_state_dict(self.static_state(channels), assign=True)
+        return se.train(self.training)
+
+
+ELASTIC_TYPES: tuple[Type[nn.Module], ...] = (
+    ElasticConv2d, ElasticBatchNorm2d, ElasticBatchNormAct2d, ElasticLinear, ElasticSqueezeExcite)
+
+
+def is_elastic(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the elastic layers of this module."""
+    return isinstance(module, ELASTIC_TYPES)

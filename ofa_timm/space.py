@@ -1,0 +1,476 @@
+"""Subnet specifications and the search spaces they live in.
+
+A :class:`Subnet` is an immutable, hashable description of one architecture inside an elastic supernet: depth per
+stage, kernel size and expand ratio per block slot, width multipliers per width slot and the input resolution.
+A :class:`SearchSpace` holds the allowed choices for each of those positions, samples from them and validates
+subnets against them. Both are family agnostic: MobileNetV3 and ResNet supernets describe themselves with the same
+types.
+
+Block slots are numbered stage by stage. A stage with a maximum depth of 4 owns 4 consecutive slots in
+``Subnet.kernels`` / ``Subnet.expands`` whether or not the subnet activates all of them; values in inactive slots
+must still be valid choices, which keeps the reference implementation's fixed-length encoding usable as is.
+"""
+import json
+import math
+import operator
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    'Subnet', 'StageChoices', 'SearchSpace', 'SubnetLike', 'RandomLike',
+    'OFA_RESNET50_BASE_DEPTHS', 'OFA_RESNET50_WIDTH_MULTS',
+]
+
+# The reference OFA-ResNet50 encodes depth as an offset on these base depths and width as an index into these
+# multipliers; they are needed to read its subnet dicts without a supernet at hand.
+OFA_RESNET50_BASE_DEPTHS: Tuple[int, ...] = (2, 2, 4, 2)
+OFA_RESNET50_WIDTH_MULTS: Tuple[float, ...] = (0.65, 0.8, 1.0)
+
+_OUR_KEYS = ('resolution', 'depths', 'kernels', 'expands', 'widths')
+_REF_MBV3_KEYS = ('ks', 'e', 'd', 'r', 'wid')
+_REF_RESNET_KEYS = ('d', 'e', 'w', 'r')
+
+RandomLike = Union[None, int, random.Random, np.random.Generator]
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f'{name} must be an integer, got bool {value!r}')
+    try:
+        return operator.index(value)
+    except TypeError:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f'{name} must be an integer, got {type(value).__name__} {value!r}') from None
+
+
+def _as_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f'{name} must be a number, got {type(value).__name__} {value!r}')
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f'{name} must be a positive finite number, got {value!r}')
+    return value
+
+
+def _as_sequence(value: Any, name: str) -> Sequence[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f'{name} must be a list, got {type(value).__name__} {value!r}')
+    return value
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """One architecture of an elastic supernet.
+
+    Args:
+        depths: Number of active blocks per elastic stage.
+        kernels: Depthwise kernel size per block slot (empty for families without elastic kernels).
+        expands: Expand ratio per block slot (empty for families without elastic expansion).
+        widths: Width multiplier per width slot (empty for families without elastic width).
+        resolution: Input resolution, or None where the subnet does not fix one.
+    """
+    depths: Tuple[int, ...]
+    kernels: Tuple[int, ...] = ()
+    expands: Tuple[float, ...] = ()
+    widths: Tuple[float, ...] = ()
+    resolution: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        # Normalise to tuples of plain Python numbers so equal specs hash equally, whatever container came in.
+        depths = tuple(_as_int(v, f'Subnet.depths[{i}]') for i, v in enumerate(_as_sequence(self.depths, 'depths')))
+        for i, d in enumerate(depths):
+            if d < 0:
+                raise ValueError(f'Subnet.depths[{i}] = {d} must be >= 0')
+        kernels = tuple(
+            _as_int(v, f'Subnet.kernels[{i}]') for i, v in enumerate(_as_sequence(self.kernels, 'kernels')))
+        for i, k in enumerate(kernels):
+            if k < 1 or k % 2 == 0:
+                raise ValueError(f'Subnet.kernels[{i}] = {k} must be a positive odd integer')
+        expands = tuple(
+            _as_float(v, f'Subnet.expands[{i}]') for i, v in enumerate(_as_sequence(self.expands, 'expands')))
+        widths = tuple(
+            _as_float(v, f'Subnet.widths[{i}]') for i, v in enumerate(_as_sequence(self.widths, 'widths')))
+        resolution = self.resolution
+        if resolution is not None:
+            resolution = _as_int(resolution, 'Subnet.resolution')
+            if resolution <= 0:
+                raise ValueError(f'Subnet.resolution = {resolution} must be positive')
+        object.__setattr__(self, 'depths', depths)
+        object.__setattr__(self, 'kernels', kernels)
+        object.__setattr__(self, 'expands', expands)
+        object.__setattr__(self, 'widths', widths)
+        object.__setattr__(self, 'resolution', resolution)
+
+    def replace(self, **changes: Any) -> 'Subnet':
+        """Return a copy with some fields replaced."""
+        fields = dict(
+            depths=self.depths, kernels=self.kernels, expands=self.expands, widths=self.widths,
+            resolution=self.resolution)
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ValueError(f'Unknown Subnet field(s) {sorted(unknown)}; allowed: {sorted(fields)}')
+        fields.update(changes)
+        return Subnet(**fields)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able dict with keys ``resolution``, ``depths``, ``kernels``, ``expands`` and ``widths``.
+
+        Keys of dimensions the subnet does not use (no widths, no resolution) are left out.
+        """
+        out: Dict[str, Any] = {}
+        if self.resolution is not None:
+            out['resolution'] = self.resolution
+        out['depths'] = list(self.depths)
+        out['kernels'] = list(self.kernels)
+        out['expands'] = list(self.expands)
+        if self.widths:
+            out['widths'] = list(self.widths)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> 'Subnet':
+        """Read a subnet dict.
+
+        Accepts this project's form (:meth:`to_dict`) and the reference OFA implementation's forms:
+        MobileNetV3 ``{'ks': [...], 'e': [...], 'd': [...]}`` with an optional ``'r'``, and ResNet
+        ``{'d': [stem + 4 depth offsets], 'e': [...], 'w': [width indices]}``.
+
+        Raises:
+            ValueError: On unknown keys, mixed forms or malformed values.
+        """
+        if isinstance(d, Subnet):
+            return d
+        if not isinstance(d, Mapping):
+            raise ValueError(f'A subnet dict must be a mapping, got {type(d).__name__}')
+        keys = set(d)
+        if keys <= set(_OUR_KEYS):
+            if 'depths' not in keys:
+                raise ValueError(f"Subnet dict is missing 'depths'; got keys {sorted(keys)}")
+            return cls(
+                depths=d['depths'], kernels=d.get('kernels', ()), expands=d.get('expands', ()),
+                widths=d.get('widths', ()), resolution=d.get('resolution'))
+        resolution = _reference_resolution(d.get('r'))
+        if 'ks' in keys and keys <= set(_REF_MBV3_KEYS):
+            missing = {'ks', 'e', 'd'} - keys
+            if missing:
+                raise ValueError(f'Reference MobileNetV3 subnet dict is missing {sorted(missing)}')
+            if d.get('wid') is not None:
+                raise ValueError("Reference subnet key 'wid' must be None: width is not elastic for MobileNetV3")
+            return cls(depths=d['d'], kernels=d['ks'], expands=d['e'], resolution=resolution)
+        if 'w' in keys and keys <= set(_REF_RESNET_KEYS):
+            missing = {'d', 'e', 'w'} - keys
+            if missing:
+                raise ValueError(f'Reference ResNet subnet dict is missing {sorted(missing)}')
+            return _from_reference_resnet(d['d'], d['e'], d['w'], resolution)
+        raise ValueError(
+            f'Unknown subnet dict keys {sorted(keys)}. Allowed: {list(_OUR_KEYS)} (ofa_timm form), '
+            f"{['ks', 'e', 'd', 'r']} (reference MobileNetV3 form) or {['d', 'e', 'w', 'r']} (reference ResNet form)")
+
+    def to_json(self, path: Union[str, os.PathLike]) -> None:
+        """Write the subnet as JSON, atomically (a reader never sees a half-written file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+        try:
+            with os.fdopen(fd, 'w') as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write('\n')
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_json(cls, path: Union[str, os.PathLike]) -> 'Subnet':
+        """Read a subnet JSON file written by :meth:`to_json` (or in the reference form)."""
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{path} is not valid JSON: {e}') from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def parse(cls, value: 'SubnetLike') -> 'Subnet':
+        """Coerce a ``Subnet``, a subnet dict or a path to a JSON file into a ``Subnet``."""
+        if isinstance(value, Subnet):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        if isinstance(value, (str, os.PathLike)):
+            if not os.path.isfile(value):
+                raise ValueError(f'Subnet file {os.fspath(value)!r} does not exist')
+            return cls.from_json(value)
+        raise ValueError(
+            f'Cannot read a subnet from {type(value).__name__}; expected a Subnet, a dict or a JSON file path')
+
+
+SubnetLike = Union[Subnet, Mapping[str, Any], str, os.PathLike]
+
+
+def _reference_resolution(r: Any) -> Optional[int]:
+    # The reference writes 'r' either as an int or as a one-element list.
+    if r is None:
+        return None
+    if isinstance(r, Sequence) and not isinstance(r, (str, bytes)):
+        if len(r) != 1:
+            raise ValueError(f"Reference subnet key 'r' must hold one resolution, got {list(r)}")
+        r = r[0]
+    return _as_int(r, "Subnet 'r'")
+
+
+def _from_reference_resnet(d: Any, e: Any, w: Any, resolution: Optional[int]) -> Subnet:
+    d = [_as_int(v, f"Subnet 'd'[{i}]") for i, v in enumerate(_as_sequence(d, "'d'"))]
+    w = [_as_int(v, f"Subnet 'w'[{i}]") for i, v in enumerate(_as_sequence(w, "'w'"))]
+    n_stages = len(OFA_RESNET50_BASE_DEPTHS)
+    if len(d) != n_stages + 1:
+        raise ValueError(f"Reference ResNet 'd' must have {n_stages + 1} entries (stem + {n_stages} stages), got {d}")
+    if len(w) != n_stages + 2:
+        raise ValueError(f"Reference ResNet 'w' must have {n_stages + 2} entries, got {w}")
+    for i, v in enumerate(d):
+        if v not in (0, 1, 2):
+            raise ValueError(f"Reference ResNet 'd'[{i}] = {v} is not allowed; allowed: [0, 1, 2]")
+    for i, v in enumerate(w):
+        if not 0 <= v < len(OFA_RESNET50_WIDTH_MULTS):
+            raise ValueError(
+                f"Reference ResNet 'w'[{i}] = {v} is not a width index; allowed: {list(range(len(OFA_RESNET50_WIDTH_MULTS)))}")
+    # The reference skips the residual middle stem conv unless the stem 'depth' is its maximum (2).
+    depths = [1 if d[0] == 2 else 0] + [base + off for base, off in zip(OFA_RESNET50_BASE_DEPTHS, d[1:])]
+    return Subnet(
+        depths=depths, expands=e, widths=[OFA_RESNET50_WIDTH_MULTS[i] for i in w], resolution=resolution)
+
+
+@dataclass(frozen=True)
+class StageChoices:
+    """Allowed choices of one elastic stage.
+
+    Args:
+        depths: Allowed numbers of active blocks. The stage owns ``max(depths)`` block slots.
+        kernels: Allowed kernel sizes per block slot, or empty if the stage has no elastic kernel.
+        expands: Allowed expand ratios per block slot, or empty if the stage has no elastic expansion.
+    """
+    depths: Tuple[int, ...]
+    kernels: Tuple[Tuple[int, ...], ...] = ()
+    expands: Tuple[Tuple[float, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        depths = tuple(sorted(set(_as_int(d, 'StageChoices.depths') for d in self.depths)))
+        if not depths or depths[0] < 0:
+            raise ValueError(f'StageChoices.depths must be non-empty and >= 0, got {self.depths}')
+        kernels = tuple(tuple(sorted(set(_as_int(k, 'kernel') for k in ks))) for ks in self.kernels)
+        expands = tuple(tuple(sorted(set(_as_float(e, 'expand') for e in es))) for es in self.expands)
+        for name, slots in (('kernels', kernels), ('expands', expands)):
+            if slots and len(slots) != depths[-1]:
+                raise ValueError(
+                    f'StageChoices.{name} has {len(slots)} slots, but max depth {depths[-1]} needs {depths[-1]}')
+            if any(not c for c in slots):
+                raise ValueError(f'StageChoices.{name} has a slot without choices')
+        object.__setattr__(self, 'depths', depths)
+        object.__setattr__(self, 'kernels', kernels)
+        object.__setattr__(self, 'expands', expands)
+
+    @property
+    def max_depth(self) -> int:
+        return self.depths[-1]
+
+    def size(self) -> int:
+        """Number of distinct architectures of this stage (inactive slots do not count)."""
+        total = 0
+        for d in self.depths:
+            n = 1
+            for i in range(d):
+                n *= len(self.kernels[i]) if self.kernels else 1
+                n *= len(self.expands[i]) if self.expands else 1
+            total += n
+        return total
+
+
+def _pick(rng: Union[random.Random, np.random.Generator], choices: Sequence[Any]) -> Any:
+    if isinstance(rng, np.random.Generator):
+        return choices[int(rng.integers(len(choices)))]
+    return choices[rng.randrange(len(choices))]
+
+
+def _describe_choices(choices: Sequence[Any]) -> str:
+    choices = list(choices)
+    if len(choices) > 4 and all(isinstance(c, int) for c in choices):
+        steps = {b - a for a, b in zip(choices, choices[1:])}
+        if len(steps) == 1:
+            return f'{choices[0]}..{choices[-1]} (step {steps.pop()})'
+    return str(choices)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The choices of an elastic supernet.
+
+    Args:
+        stages: Choices per elastic stage.
+        widths: Allowed width multipliers per width slot (empty if width is not elastic).
+        resolutions: Allowed input resolutions (empty if resolution is not part of the space).
+    """
+    stages: Tuple[StageChoices, ...]
+    widths: Tuple[Tuple[float, ...], ...] = ()
+    resolutions: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        stages = tuple(self.stages)
+        if not all(isinstance(s, StageChoices) for s in stages):
+            raise ValueError('SearchSpace.stages must be StageChoices')
+        widths = tuple(tuple(sorted(set(_as_float(w, 'width') for w in ws))) for ws in self.widths)
+        if any(not ws for ws in widths):
+            raise ValueError('SearchSpace.widths has a slot without choices')
+        resolutions = tuple(sorted(set(_as_int(r, 'resolution') for r in self.resolutions)))
+        if resolutions and resolutions[0] <= 0:
+            raise ValueError(f'SearchSpace.resolutions must be positive, got {resolutions}')
+        object.__setattr__(self, 'stages', stages)
+        object.__setattr__(self, 'widths', widths)
+        object.__setattr__(self, 'resolutions', resolutions)
+
+    # --- layout -------------------------------------------------------------------------------------------------
+    @property
+    def kernel_slots(self) -> Tuple[Tuple[int, ...], ...]:
+        """Kernel choices of every block slot, in ``Subnet.kernels`` order."""
+        return tuple(ks for s in self.stages for ks in s.kernels)
+
+    @property
+    def expand_slots(self) -> Tuple[Tuple[float, ...], ...]:
+        """Expand choices of every block slot, in ``Subnet.expands`` order."""
+        return tuple(es for s in self.stages for es in s.expands)
+
+    def slot_owner(self, field_name: str, index: int) -> Tuple[int, int]:
+        """The (stage, block) a kernel or expand slot index belongs to."""
+        for stage_idx, stage in enumerate(self.stages):
+            n = len(getattr(stage, field_name))
+            if index < n:
+                return stage_idx, index
+            index -= n
+        raise IndexError(index)
+
+    def active_slots(self, subnet: Subnet, field_name: str) -> Iterator[int]:
+        """Indices of the ``kernels``/``expands`` slots that ``subnet``'s depths activate."""
+        offset = 0
+        for stage, depth in zip(self.stages, subnet.depths):
+            n = len(getattr(stage, field_name))
+            if n:
+                yield from range(offset, offset + depth)
+            offset += n
+
+    # --- size and sampling --------------------------------------------------------------------------------------
+    def size(self) -> int:
+        """Number of distinct subnets in the space (an exact, possibly very large, integer)."""
+        total = 1
+        for s in self.stages:
+            total *= s.size()
+        for ws in self.widths:
+            total *= len(ws)
+        return total * max(1, len(self.resolutions))
+
+    def __len__(self) -> int:
+        return self.size()
+
+    def _build(self, pick: Any) -> Subnet:
+        return Subnet(
+            depths=[pick(s.depths) for s in self.stages],
+            kernels=[pick(ks) for ks in self.kernel_slots],
+            expands=[pick(es) for es in self.expand_slots],
+            widths=[pick(ws) for ws in self.widths],
+            resolution=pick(self.resolutions) if self.resolutions else None,
+        )
+
+    def max(self) -> Subnet:
+        """The largest subnet: every choice at its maximum."""
+        return self._build(lambda c: c[-1])
+
+    def min(self) -> Subnet:
+        """The smallest subnet: every choice at its minimum."""
+        return self._build(lambda c: c[0])
+
+    def sample(self, seed: RandomLike = None) -> Subnet:
+        """Draw a subnet uniformly per choice.
+
+        Args:
+            seed: An int seed (deterministic), a ``random.Random``, a ``numpy.random.Generator`` or None (fresh
+                entropy).
+        """
+        if isinstance(seed, (random.Random, np.random.Generator)):
+            rng = seed
+        elif seed is None or isinstance(seed, int):
+            rng = random.Random(seed)
+        else:
+            raise ValueError(
+                f'seed must be None, an int, a random.Random or a numpy Generator, got {type(seed).__name__}')
+        return self._build(lambda c: _pick(rng, c))
+
+    # --- validation ---------------------------------------------------------------------------------------------
+    def validate(self, subnet: 'SubnetLike') -> Subnet:
+        """Check that ``subnet`` lies in this space and return it as a ``Subnet``.
+
+        Raises:
+            ValueError: Naming the field, the index and the allowed values of the first offending entry.
+        """
+        subnet = Subnet.parse(subnet)
+        n_stages = len(self.stages)
+        if len(subnet.depths) != n_stages:
+            raise ValueError(f'Subnet.depths has {len(subnet.depths)} entries, but the space has {n_stages} stages')
+        for i, (d, stage) in enumerate(zip(subnet.depths, self.stages)):
+            if d not in stage.depths:
+                raise ValueError(
+                    f'Subnet.depths[{i}] = {d} is not allowed for stage {i}: allowed {list(stage.depths)} '
+                    f'(max {stage.max_depth})')
+        for name, slots in (('kernels', self.kernel_slots), ('expands', self.expand_slots)):
+            values = getattr(subnet, name)
+            if len(values) != len(slots):
+                raise ValueError(
+                    f'Subnet.{name} has {len(values)} entries, but the space has {len(slots)} block slots')
+            for i, (v, allowed) in enumerate(zip(values, slots)):
+                if v not in allowed:
+                    stage, block = self.slot_owner(name, i)
+                    raise ValueError(
+                        f'Subnet.{name}[{i}] = {v} is not allowed for stage {stage} block {block}: '
+                        f'allowed {list(allowed)}')
+        if len(subnet.widths) != len(self.widths):
+            raise ValueError(f'Subnet.widths has {len(subnet.widths)} entries, but the space has {len(self.widths)}')
+        for i, (w, allowed) in enumerate(zip(subnet.widths, self.widths)):
+            if w not in allowed:
+                raise ValueError(f'Subnet.widths[{i}] = {w} is not allowed: allowed {list(allowed)}')
+        if subnet.resolution is not None and self.resolutions and subnet.resolution not in self.resolutions:
+            raise ValueError(
+                f'Subnet.resolution = {subnet.resolution} is not allowed: allowed '
+                f'{_describe_choices(self.resolutions)}')
+        return subnet
+
+    def __contains__(self, subnet: object) -> bool:
+        try:
+            self.validate(subnet)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        return True
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able description of the space."""
+        return dict(
+            stages=[
+                dict(depths=list(s.depths), kernels=[list(k) for k in s.kernels],
+                     expands=[list(e) for e in s.expands])
+                for s in self.stages],
+            widths=[list(w) for w in self.widths],
+            resolutions=list(self.resolutions),
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> 'SearchSpace':
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            stages=tuple(StageChoices(**s) for s in d['stages']),
+            widths=tuple(tuple(w) for w in d.get('widths', ())),
+            resolutions=tuple(d.get('resolutions', ())),
+        )

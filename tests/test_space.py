@@ -1,0 +1,171 @@
+import json
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ofa_timm import SearchSpace, StageChoices, Subnet
+
+
+def ofa_like_space() -> SearchSpace:
+    stage = StageChoices(depths=(2, 3, 4), kernels=((3, 5, 7),) * 4, expands=((3, 4, 6),) * 4)
+    return SearchSpace(stages=(stage,) * 5, resolutions=tuple(range(128, 225, 4)))
+
+
+SPACE = ofa_like_space()
+
+
+def test_max_min_and_size():
+    mx, mn = SPACE.max(), SPACE.min()
+    assert mx.depths == (4,) * 5 and set(mx.kernels) == {7} and set(mx.expands) == {6.0} and mx.resolution == 224
+    assert mn.depths == (2,) * 5 and set(mn.kernels) == {3} and set(mn.expands) == {3.0} and mn.resolution == 128
+    # The OFA paper's count: ((3*3)^2 + (3*3)^3 + (3*3)^4)^5 ~ 2e19 architectures, times 25 resolutions.
+    assert SPACE.size() == (9 ** 2 + 9 ** 3 + 9 ** 4) ** 5 * 25
+
+
+def test_size_matches_enumeration():
+    stage = StageChoices(depths=(1, 2), kernels=((3, 5), (3,)), expands=((2, 4), (4,)))
+    space = SearchSpace(stages=(stage,), widths=((0.5, 1.0),), resolutions=(32, 64))
+    distinct = set()
+    rng = random.Random(0)
+    for _ in range(2000):
+        s = space.sample(rng)
+        d = s.depths[0]
+        distinct.add((d, s.kernels[:d], s.expands[:d], s.widths, s.resolution))
+    assert len(distinct) == space.size() == (4 + 4) * 2 * 2
+
+
+def test_sample_deterministic_and_rng_types():
+    assert SPACE.sample(3) == SPACE.sample(3)
+    assert SPACE.sample(3) != SPACE.sample(4)
+    a = SPACE.sample(random.Random(7))
+    assert a == SPACE.sample(random.Random(7))
+    b = SPACE.sample(np.random.default_rng(7))
+    assert b == SPACE.sample(np.random.default_rng(7))
+    for s in (a, b):
+        SPACE.validate(s)
+    with pytest.raises(ValueError, match='seed'):
+        SPACE.sample('seven')
+
+
+def test_subnet_is_hashable_and_normalised():
+    a = Subnet(depths=[2, 3], kernels=[3, 5], expands=[3, 4], resolution=np.int64(160))
+    b = Subnet(depths=(2, 3), kernels=(3, 5), expands=(3.0, 4.0), resolution=160)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    with pytest.raises(Exception):
+        a.depths = (1,)
+
+
+def test_dict_and_json_round_trip(tmp_path):
+    s = SPACE.sample(0)
+    d = s.to_dict()
+    assert set(d) == {'resolution', 'depths', 'kernels', 'expands'}
+    assert json.loads(json.dumps(d)) == d
+    assert Subnet.from_dict(d) == s
+    path = tmp_path / 'sub' / 'subnet.json'
+    s.to_json(path)
+    assert Subnet.from_json(path) == s
+    assert Subnet.parse(str(path)) == s and Subnet.parse(d) == s and Subnet.parse(s) is s
+    w = Subnet(depths=(1, 2), expands=(0.25,) * 3, widths=(0.65, 1.0))
+    assert Subnet.from_dict(w.to_dict()) == w and 'widths' in w.to_dict()
+
+
+def test_reference_mbv3_form():
+    ks, e, d = [3, 5, 7, 3] * 5, [3, 4, 6, 3] * 5, [2, 3, 4, 2, 3]
+    s = Subnet.from_dict({'ks': ks, 'e': e, 'd': d})
+    assert s.kernels == tuple(ks) and s.expands == tuple(map(float, e)) and s.depths == tuple(d)
+    assert s.resolution is None
+    assert Subnet.from_dict({'ks': ks, 'e': e, 'd': d, 'r': [176], 'wid': None}).resolution == 176
+    assert Subnet.from_dict({'ks': ks, 'e': e, 'd': d, 'r': 160}).resolution == 160
+    with pytest.raises(ValueError, match='missing'):
+        Subnet.from_dict({'ks': ks, 'e': e})
+
+
+def test_reference_resnet_form():
+    s = Subnet.from_dict({'d': [2, 0, 1, 2, 1], 'e': [0.25] * 18, 'w': [0, 1, 2, 2, 1, 0]})
+    assert s.depths == (1, 2, 3, 6, 3)
+    assert s.widths == (0.65, 0.8, 1.0, 1.0, 0.8, 0.65)
+    assert Subnet.from_dict({'d': [0, 0, 0, 0, 0], 'e': [0.2] * 18, 'w': [0] * 6}).depths[0] == 0
+    with pytest.raises(ValueError, match=r"'w'\[2\] = 3"):
+        Subnet.from_dict({'d': [2] * 5, 'e': [0.25] * 18, 'w': [0, 1, 3, 0, 0, 0]})
+    with pytest.raises(ValueError, match="'d'"):
+        Subnet.from_dict({'d': [2] * 4, 'e': [0.25] * 18, 'w': [0] * 6})
+
+
+@pytest.mark.parametrize('bad, match', [
+    ({'depths': [2] * 5, 'kernels': [3] * 20, 'expands': [3] * 20, 'foo': 1}, r"Unknown subnet dict keys.*foo"),
+    ({'kernels': [3] * 20}, "missing 'depths'"),
+    ({'depths': [2] * 5, 'kernels': [3] * 20, 'expands': ['big'] * 20}, r'expands\[0\] must be a number'),
+    ({'depths': [2.5] * 5}, r'depths\[0\] must be an integer'),
+    ({'depths': [2] * 5, 'kernels': [4] * 20}, r'kernels\[0\] = 4 must be a positive odd'),
+    ({'depths': 'abc'}, 'must be a list'),
+])
+def test_malformed_dicts(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Subnet.from_dict(bad)
+
+
+def test_parse_errors(tmp_path):
+    with pytest.raises(ValueError, match='does not exist'):
+        Subnet.parse(tmp_path / 'missing.json')
+    (tmp_path / 'bad.json').write_text('{not json')
+    with pytest.raises(ValueError, match='not valid JSON'):
+        Subnet.parse(tmp_path / 'bad.json')
+    with pytest.raises(ValueError, match='Cannot read a subnet'):
+        Subnet.parse(42)
+
+
+@pytest.mark.parametrize('change, match', [
+    (lambda s: s.replace(kernels=(9,) + s.kernels[1:]), r'kernels\[0\] = 9 is not allowed for stage 0 block 0: '
+                                                         r'allowed \[3, 5, 7\]'),
+    (lambda s: s.replace(kernels=s.kernels[:-1]), r'kernels has 19 entries, but the space has 20 block slots'),
+    (lambda s: s.replace(expands=s.expands[:5] + (5.0,) + s.expands[6:]),
+     r'expands\[5\] = 5.0 is not allowed for stage 1 block 1'),
+    (lambda s: s.replace(depths=(2, 5, 2, 2, 2)), r'depths\[1\] = 5 is not allowed for stage 1: .*max 4'),
+    (lambda s: s.replace(depths=(2, 2, 2, 2)), r'depths has 4 entries, but the space has 5 stages'),
+    (lambda s: s.replace(resolution=300), r'resolution = 300 is not allowed: allowed 128\.\.224 \(step 4\)'),
+    (lambda s: s.replace(widths=(1.0,)), r'widths has 1 entries'),
+])
+def test_validate_errors(change, match):
+    with pytest.raises(ValueError, match=match):
+        SPACE.validate(change(SPACE.max()))
+    assert change(SPACE.max()) not in SPACE
+
+
+def test_space_dict_round_trip():
+    assert SearchSpace.from_dict(json.loads(json.dumps(SPACE.to_dict()))) == SPACE
+
+
+def test_active_slots():
+    s = SPACE.min().replace(depths=(2, 3, 4, 2, 2))
+    assert list(SPACE.active_slots(s, 'kernels')) == [0, 1, 4, 5, 6, 8, 9, 10, 11, 12, 13, 16, 17]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_property_samples_are_valid_and_round_trip(seed):
+    s = SPACE.sample(seed)
+    assert SPACE.validate(s) == s
+    assert Subnet.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2 ** 32 - 1), field=st.sampled_from(['depths', 'kernels', 'expands']),
+       value=st.integers(-3, 12), data=st.data())
+def test_property_out_of_space_values_are_rejected(seed, field, value, data):
+    s = SPACE.sample(seed)
+    values = list(getattr(s, field))
+    idx = data.draw(st.integers(0, len(values) - 1))
+    allowed = {'depths': (2, 3, 4), 'kernels': (3, 5, 7), 'expands': (3, 4, 6)}[field]
+    values[idx] = value
+    try:
+        bad = s.replace(**{field: values})
+    except ValueError as e:  # rejected by the type check already (negative depth, even kernel, ...)
+        assert field in str(e)
+        return
+    if value in allowed:
+        assert bad in SPACE
+    else:
+        with pytest.raises(ValueError, match=rf'{field}\[{idx}\] = {value}'):
+            SPACE.validate(bad)
