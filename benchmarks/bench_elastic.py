@@ -1,12 +1,13 @@
 """Elastic MobileNetV3 benchmarks, measured side by side in one run.
 
 Reports ratios, not absolute times (shared machines are noisy):
-  * supernet set to a subnet vs the same subnet extracted as a static timm model: eval forward and train step;
+  * supernet set to a subnet vs the same subnet extracted as a static timm model: eval forward and train step,
+    for MobileNetV3 and ResNet;
   * supernet at its max config vs the source timm model;
   * subnet extraction time, ours vs the reference implementation's ``get_active_subnet`` for the same subnets of
     the canonical w1.2 space (and absolute milliseconds, the issue's target being <= 30 ms on CPU).
 
-Usage: python benchmarks/bench_elastic.py [--batch 8] [--res 160] [--repeats 15] [--device cpu]
+Usage: python benchmarks/bench_elastic.py [--batch 8] [--res 160] [--repeats 15] [--device cpu] [--models ...]
 """
 import argparse
 import copy
@@ -52,32 +53,37 @@ def main() -> None:
     parser.add_argument('--res', type=int, default=160)
     parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--models', nargs='+', default=['mobilenetv3_large_100', 'resnet50d'])
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     torch.manual_seed(0)
 
-    print(f'== supernet-at-subnet vs extracted static subnet (batch {args.batch}, {args.res}px, {device}) ==')
-    source = timm.create_model('mobilenetv3_large_100').to(device)
-    supernet = ofa_timm.elasticize(source).to(device)
-    x = torch.randn(args.batch, 3, args.res, args.res, device=device)
-    subnets = {'max': supernet.space.max(), 'min': supernet.space.min(), 'random': supernet.space.sample(0)}
-    print(f'{"subnet":8s} {"eval fwd ratio":>15s} {"train step ratio":>17s}')
-    for label, subnet in subnets.items():
-        supernet.set_active(subnet)
-        static = supernet.extract(subnet)
+    for model_name in args.models:
+        print(f'== {model_name}: supernet-at-subnet vs extracted static subnet '
+              f'(batch {args.batch}, {args.res}px, {device}) ==')
+        source = timm.create_model(model_name).to(device)
+        supernet = ofa_timm.elasticize(source).to(device)
+        x = torch.randn(args.batch, 3, args.res, args.res, device=device)
+        subnets = {'max': supernet.space.max(), 'min': supernet.space.min(), 'random': supernet.space.sample(0)}
+        print(f'{"subnet":8s} {"eval fwd ratio":>15s} {"train step ratio":>17s}')
+        for label, subnet in subnets.items():
+            supernet.set_active(subnet)
+            static = supernet.extract(subnet)
+            with torch.no_grad():
+                supernet.eval(), static.eval()
+                fwd = interleaved({'super': lambda: supernet(x), 'static': lambda: static(x)}, args.repeats, sync=sync)
+            supernet.train(), static.train()
+            step = interleaved({'super': train_step(supernet, x), 'static': train_step(static, x)}, args.repeats,
+                               sync=sync)
+            print(f'{label:8s} {fwd["super"] / fwd["static"]:15.3f} {step["super"] / step["static"]:17.3f}')
+        supernet.set_active(None)
+        supernet.eval(), source.eval()
         with torch.no_grad():
-            supernet.eval(), static.eval()
-            fwd = interleaved({'super': lambda: supernet(x), 'static': lambda: static(x)}, args.repeats, sync=sync)
-        supernet.train(), static.train()
-        step = interleaved({'super': train_step(supernet, x), 'static': train_step(static, x)}, args.repeats,
-                           sync=sync)
-        print(f'{label:8s} {fwd["super"] / fwd["static"]:15.3f} {step["super"] / step["static"]:17.3f}')
-    supernet.set_active(None)
-    supernet.eval(), source.eval()
-    with torch.no_grad():
-        r = interleaved({'super': lambda: supernet(x), 'source': lambda: source(x)}, args.repeats, sync=sync)
-    print(f'max config vs source timm model, eval fwd: {r["super"] / r["source"]:.3f}')
+            r = interleaved({'super': lambda: supernet(x), 'source': lambda: source(x)}, args.repeats, sync=sync)
+        print(f'max config vs source timm model, eval fwd: {r["super"] / r["source"]:.3f}')
+        t = interleaved({'extract': lambda: supernet.extract(supernet.space.max())}, args.repeats)['extract']
+        print(f'max subnet extraction: {t * 1e3:.1f} ms\n')
 
     print('\n== subnet extraction on CPU, canonical OFA MobileNetV3 w1.2 ==')
     try:
@@ -102,8 +108,6 @@ def main() -> None:
         ref_ms = f'{t["ref"] * 1e3:15.1f}' if 'ref' in t else f'{"n/a":>15s}'
         ratio = f'{t["ours"] / t["ref"]:9.3f}' if 'ref' in t else f'{"n/a":>9s}'
         print(f'{label:8s} {t["ours"] * 1e3:10.1f} {ref_ms} {ratio}')
-    src_ms = interleaved({'ours': lambda: supernet.extract(supernet.space.max())}, args.repeats)['ours'] * 1e3
-    print(f'mobilenetv3_large_100 max subnet extraction: {src_ms:.1f} ms')
 
 
 if __name__ == '__main__':

@@ -152,3 +152,22 @@ def test_linear():
     assert torch.equal(el(x), lin(x))
     assert_close(el(x[:, :20]), F.linear(x[:, :20], lin.weight[:, :20], lin.bias), 1e-6)
     assert_close(el.to_static(20)(x[:, :20]), el(x[:, :20]), 1e-6)
+
+
+def test_inference_cache_follows_parameter_updates():
+    torch.manual_seed(0)
+    ec = ElasticConv2d.from_static(nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False), (3, 5))
+    ec.set_active(kernel_size=3)
+    x = torch.randn(1, 8, 7, 7)
+    with torch.no_grad():
+        first = ec(x)
+        assert torch.equal(ec(x), first)  # served from the cache
+        ec.weight.mul_(2.0)  # an in-place update (optimizer step, load_state_dict) invalidates it
+        assert_close(ec(x), 2 * first, 1e-6)
+        ec.kernel_transform_5to3.copy_(torch.zeros(9, 9))
+        assert torch.count_nonzero(ec(x)) == 0
+    with torch.no_grad():
+        ec.kernel_transform_5to3.copy_(torch.eye(9))
+    y = ec(x)  # with autograd the weight is rebuilt and differentiable
+    y.sum().backward()
+    assert ec.weight.grad is not None

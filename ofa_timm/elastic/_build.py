@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.init as init
 from torch.overrides import TorchFunctionMode
 
-__all__ = ['build_on_meta', 'assign_state']
+__all__ = ['build_on_meta', 'assign_state', 'skip_meta_init']
 
 _INIT_FNS = frozenset({
     init.normal_, init.uniform_, init.trunc_normal_, init.zeros_, init.ones_, init.constant_,
@@ -31,9 +31,14 @@ class _SkipMetaInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def skip_meta_init() -> TorchFunctionMode:
+    """Context in which weight-init calls on meta tensors do nothing."""
+    return _SkipMetaInit()
+
+
 def build_on_meta(factory: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
     """Call ``factory(*args, device='meta', **kwargs)`` without running weight init."""
-    with _SkipMetaInit():
+    with skip_meta_init():
         return factory(*args, device='meta', **kwargs)
 
 

@@ -12,7 +12,7 @@ Conventions, shared by every layer here:
   * When the active setting is the full layer, the parameters are used as they are, so the max subnet costs the
     same as the source model.
 """
-from typing import Dict, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 import torch.nn as nn
@@ -104,6 +104,7 @@ class ElasticConv2d(nn.Conv2d):
         self.depthwise = groups > 1
         self.active_out_channels: Optional[int] = None
         self.active_kernel_size: int = kernel_size
+        self._inference_cache: Optional[Tuple[Tuple[Any, ...], torch.Tensor]] = None
         for big, small in zip(kernel_sizes[::-1], kernel_sizes[-2::-1]):
             self.register_parameter(
                 self.transform_name(big, small),
@@ -195,9 +196,28 @@ class ElasticConv2d(nn.Conv2d):
             return self.bias
         return self.bias[:out_channels]
 
+    def _inference_weight(self, in_channels: int) -> torch.Tensor:
+        # Without autograd, a sliced or transformed weight is the same tensor until a parameter changes in place
+        # (optimizer step, load_state_dict) or the active setting changes: reuse one contiguous copy, so inference
+        # (search, BN calibration, evaluation) costs what the static subnet costs.
+        params = [self.weight] + [p for n, p in self._parameters.items() if n.startswith('kernel_transform_')]
+        key = (in_channels, self.active_out_channels, self.active_kernel_size,
+               tuple((id(p), p._version, p.device, p.dtype) for p in params))
+        cache = self._inference_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        weight = self.active_weight(in_channels)
+        if weight is not self.weight:
+            weight = weight.contiguous()
+            self._inference_cache = (key, weight)
+        return weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_channels = x.shape[1]
-        weight = self.active_weight(in_channels)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            weight = self.active_weight(in_channels)
+        else:
+            weight = self._inference_weight(in_channels)
         k = weight.shape[-1]
         padding = self.padding if k == self.kernel_size[0] else _same_padding(k, self.stride[0], self.dilation[0])
         return F.conv2d(
