@@ -448,6 +448,16 @@ class SearchSpace:
                 f'{_describe_choices(self.resolutions)}')
         return subnet
 
+    def resolve(self, value: Union[str, 'SubnetLike']) -> Subnet:
+        """Read a subnet given as ``'max'``, ``'min'``, a ``Subnet``, a dict or a JSON file path, and validate it."""
+        if isinstance(value, str) and value in ('max', 'min'):
+            return self.max() if value == 'max' else self.min()
+        if isinstance(value, (str, os.PathLike)) and not os.path.isfile(value):
+            raise ValueError(
+                f"subnet={os.fspath(value)!r}: expected 'max', 'min', a Subnet, a dict or the path of a subnet JSON "
+                f"file (no such file)")
+        return self.validate(value)
+
     def __contains__(self, subnet: object) -> bool:
         try:
             self.validate(subnet)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from timm.models import MobileNetV3
 from timm.models._efficientnet_blocks import (
     ConvBnAct, DepthwiseSeparableConv, InvertedResidual, SqueezeExcite)
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..space import SearchSpace, StageChoices, Subnet, SubnetLike
@@ -246,8 +247,9 @@ class ElasticMobileNetV3(nn.Module):
                 slot += 1
 
     def set_active(self, subnet: Optional[SubnetLike] = None) -> Subnet:
-        """Make ``subnet`` (default: the max subnet) the one ``forward`` computes. Returns it validated."""
-        subnet = self.space.max() if subnet is None else self.space.validate(subnet)
+        """Make ``subnet`` (default: the max subnet; also ``'max'``, ``'min'``, a dict or a JSON path) the one
+        ``forward`` computes. Returns it validated."""
+        subnet = self.space.max() if subnet is None else self.space.resolve(subnet)
         for s, i, block, spec, kernel, expand in self._slots(subnet):
             mid = make_divisible(spec.in_chs * expand)
             block.conv_pw.set_active(out_channels=None if mid == spec.mid_chs else mid)
@@ -263,7 +265,7 @@ class ElasticMobileNetV3(nn.Module):
 
     def arch_def(self, subnet: Optional[SubnetLike] = None) -> List[List[str]]:
         """The timm arch_def (one string per block) of ``subnet`` (default: the active one)."""
-        subnet = self.active_subnet if subnet is None else self.space.validate(subnet)
+        subnet = self.active_subnet if subnet is None else self.space.resolve(subnet)
         choices = {(s, i): (k, e) for s, i, _, _, k, e in self._slots(subnet)}
         depths = dict(zip(self.elastic_stages, subnet.depths))
         arch = []
@@ -279,7 +281,7 @@ class ElasticMobileNetV3(nn.Module):
         The model is independent of the supernet (no shared storage), in the supernet's train/eval mode, and its
         ``pretrained_cfg['input_size']`` carries the subnet's resolution.
         """
-        subnet = self.active_subnet if subnet is None else self.space.validate(subnet)
+        subnet = self.active_subnet if subnet is None else self.space.resolve(subnet)
         model = assign_state(self._build_static(self.arch_def(subnet)), self._static_state(subnet))
         model.train(self.training)
         cfg = copy.deepcopy(self.pretrained_cfg)
@@ -382,6 +384,35 @@ class ElasticMobileNetV3(nn.Module):
                 x = block(x)
         return x
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs of the active subnet, as ``timm.models.MobileNetV3.forward_intermediates`` returns them."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        stage_ends = [f['stage'] for f in self.feature_info]
+        take_indices, max_index = feature_take_indices(len(stage_ends), indices)
+        take = {stage_ends[i] for i in take_indices}
+        last = stage_ends[max_index] if stop_early else len(self.blocks)
+        intermediates = []
+        x = self.bn1(self.conv_stem(x))
+        if 0 in take:
+            intermediates.append(x)
+        for idx, (stage, depth) in enumerate(zip(self.blocks, self._stage_depths), start=1):
+            if idx > last:
+                break
+            for block in stage[:depth]:
+                x = block(x)
+            if idx in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         x = self.conv_head(x)
@@ -433,6 +464,7 @@ def ofa_mobilenetv3(
         in_chans: int = 3,
         drop_rate: float = 0.,
         drop_path_rate: float = 0.,
+        global_pool: str = 'avg',
         kernels: Sequence[int] = OFA_KERNELS,
         expands: Sequence[float] = OFA_EXPANDS,
         depths: Sequence[int] = OFA_DEPTHS,
@@ -456,6 +488,7 @@ def ofa_mobilenetv3(
         se_layer=partial(SqueezeExcite, gate_layer='hard_sigmoid', force_act_layer=nn.ReLU, rd_round_fn=round_channels),
         drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
+        global_pool=global_pool,
     )
     source.pretrained_cfg = _default_cfg(num_classes)
     return ElasticMobileNetV3(source, kernels=kernels, expands=expands, depths=depths, resolutions=resolutions)

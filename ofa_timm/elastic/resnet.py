@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from timm.layers import make_divisible
 from timm.models import ResNet
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._prune import adapt_model_from_string
 from timm.models.resnet import BasicBlock, Bottleneck
@@ -301,8 +302,9 @@ class ElasticResNet(nn.Module):
                 slot += 1
 
     def set_active(self, subnet: Optional[SubnetLike] = None) -> Subnet:
-        """Make ``subnet`` (default: the max subnet) the one ``forward`` computes. Returns it validated."""
-        subnet = self.space.max() if subnet is None else self.space.validate(subnet)
+        """Make ``subnet`` (default: the max subnet; also ``'max'``, ``'min'``, a dict or a JSON path) the one
+        ``forward`` computes. Returns it validated."""
+        subnet = self.space.max() if subnet is None else self.space.resolve(subnet)
 
         def out(conv: ElasticConv2d, channels: int) -> None:
             conv.set_active(out_channels=None if channels == conv.out_channels else channels)
@@ -345,7 +347,7 @@ class ElasticResNet(nn.Module):
         :class:`OFAResNet`. The model is independent of the supernet, in the supernet's train/eval mode, and its
         ``pretrained_cfg['input_size']`` carries the subnet's resolution.
         """
-        subnet = self.active_subnet if subnet is None else self.space.validate(subnet)
+        subnet = self.active_subnet if subnet is None else self.space.resolve(subnet)
         state = self._static_state(subnet)
         model_string = '***'.join(
             f'{k}:[{",".join(str(d) for d in v.shape)}]' for k, v in state.items() if k.endswith('.weight'))
@@ -466,6 +468,32 @@ class ElasticResNet(nn.Module):
                 x = block(x)
         return x
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stem and stage outputs of the active subnet, as ``timm.models.ResNet.forward_intermediates`` returns them."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(5, indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        last = max_index if stop_early else 4
+        for idx, (name, depth) in enumerate(zip(_LAYERS[:last], self._stage_depths), start=1):
+            for block in getattr(self, name)[:depth]:
+                x = block(x)
+            if idx in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         if self.drop_rate:
@@ -489,6 +517,8 @@ def ofa_resnet50(
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.,
+        drop_path_rate: float = 0.,
+        global_pool: str = 'avg',
         expands: Sequence[float] = OFA_RESNET_EXPANDS,
         widths: Sequence[float] = OFA_RESNET_WIDTHS,
         resolutions: Sequence[int] = tuple(range(128, 225, 4)),
@@ -503,7 +533,7 @@ def ofa_resnet50(
     depths = tuple(d + 2 for d in OFA_RESNET50_BASE_DEPTHS)
     source = OFAResNet(
         block=Bottleneck, layers=depths, num_classes=num_classes, in_chans=in_chans, stem_width=32, avg_down=True,
-        drop_rate=drop_rate)
+        drop_rate=drop_rate, drop_path_rate=drop_path_rate, global_pool=global_pool)
     # OFA's bottleneck mid widths (make_divisible(round(out * max_e))) are not timm's out / 4: adapt them.
     shapes = {k: list(v.shape) for k, v in source.state_dict().items() if k.endswith('.weight')}
     for name in _LAYERS:

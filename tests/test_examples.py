@@ -1,0 +1,17 @@
+"""The examples run as a user runs them (tiny settings)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
+
+
+@pytest.mark.parametrize('extra', [[], ['--supernet', '--model', 'ofa_resnet26d']])
+def test_finetune_subnet_example(tmp_path, extra):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / 'finetune_subnet.py'), '--epochs', '1', '--output', str(tmp_path), *extra],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'reloaded' in result.stdout and (tmp_path / 'finetuned.pth').is_file()
