@@ -24,13 +24,15 @@ import numpy as np
 
 __all__ = [
     'Subnet', 'StageChoices', 'SearchSpace', 'SubnetLike', 'RandomLike',
-    'OFA_RESNET50_BASE_DEPTHS', 'OFA_RESNET50_WIDTH_MULTS',
+    'OFA_RESNET50_BASE_DEPTHS', 'OFA_RESNET50_WIDTH_MULTS', 'OFA_RESOLUTIONS',
 ]
 
 # The reference OFA-ResNet50 encodes depth as an offset on these base depths and width as an index into these
 # multipliers; they are needed to read its subnet dicts without a supernet at hand.
 OFA_RESNET50_BASE_DEPTHS: Tuple[int, ...] = (2, 2, 4, 2)
 OFA_RESNET50_WIDTH_MULTS: Tuple[float, ...] = (0.65, 0.8, 1.0)
+# OFA's elastic resolutions.
+OFA_RESOLUTIONS: Tuple[int, ...] = tuple(range(128, 225, 4))
 
 _OUR_KEYS = ('resolution', 'depths', 'kernels', 'expands', 'widths')
 _REF_MBV3_KEYS = ('ks', 'e', 'd', 'r', 'wid')
@@ -394,6 +396,10 @@ class SearchSpace:
         """The smallest subnet: every choice at its minimum."""
         return self._build(lambda c: c[0])
 
+    def mid(self) -> Subnet:
+        """A middle subnet: every choice at its middle index (rounded up)."""
+        return self._build(lambda c: c[len(c) // 2])
+
     def sample(self, seed: RandomLike = None) -> Subnet:
         """Draw a subnet uniformly per choice.
 
@@ -464,6 +470,10 @@ class SearchSpace:
         except ValueError:
             return False
         return True
+
+    def replace_resolutions(self, resolutions: Sequence[int]) -> 'SearchSpace':
+        """The same space with other resolutions."""
+        return SearchSpace(self.stages, self.widths, tuple(resolutions))
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able description of the space."""

@@ -30,7 +30,7 @@ from timm.models._efficientnet_builder import decode_arch_def, round_channels
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from ..space import SearchSpace, StageChoices, Subnet, SubnetLike
+from ..space import OFA_RESOLUTIONS, SearchSpace, StageChoices, Subnet, SubnetLike
 from ._build import assign_state, build_on_meta
 from .ops import ElasticBatchNormAct2d, ElasticConv2d, ElasticSqueezeExcite
 
@@ -42,7 +42,6 @@ __all__ = [
 OFA_KERNELS: Tuple[int, ...] = (3, 5, 7)
 OFA_EXPANDS: Tuple[float, ...] = (3.0, 4.0, 6.0)
 OFA_DEPTHS: Tuple[int, ...] = (2, 3, 4)
-OFA_RESOLUTIONS: Tuple[int, ...] = tuple(range(128, 225, 4))
 
 # Activation codes understood by timm's arch_def strings ('_nre', '_nhs', ...).
 _ACT_CODES = ('re', 'r6', 'hs', 'sw', 'mi')
@@ -154,7 +153,7 @@ class ElasticMobileNetV3(nn.Module):
             kernels: Sequence[int] = OFA_KERNELS,
             expands: Sequence[float] = OFA_EXPANDS,
             depths: Sequence[int] = OFA_DEPTHS,
-            resolutions: Optional[Sequence[int]] = OFA_RESOLUTIONS,
+            resolutions: Optional[Sequence[int]] = None,
             grow_kernels: bool = False,
     ):
         """
@@ -166,7 +165,7 @@ class ElasticMobileNetV3(nn.Module):
                 ratio is always allowed.
             depths: Candidate stage depths. Per stage, choices above the source depth are dropped and the source depth
                 is always allowed.
-            resolutions: Allowed input resolutions (None: only the source model's).
+            resolutions: Allowed input resolutions (None: OFA's 128..224 in steps of 4 plus the source's own).
             grow_kernels: Zero-pad every elastic depthwise kernel to ``max(kernels)``; the function is unchanged.
         """
         super().__init__()
@@ -231,8 +230,9 @@ class ElasticMobileNetV3(nn.Module):
             stage_choices.append(StageChoices(depth_choices, tuple(kernel_slots), tuple(expand_slots)))
 
         source_res = int(self.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
-        resolutions = tuple(resolutions) if resolutions else ()
-        self.space = SearchSpace(tuple(stage_choices), resolutions=tuple(set(resolutions) | {source_res}))
+        # Default: OFA's 128..224 plus the source's own resolution; an explicit list is taken as given.
+        resolutions = tuple(resolutions) if resolutions else tuple(set(OFA_RESOLUTIONS) | {source_res})
+        self.space = SearchSpace(tuple(stage_choices), resolutions=resolutions)
         self._stage_depths: List[int] = [len(stage) for stage in self.blocks]
         self.active_subnet: Subnet = self.space.max()
         self.set_active(self.active_subnet)

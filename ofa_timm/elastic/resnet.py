@@ -30,7 +30,8 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models._prune import adapt_model_from_string
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from ..space import OFA_RESNET50_BASE_DEPTHS, OFA_RESNET50_WIDTH_MULTS, SearchSpace, StageChoices, Subnet, SubnetLike
+from ..space import (
+    OFA_RESNET50_BASE_DEPTHS, OFA_RESNET50_WIDTH_MULTS, OFA_RESOLUTIONS, SearchSpace, StageChoices, Subnet, SubnetLike)
 from ._build import assign_state, build_on_meta, skip_meta_init
 from .ops import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
 
@@ -148,7 +149,7 @@ class ElasticResNet(nn.Module):
             expands: Optional[Sequence[float]] = None,
             widths: Sequence[float] = OFA_RESNET_WIDTHS,
             depth_reductions: Sequence[int] = OFA_RESNET_DEPTH_REDUCTIONS,
-            resolutions: Optional[Sequence[int]] = tuple(range(128, 225, 4)),
+            resolutions: Optional[Sequence[int]] = None,
             stem_depths: Sequence[int] = (0, 1),
     ):
         """
@@ -158,7 +159,7 @@ class ElasticResNet(nn.Module):
                 Bottleneck blocks and (0.5, 0.75, 1.0) for BasicBlocks. Choices above the source ratio are dropped.
             widths: Candidate width multipliers for the stem and each stage; 1.0 is always allowed.
             depth_reductions: Per stage, the depth choices are the source depth minus each of these (at least 1).
-            resolutions: Allowed input resolutions (None: only the source model's).
+            resolutions: Allowed input resolutions (None: OFA's 128..224 in steps of 4 plus the source's own).
             stem_depths: For an OFA residual stem only: allowed numbers of residual stem convs (0 skips it).
         """
         super().__init__()
@@ -234,10 +235,11 @@ class ElasticResNet(nn.Module):
             stage_choices.append(StageChoices(depths=depth_choices, expands=tuple(slot_expands)))
 
         source_res = int(self.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
-        resolutions = tuple(resolutions) if resolutions else ()
+        # Default: OFA's 128..224 plus the source's own resolution; an explicit list is taken as given.
+        resolutions = tuple(resolutions) if resolutions else tuple(set(OFA_RESOLUTIONS) | {source_res})
         self.space = SearchSpace(
             tuple(stage_choices), widths=(width_choices,) * len(self._width_bases),
-            resolutions=tuple(set(resolutions) | {source_res}))
+            resolutions=resolutions)
         self._stage_depths: List[int] = [len(getattr(self, n)) for n in _LAYERS]
         self.active_subnet: Subnet = self.space.max()
         self.set_active(self.active_subnet)
@@ -521,7 +523,7 @@ def ofa_resnet50(
         global_pool: str = 'avg',
         expands: Sequence[float] = OFA_RESNET_EXPANDS,
         widths: Sequence[float] = OFA_RESNET_WIDTHS,
-        resolutions: Sequence[int] = tuple(range(128, 225, 4)),
+        resolutions: Sequence[int] = OFA_RESOLUTIONS,
 ) -> ElasticResNet:
     """The canonical OFA-ResNet50 supernet (``ofa_resnet50`` of the reference), randomly initialised.
 

@@ -1,4 +1,16 @@
-"""Training utilities: data, progressive shrinking, distillation, BN calibration."""
+"""Progressive-shrinking training: schedule, sampling, distillation, BN calibration, channel sorting, the loop."""
+from .bn import calibrate_bn
+from .data import DataConfig, EpochSampler, SeededDataset, build_datasets
+from .distill import classification_loss, distillation_loss
+from .sampling import StepSampler, restrict_space, space_dimensions
+from .schedule import DIMENSIONS, PRESETS, Schedule, Stage, load_schedule
+from .sorting import band_permutation, sort_channels
 from .synthetic import SHAPES, make_shapes_dataset
+from .trainer import NonFiniteLossError, TrainConfig, Trainer, load_checkpoint, save_checkpoint
 
-__all__ = ['SHAPES', 'make_shapes_dataset']
+__all__ = [
+    'calibrate_bn', 'DataConfig', 'EpochSampler', 'SeededDataset', 'build_datasets', 'classification_loss',
+    'distillation_loss', 'StepSampler', 'restrict_space', 'space_dimensions', 'DIMENSIONS', 'PRESETS', 'Schedule',
+    'Stage', 'load_schedule', 'band_permutation', 'sort_channels', 'SHAPES', 'make_shapes_dataset',
+    'NonFiniteLossError', 'TrainConfig', 'Trainer', 'load_checkpoint', 'save_checkpoint',
+]

@@ -1,0 +1,168 @@
+"""Data for progressive shrinking: timm datasets and transforms, made exactly resumable.
+
+Reproducibility is what makes ``--resume`` exact: each epoch's order is a permutation seeded by (seed, epoch),
+sharded across ranks, and each sample's augmentation is seeded by (seed, epoch, index). A run resumed mid-epoch
+therefore skips the batches already seen without loading them and sees the same pixels the uninterrupted run saw,
+whatever the number of loader workers.
+"""
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from timm.data import create_dataset, create_transform
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ['DataConfig', 'SeededDataset', 'EpochSampler', 'build_datasets', 'train_loader', 'eval_loader']
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is augmented.
+
+    Args:
+        data_dir: Dataset root (an ImageFolder root with ``train``/``validation`` splits, or a timm dataset root).
+        dataset: timm dataset name ('' for an ImageFolder / tar, 'torch/cifar10', 'hfds/...', ...).
+        train_split: Training split name.
+        val_split: Validation split name.
+        image_size: Side the loaders produce; batches are resized to each step's resolution on the fly.
+        auto_augment: timm auto-augment policy, e.g. 'rand-m9-mstd0.5' (RandAugment); None disables it.
+        scale: Area range of the random-resized crop.
+        interpolation: Resize interpolation.
+        mean: Normalisation mean.
+        std: Normalisation std.
+        dataset_download: Allow timm to download a torchvision dataset.
+    """
+    data_dir: str
+    dataset: str = ''
+    train_split: str = 'train'
+    val_split: str = 'validation'
+    image_size: int = 224
+    auto_augment: Optional[str] = None
+    scale: Tuple[float, float] = (0.08, 1.0)
+    interpolation: str = 'bilinear'
+    mean: Sequence[float] = (0.485, 0.456, 0.406)
+    std: Sequence[float] = (0.229, 0.224, 0.225)
+    dataset_download: bool = False
+
+
+class SeededDataset(Dataset):
+    """Reads ``(epoch, index)`` keys and augments sample ``index`` with RNGs seeded by (seed, epoch, index).
+
+    The calling process' random states are saved and restored around each sample, so the main process' RNG stream
+    (mixup, dropout) does not depend on how many samples were loaded in process.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch) * 1_000_000_007 + index
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed % 2 ** 63)
+                random.seed(sample_seed)
+                np.random.seed(sample_seed % 2 ** 32)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` keys of one epoch: a seeded permutation, this rank's shard, from a start batch.
+
+    Every rank gets the same number of full batches (the tail that does not fill a batch on every rank is dropped).
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if dataset_len < batch_size * world_size:
+            raise ValueError(
+                f'The training set has {dataset_len} samples, fewer than one batch per rank '
+                f'({batch_size} x {world_size} ranks); lower --batch-size')
+        self.dataset_len = dataset_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.dataset_len // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
+        order = torch.randperm(self.dataset_len, generator=g)[:self.batches_per_epoch * self.batch_size * self.world_size]
+        shard = order[self.rank::self.world_size].tolist()
+        for index in shard[self.start_batch * self.batch_size:]:
+            yield self.epoch, index
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+def build_datasets(cfg: DataConfig, seed: int = 0) -> Tuple[SeededDataset, Dataset, Dataset, int]:
+    """timm datasets with timm transforms.
+
+    Returns:
+        (seeded training set, validation set, training images with the eval transform for BN calibration,
+        number of classes).
+    """
+    train_tf = create_transform(
+        cfg.image_size, is_training=True, auto_augment=cfg.auto_augment, scale=tuple(cfg.scale),
+        interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
+    eval_tf = create_transform(
+        cfg.image_size, is_training=False, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
+        crop_pct=1.0 if cfg.image_size < 64 else 0.875)
+    try:
+        train = create_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.train_split, is_training=True,
+                               download=cfg.dataset_download, transform=train_tf)
+        val = create_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.val_split, is_training=False,
+                             download=cfg.dataset_download, transform=eval_tf)
+        calib = create_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.train_split, is_training=False,
+                               download=cfg.dataset_download, transform=eval_tf)
+    except (FileNotFoundError, RuntimeError, AssertionError) as e:
+        raise ValueError(f'Cannot read dataset {cfg.dataset or "ImageFolder"!r} at {cfg.data_dir!r}: {e}') from None
+    num_classes = _num_classes(train)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f'Empty split in {cfg.data_dir!r}: {len(train)} training, {len(val)} validation samples')
+    return SeededDataset(train, seed), val, calib, num_classes
+
+
+def _num_classes(dataset: Dataset) -> int:
+    reader = getattr(dataset, 'reader', None)
+    for obj in (reader, dataset, getattr(reader, 'dataset', None)):
+        mapping = getattr(obj, 'class_to_idx', None)
+        if mapping:
+            return len(mapping)
+        classes = getattr(obj, 'classes', None)
+        if classes:
+            return len(classes)
+    raise ValueError('Cannot tell the number of classes of the dataset; pass --num-classes')
+
+
+def train_loader(dataset: SeededDataset, sampler: EpochSampler, workers: int, pin_memory: bool) -> DataLoader:
+    # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
+    return DataLoader(
+        dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+        drop_last=True, generator=torch.Generator().manual_seed(0), persistent_workers=False)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool,
+                indices: Optional[Sequence[int]] = None) -> DataLoader:
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, list(indices))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)

@@ -1,0 +1,172 @@
+"""The progressive-shrinking schedule: a typed, declarative list of stages.
+
+Each stage names the elastic dimensions it unlocks and how far: ``'all'`` choices, or the ``n`` largest ones (OFA's
+"phase 1" of depth and expand unlocks the two largest). Defaults reproduce the reference order
+full → kernel → depth 1/2 → expand 1/2, followed by width 1/2 for families with elastic width. Stages whose dimensions
+the supernet does not have are skipped, and the ``full`` (teacher) stage is skipped when training starts from
+pretrained weights.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+__all__ = ['DIMENSIONS', 'Stage', 'Schedule', 'PRESETS', 'load_schedule']
+
+DIMENSIONS: Tuple[str, ...] = ('kernel', 'depth', 'expand', 'width', 'resolution')
+SAMPLING_RULES: Tuple[str, ...] = ('uniform', 'sandwich')
+Level = Union[str, int]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One progressive-shrinking stage.
+
+    Args:
+        name: Stage name (unique within a schedule).
+        epochs: Length in epochs (before the schedule's ``epochs_scale``).
+        lr: Peak learning rate per process (scaled by the world size at run time, as in OFA).
+        unlock: Dimension -> ``'all'`` or the number of largest choices to allow. Dimensions not listed stay at max.
+        warmup_epochs: Linear warmup length, in epochs.
+        subnets_per_step: Subnets whose gradients are accumulated per optimizer step.
+        kd_ratio: Weight of the distillation loss (0 disables the teacher).
+        sampling: ``'uniform'`` (OFA) or ``'sandwich'`` (BigNAS: max + min + random, in-place distillation).
+    """
+    name: str
+    epochs: float
+    lr: float
+    unlock: Mapping[str, Level] = field(default_factory=dict)
+    warmup_epochs: float = 0.
+    subnets_per_step: int = 1
+    kd_ratio: float = 1.0
+    sampling: str = 'uniform'
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError('Stage.name must be a non-empty string')
+        if self.epochs < 0 or not math.isfinite(self.epochs):
+            raise ValueError(f"Stage '{self.name}': epochs must be >= 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"Stage '{self.name}': lr must be > 0, got {self.lr}")
+        if self.subnets_per_step < 1:
+            raise ValueError(f"Stage '{self.name}': subnets_per_step must be >= 1, got {self.subnets_per_step}")
+        if self.kd_ratio < 0:
+            raise ValueError(f"Stage '{self.name}': kd_ratio must be >= 0, got {self.kd_ratio}")
+        if self.sampling not in SAMPLING_RULES:
+            raise ValueError(f"Stage '{self.name}': sampling {self.sampling!r} not in {list(SAMPLING_RULES)}")
+        unlock = dict(self.unlock or {})
+        for dim, level in unlock.items():
+            if dim not in DIMENSIONS:
+                raise ValueError(f"Stage '{self.name}': unknown dimension {dim!r}; allowed: {list(DIMENSIONS)}")
+            if level != 'all' and not (isinstance(level, int) and not isinstance(level, bool) and level >= 1):
+                raise ValueError(
+                    f"Stage '{self.name}': unlock[{dim!r}] must be 'all' or a positive int, got {level!r}")
+        object.__setattr__(self, 'unlock', unlock)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An ordered list of stages and a global epoch scale.
+
+    Args:
+        stages: The stages, in training order.
+        epochs_scale: Multiplies every stage's epochs (and warmup); 0.01 turns the reference recipe into a toy run.
+    """
+    stages: Tuple[Stage, ...]
+    epochs_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        stages = tuple(s if isinstance(s, Stage) else Stage(**s) for s in self.stages)
+        if not stages:
+            raise ValueError('A schedule needs at least one stage')
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f'Stage names must be unique, got {names}')
+        if self.epochs_scale <= 0:
+            raise ValueError(f'epochs_scale must be > 0, got {self.epochs_scale}')
+        object.__setattr__(self, 'stages', stages)
+
+    def scaled(self, epochs_scale: float) -> 'Schedule':
+        """The same schedule with another epoch scale."""
+        return replace(self, epochs_scale=epochs_scale)
+
+    def stage_epochs(self, stage: Stage) -> float:
+        return stage.epochs * self.epochs_scale
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {'epochs_scale': self.epochs_scale, 'stages': [asdict(s) for s in self.stages]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> 'Schedule':
+        unknown = set(d) - {'epochs_scale', 'stages'}
+        if unknown:
+            raise ValueError(f'Unknown schedule keys {sorted(unknown)}; allowed: epochs_scale, stages')
+        if 'stages' not in d:
+            raise ValueError("A schedule needs a 'stages' list")
+        stages = []
+        for i, s in enumerate(d['stages']):
+            try:
+                stages.append(Stage(**s))
+            except TypeError as e:
+                raise ValueError(f'Schedule stage {i}: {e}') from None
+        return cls(tuple(stages), float(d.get('epochs_scale', 1.0)))
+
+    def to_yaml(self, path: Union[str, os.PathLike]) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike]) -> 'Schedule':
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+def _ps_stages(lrs: Mapping[str, float], epochs: Mapping[str, float], warmup: float, full_lr: float,
+               full_epochs: float) -> Tuple[Stage, ...]:
+    res = {'resolution': 'all'}
+    return (
+        Stage('full', full_epochs, full_lr, {}, warmup_epochs=warmup, kd_ratio=0.),
+        Stage('kernel', epochs['kernel'], lrs['kernel'], {'kernel': 'all', **res}, warmup_epochs=warmup),
+        Stage('depth_1', epochs['phase1'], lrs['phase1'], {'kernel': 'all', 'depth': 2, **res}, subnets_per_step=2),
+        Stage('depth_2', epochs['phase2'], lrs['phase2'], {'kernel': 'all', 'depth': 'all', **res},
+              warmup_epochs=warmup, subnets_per_step=2),
+        Stage('expand_1', epochs['phase1'], lrs['phase1'], {'kernel': 'all', 'depth': 'all', 'expand': 2, **res},
+              subnets_per_step=4),
+        Stage('expand_2', epochs['phase2'], lrs['phase2'],
+              {'kernel': 'all', 'depth': 'all', 'expand': 'all', **res}, warmup_epochs=warmup, subnets_per_step=4),
+        Stage('width_1', epochs['phase1'], lrs['phase1'],
+              {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'width': 2, **res}, subnets_per_step=4),
+        Stage('width_2', epochs['phase2'], lrs['phase2'],
+              {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'width': 'all', **res}, warmup_epochs=warmup,
+              subnets_per_step=4),
+    )
+
+
+PRESETS: Dict[str, Schedule] = {
+    # The reference recipe (lr per GPU at batch 64, 32 GPUs); 'full' trains the teacher first.
+    'ofa': Schedule(_ps_stages(
+        lrs={'kernel': 3e-2, 'phase1': 2.5e-3, 'phase2': 7.5e-3}, epochs={'kernel': 120, 'phase1': 25, 'phase2': 120},
+        warmup=5, full_lr=2.6e-2, full_epochs=180)),
+    # A short recipe for supernets converted from pretrained timm weights (the full stage is skipped).
+    'fast': Schedule(_ps_stages(
+        lrs={'kernel': 1e-2, 'phase1': 2.5e-3, 'phase2': 5e-3}, epochs={'kernel': 10, 'phase1': 2, 'phase2': 10},
+        warmup=1, full_lr=1e-2, full_epochs=10)),
+    # The demo's toy recipe for tiny datasets from scratch, with AdamW-sized learning rates (--opt adamw).
+    'demo': Schedule(_ps_stages(
+        lrs={'kernel': 1e-3, 'phase1': 5e-4, 'phase2': 1e-3}, epochs={'kernel': 6, 'phase1': 2, 'phase2': 4},
+        warmup=0, full_lr=3e-3, full_epochs=20)),
+}
+
+
+def load_schedule(spec: Union[str, os.PathLike, Schedule], epochs_scale: Optional[float] = None) -> Schedule:
+    """A preset name (``ofa``, ``fast``, ``demo``), a YAML file or a ``Schedule``, optionally rescaled."""
+    if isinstance(spec, Schedule):
+        schedule = spec
+    elif str(spec) in PRESETS:
+        schedule = PRESETS[str(spec)]
+    elif os.path.isfile(spec):
+        schedule = Schedule.from_yaml(spec)
+    else:
+        raise ValueError(f'Unknown schedule {spec!r}: expected one of {sorted(PRESETS)} or a YAML file path')
+    return schedule.scaled(epochs_scale) if epochs_scale is not None else schedule

@@ -1,0 +1,517 @@
+"""The progressive-shrinking training loop.
+
+One process, one GPU, a CPU, or many processes under ``torchrun`` (PyTorch DDP). Per optimizer step: the step's
+subnets are drawn from a RNG seeded by the step (identical on every rank), the batch is resized to the step's
+resolution, the frozen teacher runs once, and each subnet's loss (label-smoothed CE + KD) is back-propagated into
+the shared weights before a single optimizer step.
+
+Distributed choices: every rank trains on its shard of each batch order; rank 0 alone validates (BN calibration and
+evaluation of the validation grid), logs and writes checkpoints, and the other ranks wait at a barrier.
+
+Checkpoints hold the model, teacher, EMA, optimizer, scheduler, grad scaler, position (stage, step) and every RNG,
+are written atomically and load with ``torch.load(weights_only=True)``. ``resume`` continues exactly: on CPU the
+weights after N/2 steps + resume + N/2 steps are bitwise those of N steps in one go.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy
+
+from ..space import Subnet
+from .bn import calibrate_bn
+from .data import EpochSampler, SeededDataset, eval_loader, train_loader
+from .distill import classification_loss, distillation_loss
+from .sampling import StepSampler, applicable_stages, space_dimensions
+from .schedule import Schedule, Stage
+from .sorting import sort_channels
+
+__all__ = ['TrainConfig', 'Trainer', 'NonFiniteLossError', 'save_checkpoint', 'load_checkpoint']
+
+CHECKPOINT = 'last.pth'
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a progressive-shrinking run that are not part of the schedule.
+
+    Args:
+        output: Run folder (checkpoints, metrics.jsonl, summary, plot).
+        batch_size: Images per process per step.
+        workers: Data-loader workers per process.
+        amp: Autocast dtype: 'none', 'bf16' or 'fp16' (fp16 uses a GradScaler).
+        channels_last: Train in channels-last memory format.
+        opt: timm optimizer name ('sgd' is SGD with Nesterov momentum, as OFA).
+        momentum: Optimizer momentum.
+        weight_decay: Weight decay (not applied to biases and norms).
+        clip_grad: Clip the gradient norm to this value (None: no clipping).
+        ema_decay: Keep a ``ModelEmaV3`` of the supernet with this decay (None: no EMA).
+        label_smoothing: Label smoothing of the classification loss.
+        kd_kind: 'ce' (soft-target cross entropy, OFA) or 'kl'.
+        kd_temperature: Distillation temperature.
+        mixup: Mixup alpha (0 disables).
+        cutmix: CutMix alpha (0 disables).
+        warmup_lr: Learning rate at the start of a warmup.
+        min_lr: Final learning rate of each stage's cosine.
+        calib_images: Training images used to recalibrate BN statistics of each validated subnet.
+        val_resolutions: Resolutions of the validation grid (default: min and max of the stage).
+        val_every: Validate every this many epochs (and always at the end of a stage).
+        checkpoint_every: Also checkpoint every this many steps (0: only at epoch ends).
+        log_every: Write a training record to metrics.jsonl every this many steps.
+        seed: Run seed (sampling, data order, augmentation).
+        progress: Show tqdm progress bars on rank 0.
+    """
+    output: str = 'output'
+    batch_size: int = 64
+    workers: int = 4
+    amp: str = 'none'
+    channels_last: bool = False
+    opt: str = 'sgd'
+    momentum: float = 0.9
+    weight_decay: float = 3e-5
+    clip_grad: Optional[float] = None
+    ema_decay: Optional[float] = None
+    label_smoothing: float = 0.1
+    kd_kind: str = 'ce'
+    kd_temperature: float = 1.0
+    mixup: float = 0.
+    cutmix: float = 0.
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.
+    calib_images: int = 2000
+    val_resolutions: Optional[Sequence[int]] = None
+    val_every: int = 1
+    checkpoint_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.amp not in ('none', 'bf16', 'fp16'):
+            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.batch_size < 1:
+            raise ValueError(f'batch_size must be >= 1, got {self.batch_size}')
+        if self.kd_kind not in ('ce', 'kl'):
+            raise ValueError(f"kd_kind must be 'ce' or 'kl', got {self.kd_kind!r}")
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
+    """Write ``state`` atomically: a temp file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects."""
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                  'has_gauss': int(np_state[3]), 'gauss': float(np_state[4])},
+        'python': _python_state_to_tensor(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _python_state_to_tensor(state: Tuple) -> Dict[str, Any]:
+    version, internal, gauss = state
+    return {'version': version, 'internal': torch.tensor(internal, dtype=torch.int64), 'gauss': gauss}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    p = state['python']
+    random.setstate((p['version'], tuple(int(v) for v in p['internal'].tolist()), p['gauss']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# --- distributed helpers --------------------------------------------------------------------------------------------
+def _dist() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        dist.barrier()
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).float()
+    if _dist()[1] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together, none hangs in a collective
+    return bool(finite.item())
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@dataclass
+class _Position:
+    stage: int = 0
+    step: int = 0  # optimizer steps done in the stage
+    global_step: int = 0
+
+
+class Trainer:
+    """Runs a progressive-shrinking schedule on an elastic supernet.
+
+    Args:
+        supernet: An ofa_timm elastic supernet (from ``elasticize`` or ``timm.create_model('ofa_...')``).
+        schedule: The stages to run (stages that do not apply to the supernet are dropped).
+        train_set: Seeded training set (``data.build_datasets``).
+        val_set: Validation set (eval transform).
+        calib_set: Training images with the eval transform, for BN recalibration.
+        config: Run settings.
+        pretrained: The supernet starts from trained weights: the ``full`` stage is skipped.
+        teacher: A frozen teacher; default: the supernet's max subnet once the full stage is done.
+        device: Training device (default: cuda:LOCAL_RANK if available, else cpu).
+    """
+
+    def __init__(
+            self,
+            supernet: nn.Module,
+            schedule: Schedule,
+            train_set: SeededDataset,
+            val_set: torch.utils.data.Dataset,
+            calib_set: torch.utils.data.Dataset,
+            config: TrainConfig,
+            pretrained: bool = False,
+            teacher: Optional[nn.Module] = None,
+            device: Optional[torch.device] = None,
+    ):
+        self.rank, self.world_size = _dist()
+        if device is None:
+            if torch.cuda.is_available():
+                device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            else:
+                device = torch.device('cpu')
+        self.device = device
+        self.config = config
+        self.supernet = supernet.to(device)
+        if config.channels_last:
+            self.supernet.to(memory_format=torch.channels_last)
+        self.schedule = applicable_stages(schedule, supernet.space, pretrained)
+        self.train_set, self.val_set, self.calib_set = train_set, val_set, calib_set
+        self.output = Path(config.output)
+        self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
+        self.model: nn.Module = self.supernet
+        if self.world_size > 1:
+            # Elastic depth/kernel leave parameters unused in a step: DDP must look for them.
+            self.model = nn.parallel.DistributedDataParallel(
+                self.supernet, device_ids=[device.index] if device.type == 'cuda' else None,
+                find_unused_parameters=True)
+        self.ema = ModelEmaV3(self.supernet, decay=config.ema_decay) if config.ema_decay else None
+        self.sampler = EpochSampler(len(train_set), config.batch_size, config.seed, self.rank, self.world_size)
+        self.position = _Position()
+        self.history: List[Dict[str, Any]] = []
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._scheduler: Any = None
+        self._scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
+        self._resume_state: Optional[Dict[str, Any]] = None
+
+    # --- properties -----------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def stage_steps(self, stage: Stage) -> int:
+        return max(1, round(self.schedule.stage_epochs(stage) * self.steps_per_epoch))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.amp == 'none':
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.amp == 'bf16' else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # --- checkpointing --------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            'model': self.supernet.state_dict(),
+            'teacher': self.teacher.state_dict() if self.teacher is not None else None,
+            'ema': self.ema.module.state_dict() if self.ema is not None else None,
+            'optimizer': self._optimizer.state_dict() if self._optimizer is not None else None,
+            'scheduler': self._scheduler.state_dict() if self._scheduler is not None else None,
+            'scaler': self._scaler.state_dict(),
+            'position': asdict(self.position),
+            'rng': _rng_state(),
+            'schedule': self.schedule.to_dict(),
+            'subnet_space': self.supernet.space.to_dict(),
+            'history': json.dumps(self.history),
+        }
+
+    def save(self, path: Optional[Path] = None) -> None:
+        if self.is_main:
+            save_checkpoint(self.state_dict(), path or self.output / CHECKPOINT)
+        _barrier()
+
+    def resume(self, path: Optional[Path] = None) -> None:
+        """Load a checkpoint written by :meth:`save`; :meth:`run` then continues where it stopped."""
+        path = Path(path or self.output / CHECKPOINT)
+        if not path.is_file():
+            raise ValueError(f'No checkpoint to resume from at {path}')
+        state = load_checkpoint(path)
+        if Schedule.from_dict(state['schedule']) != self.schedule:
+            raise ValueError(f'{path} was written by a run with another schedule; resume with the same --schedule and '
+                             f'--epochs-scale')
+        self.supernet.load_state_dict(state['model'])
+        if state['teacher'] is not None:
+            self.teacher = self._make_teacher()
+            self.teacher.load_state_dict(state['teacher'])
+        if self.ema is not None and state['ema'] is not None:
+            self.ema.module.load_state_dict(state['ema'])
+        self.position = _Position(**state['position'])
+        self.history = json.loads(state['history'])
+        self._resume_state = state
+
+    # --- the run --------------------------------------------------------------------------------------------
+    def run(self) -> List[Dict[str, Any]]:
+        """Run (or continue) the schedule. Returns the per-stage summaries."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        stages = self.schedule.stages
+        while self.position.stage < len(stages):
+            stage = stages[self.position.stage]
+            self._run_stage(stage)
+            self.position = _Position(self.position.stage + 1, 0, self.position.global_step)
+            self._optimizer = self._scheduler = None
+            self.save()
+        return self.summaries()
+
+    def _make_teacher(self) -> nn.Module:
+        teacher = self.supernet.extract('max').to(self.device).eval().requires_grad_(False)
+        if self.config.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        return teacher
+
+    def _prepare_stage(self, stage: Stage) -> None:
+        resumed = self._resume_state is not None
+        if self.position.step == 0:  # entering the stage (also when resuming from the previous stage's end)
+            self._sort_if_expand_grows(stage)
+        if stage.kd_ratio > 0 and stage.sampling == 'uniform' and self.teacher is None:
+            self.teacher = self._make_teacher()
+        lr = stage.lr * self.world_size
+        self._optimizer = create_optimizer_v2(
+            self.supernet, opt=self.config.opt, lr=lr, weight_decay=self.config.weight_decay,
+            momentum=self.config.momentum)
+        total = self.stage_steps(stage)
+        warmup = min(total - 1, round(stage.warmup_epochs * self.schedule.epochs_scale * self.steps_per_epoch))
+        self._scheduler, _ = create_scheduler_v2(
+            self._optimizer, sched='cosine', num_epochs=total, warmup_epochs=max(0, warmup),
+            warmup_lr=self.config.warmup_lr, min_lr=self.config.min_lr, updates_per_epoch=1, step_on_epochs=False)
+        if resumed:
+            state = self._resume_state
+            if state['optimizer'] is not None and self.position.step > 0:
+                self._optimizer.load_state_dict(state['optimizer'])
+                self._scheduler.load_state_dict(state['scheduler'])
+            self._scaler.load_state_dict(state['scaler'])
+            _set_rng_state(state['rng'])
+            self._resume_state = None
+        self._scheduler.step_update(self.position.step)
+
+    def _sort_if_expand_grows(self, stage: Stage) -> None:
+        idx = self.position.stage
+        if 'expand' not in space_dimensions(self.supernet.space):
+            return
+        before = self.schedule.stages[idx - 1].unlock.get('expand') if idx > 0 else None
+        now = stage.unlock.get('expand')
+        if now is None or now == before:
+            return
+        trained = 1 if before is None else (max(len(c) for c in self.supernet.space.expand_slots)
+                                            if before == 'all' else int(before))
+        sort_channels(self.supernet, trained)
+        if self.ema is not None:  # the EMA follows the permuted weights
+            self.ema.module.load_state_dict(self.supernet.state_dict())
+
+    def _run_stage(self, stage: Stage) -> None:
+        self._prepare_stage(stage)
+        sampler = StepSampler(self.supernet.space, stage, self.config.seed)
+        total = self.stage_steps(stage)
+        spe = self.steps_per_epoch
+        epochs = math.ceil(total / spe)
+        bar = None
+        if self.is_main and self.config.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=self.position.step, desc=f'{stage.name}', unit='step', dynamic_ncols=True)
+        stage_start = time.time()
+        try:
+            while self.position.step < total:
+                epoch, start_batch = divmod(self.position.step, spe)
+                self.sampler.set_epoch(self.position.stage * 100_000 + epoch, start_batch)
+                loader = train_loader(self.train_set, self.sampler, self.config.workers, self.device.type == 'cuda')
+                tick, images_seen = time.time(), 0
+                for images, targets in loader:
+                    subnets = sampler.sample(self.position.step)
+                    loss = self._train_step(stage, subnets, images, targets)
+                    self.position.step += 1
+                    self.position.global_step += 1
+                    images_seen += images.shape[0] * self.world_size
+                    rate = images_seen / max(time.time() - tick, 1e-9)
+                    if bar is not None:
+                        bar.set_postfix_str(f'ep {epoch + 1}/{epochs} loss {loss:.3f} {rate:.0f} img/s')
+                        bar.update(1)
+                    if self.is_main and self.position.step % self.config.log_every == 0:
+                        self._log({'type': 'train', 'stage': stage.name, 'epoch': epoch, 'step': self.position.step,
+                                   'global_step': self.position.global_step, 'loss': loss,
+                                   'lr': self._optimizer.param_groups[0]['lr'], 'img_per_s': rate})
+                    end_of_epoch = self.position.step % spe == 0 or self.position.step == total
+                    if end_of_epoch:
+                        done_epochs = math.ceil(self.position.step / spe)
+                        if self.position.step == total or done_epochs % self.config.val_every == 0:
+                            self._validate(stage, sampler, done_epochs, time.time() - stage_start)
+                        if self.position.step < total:
+                            self.save()
+                        break
+                    if self.config.checkpoint_every and self.position.step % self.config.checkpoint_every == 0:
+                        self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _train_step(self, stage: Stage, subnets: List[Subnet], images: torch.Tensor, targets: torch.Tensor) -> float:
+        cfg = self.config
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        resolution = subnets[0].resolution
+        if resolution is not None and images.shape[-1] != resolution:
+            images = F.interpolate(images, size=(resolution, resolution), mode='bilinear', align_corners=False,
+                                   antialias=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        mixed = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                          num_classes=self.supernet.num_classes)
+            images, mixed = mixer(images, targets)
+        teacher_logits = None
+        if stage.kd_ratio > 0 and stage.sampling == 'uniform' and self.teacher is not None:
+            with torch.no_grad(), self._autocast():
+                teacher_logits = self.teacher(images)  # once per batch, shared by every subnet
+        self._optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        total_loss = 0.
+        for i, subnet in enumerate(subnets):
+            self.supernet.set_active(subnet)
+            with self._autocast():
+                logits = self.model(images)
+                loss = classification_loss(logits, targets, cfg.label_smoothing, mixed)
+                if stage.sampling == 'sandwich' and i > 0 and stage.kd_ratio > 0:
+                    loss = loss + stage.kd_ratio * distillation_loss(
+                        logits, teacher_logits, cfg.kd_kind, cfg.kd_temperature)
+                elif teacher_logits is not None:
+                    loss = loss + stage.kd_ratio * distillation_loss(
+                        logits, teacher_logits, cfg.kd_kind, cfg.kd_temperature)
+            if stage.sampling == 'sandwich' and i == 0:
+                teacher_logits = logits.detach()  # in-place distillation from the max subnet
+            if not _all_finite(loss):
+                raise NonFiniteLossError(
+                    f"Non-finite loss ({loss.item()}) in stage '{stage.name}' at step {self.position.step} "
+                    f'(global step {self.position.global_step}) for subnet {subnet.to_dict()}. The last good '
+                    f'checkpoint is kept at {self.output / CHECKPOINT}; lower the learning rate or enable '
+                    f'--clip-grad, then --resume.')
+            self._scaler.scale(loss).backward()
+            total_loss += loss.item()
+        if cfg.clip_grad is not None:
+            self._scaler.unscale_(self._optimizer)
+            torch.nn.utils.clip_grad_norm_(self.supernet.parameters(), cfg.clip_grad)
+        self._scaler.step(self._optimizer)
+        self._scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.supernet, step=self.position.global_step)
+        self._scheduler.step_update(self.position.step + 1)
+        return total_loss / len(subnets)
+
+    # --- validation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_subnet(self, subnet: Subnet) -> Dict[str, float]:
+        """BN-recalibrate ``subnet`` (extracted, so the supernet is untouched) and measure top-1/top-5."""
+        cfg = self.config
+        model = self.supernet.extract(subnet).to(self.device)
+        g = torch.Generator().manual_seed(cfg.seed)
+        n_calib = min(cfg.calib_images, len(self.calib_set))
+        indices = torch.randperm(len(self.calib_set), generator=g)[:n_calib].tolist()
+        calib = eval_loader(self.calib_set, cfg.batch_size, cfg.workers, False, indices)
+        calibrate_bn(model, calib, n_calib, resolution=subnet.resolution, device=self.device)
+        model.eval()
+        top1 = top5 = 0.
+        count = 0
+        for images, targets in eval_loader(self.val_set, cfg.batch_size, cfg.workers, False):
+            images, targets = images.to(self.device), targets.to(self.device)
+            if subnet.resolution is not None and images.shape[-1] != subnet.resolution:
+                images = F.interpolate(images, size=(subnet.resolution,) * 2, mode='bilinear', align_corners=False,
+                                       antialias=True)
+            with self._autocast():
+                logits = model(images)
+            k = min(5, logits.shape[1])
+            a1, a5 = accuracy(logits.float(), targets, topk=(1, k))
+            top1 += a1.item() * images.shape[0]
+            top5 += a5.item() * images.shape[0]
+            count += images.shape[0]
+        return {'top1': top1 / count, 'top5': top5 / count}
+
+    def _validate(self, stage: Stage, sampler: StepSampler, epoch: int, elapsed: float) -> None:
+        if self.is_main:
+            results = []
+            for label, subnet in sampler.validation_grid(self.config.val_resolutions):
+                metrics = self.evaluate_subnet(subnet)
+                results.append(metrics)
+                self._log({'type': 'val', 'stage': stage.name, 'epoch': epoch, 'global_step': self.position.global_step,
+                           'subnet': label, 'spec': subnet.to_dict(), **metrics})
+            mean1 = sum(r['top1'] for r in results) / len(results)
+            mean5 = sum(r['top5'] for r in results) / len(results)
+            record = {'type': 'val_mean', 'stage': stage.name, 'epoch': epoch, 'global_step': self.position.global_step,
+                      'top1': mean1, 'top5': mean5, 'min_top1': min(r['top1'] for r in results),
+                      'max_top1': max(r['top1'] for r in results), 'seconds': elapsed}
+            self._log(record)
+            self.history.append(record)
+        _barrier()
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        with open(self.output / 'metrics.jsonl', 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+    def summaries(self) -> List[Dict[str, Any]]:
+        """Last validation record of each stage."""
+        last: Dict[str, Dict[str, Any]] = {}
+        for record in self.history:
+            last[record['stage']] = record
+        return [last[s.name] for s in self.schedule.stages if s.name in last]
