@@ -245,6 +245,7 @@ class Trainer:
         self._scheduler: Any = None
         self._scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
         self._resume_state: Optional[Dict[str, Any]] = None
+        self._stop_after: Optional[int] = None
 
     # --- properties -----------------------------------------------------------------------------------------
     @property
@@ -305,13 +306,21 @@ class Trainer:
         self._resume_state = state
 
     # --- the run --------------------------------------------------------------------------------------------
-    def run(self) -> List[Dict[str, Any]]:
-        """Run (or continue) the schedule. Returns the per-stage summaries."""
+    def run(self, stop_after: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Run (or continue) the schedule. Returns the per-stage summaries.
+
+        Args:
+            stop_after: Stop (with a checkpoint) once this many optimizer steps are done in total; ``resume`` then
+                continues from there. For time-boxed jobs and for testing resumption.
+        """
         self.output.mkdir(parents=True, exist_ok=True)
+        self._stop_after = stop_after
         stages = self.schedule.stages
         while self.position.stage < len(stages):
             stage = stages[self.position.stage]
-            self._run_stage(stage)
+            if not self._run_stage(stage):
+                self.save()
+                return self.summaries()
             self.position = _Position(self.position.stage + 1, 0, self.position.global_step)
             self._optimizer = self._scheduler = None
             self.save()
@@ -362,7 +371,8 @@ class Trainer:
         if self.ema is not None:  # the EMA follows the permuted weights
             self.ema.module.load_state_dict(self.supernet.state_dict())
 
-    def _run_stage(self, stage: Stage) -> None:
+    def _run_stage(self, stage: Stage) -> bool:
+        """Train the stage to its end (True) or until ``stop_after`` steps (False)."""
         self._prepare_stage(stage)
         sampler = StepSampler(self.supernet.space, stage, self.config.seed)
         total = self.stage_steps(stage)
@@ -394,10 +404,14 @@ class Trainer:
                                    'global_step': self.position.global_step, 'loss': loss,
                                    'lr': self._optimizer.param_groups[0]['lr'], 'img_per_s': rate})
                     end_of_epoch = self.position.step % spe == 0 or self.position.step == total
+                    stopping = self._stop_after is not None and self.position.global_step >= self._stop_after
                     if end_of_epoch:
                         done_epochs = math.ceil(self.position.step / spe)
                         if self.position.step == total or done_epochs % self.config.val_every == 0:
                             self._validate(stage, sampler, done_epochs, time.time() - stage_start)
+                    if stopping:
+                        return False  # run() writes the checkpoint
+                    if end_of_epoch:
                         if self.position.step < total:
                             self.save()
                         break
@@ -406,6 +420,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        return True
 
     def _train_step(self, stage: Stage, subnets: List[Subnet], images: torch.Tensor, targets: torch.Tensor) -> float:
         cfg = self.config

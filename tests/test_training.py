@@ -1,0 +1,310 @@
+"""Progressive shrinking: schedule, sampling, losses, BN calibration, channel sorting, the loop, resume, DDP."""
+import json
+import os
+import socket
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import ofa_timm
+from ofa_timm import SearchSpace, StageChoices
+from ofa_timm.training import (
+    PRESETS, DataConfig, NonFiniteLossError, Schedule, Stage, StepSampler, TrainConfig, Trainer, band_permutation,
+    build_datasets, calibrate_bn, distillation_loss, load_checkpoint, load_schedule, make_shapes_dataset,
+    restrict_space, sort_channels)
+from ofa_timm.training.sampling import applicable_stages
+
+from conftest import assert_close, randomize_bn
+
+RES = 32
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = make_shapes_dataset(tmp_path_factory.mktemp('shapes'), num_classes=4, train_per_class=8, val_per_class=4,
+                               image_size=RES)
+    return build_datasets(DataConfig(str(root), image_size=RES, scale=(0.5, 1.0)), seed=0)
+
+
+def tiny_supernet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    source = timm.create_model('mobilenetv3_small_050', num_classes=4, drop_rate=0.1)
+    return ofa_timm.elasticize(source, resolutions=(24, 32))
+
+
+TINY = Schedule((
+    Stage('full', 1, 1e-2, {}, kd_ratio=0.),
+    Stage('kernel', 1, 1e-2, {'kernel': 'all', 'resolution': 'all'}),
+    Stage('expand_1', 1, 5e-3, {'kernel': 'all', 'depth': 'all', 'expand': 2, 'resolution': 'all'},
+          subnets_per_step=2),
+))
+
+
+def config(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(output=str(tmp_path), batch_size=8, workers=0, calib_images=8, progress=False, log_every=1,
+                       **kw)
+
+
+# --- schedule -----------------------------------------------------------------------------------------------------
+def test_presets_follow_the_reference_order():
+    ofa = PRESETS['ofa']
+    assert [s.name for s in ofa.stages][:6] == ['full', 'kernel', 'depth_1', 'depth_2', 'expand_1', 'expand_2']
+    table = {s.name: (s.epochs, s.lr, s.subnets_per_step) for s in ofa.stages}
+    assert table['kernel'] == (120, 3e-2, 1)
+    assert table['depth_1'] == (25, 2.5e-3, 2) and table['depth_2'] == (120, 7.5e-3, 2)
+    assert table['expand_1'] == (25, 2.5e-3, 4) and table['expand_2'] == (120, 7.5e-3, 4)
+    assert all(s.kd_ratio == 1.0 for s in ofa.stages[1:])
+
+
+def test_schedule_yaml_round_trip_and_scale(tmp_path):
+    path = tmp_path / 's.yaml'
+    PRESETS['fast'].to_yaml(path)
+    again = load_schedule(str(path), epochs_scale=0.5)
+    assert again.stages == PRESETS['fast'].stages and again.epochs_scale == 0.5
+    assert again.stage_epochs(again.stages[1]) == PRESETS['fast'].stages[1].epochs * 0.5
+
+
+@pytest.mark.parametrize('bad, match', [
+    (dict(name='x', epochs=1, lr=0.1, unlock={'colour': 'all'}), "unknown dimension 'colour'"),
+    (dict(name='x', epochs=1, lr=0.1, unlock={'depth': 0}), "must be 'all' or a positive int"),
+    (dict(name='x', epochs=1, lr=-1), 'lr must be > 0'),
+    (dict(name='x', epochs=1, lr=0.1, sampling='random'), "sampling 'random' not in"),
+])
+def test_bad_stages(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Stage(**bad)
+
+
+def test_bad_schedule_inputs(tmp_path):
+    with pytest.raises(ValueError, match='Unknown schedule'):
+        load_schedule('fastest')
+    (tmp_path / 'bad.yaml').write_text('stages:\n  - {name: a, epochs: 1, lr: 0.1, foo: 2}\n')
+    with pytest.raises(ValueError, match="stage 0: .*'foo'"):
+        load_schedule(str(tmp_path / 'bad.yaml'))
+
+
+def test_stages_that_do_not_apply_are_dropped():
+    mbv3 = timm.create_model('ofa_mbv3').space
+    r50 = timm.create_model('ofa_resnet50d').space
+    ofa = PRESETS['ofa']
+    assert [s.name for s in applicable_stages(ofa, mbv3, pretrained=True).stages] == [
+        'kernel', 'depth_1', 'depth_2', 'expand_1', 'expand_2']
+    names = [s.name for s in applicable_stages(ofa, r50, pretrained=False).stages]
+    assert names[0] == 'full' and 'kernel' not in names and 'width_2' in names
+
+
+# --- sampling -----------------------------------------------------------------------------------------------------
+def test_each_stage_unlocks_only_its_dimensions():
+    space = timm.create_model('ofa_mbv3').space
+    mx = space.max()
+    for stage in PRESETS['ofa'].stages[:6]:
+        sampler = StepSampler(space, stage, seed=0)
+        seen = {'kernels': set(), 'expands': set(), 'depths': set(), 'resolution': set()}
+        for step in range(40):
+            subnets = sampler.sample(step)
+            assert len(subnets) == stage.subnets_per_step
+            assert len({s.resolution for s in subnets}) == 1  # one resolution per batch
+            for s in subnets:
+                space.validate(s)
+                seen['kernels'].update(s.kernels)
+                seen['expands'].update(s.expands)
+                seen['depths'].update(s.depths)
+                seen['resolution'].add(s.resolution)
+        unlock = stage.unlock
+        assert seen['kernels'] == ({3, 5, 7} if 'kernel' in unlock else set(mx.kernels))
+        expected_e = {'all': {3.0, 4.0, 6.0}, 2: {4.0, 6.0}}.get(unlock.get('expand'), {6.0})
+        assert seen['expands'] == expected_e
+        expected_d = {'all': {2, 3, 4}, 2: {3, 4}}.get(unlock.get('depth'), {4})
+        assert seen['depths'] == expected_d
+        assert len(seen['resolution']) > 1 if 'resolution' in unlock else seen['resolution'] == {224}
+
+
+def test_sampling_is_seeded_by_step_and_sandwich_rule():
+    space = timm.create_model('ofa_mbv3').space
+    stage = PRESETS['ofa'].stages[5]
+    a, b = StepSampler(space, stage, seed=1), StepSampler(space, stage, seed=1)
+    assert a.sample(7) == b.sample(7) and a.sample(7) != a.sample(8)  # what every rank and a resumed run draw
+    sandwich = StepSampler(space, Stage('s', 1, 0.1, stage.unlock, subnets_per_step=4, sampling='sandwich'))
+    subnets = sandwich.sample(0)
+    restricted = restrict_space(space, stage.unlock)
+    assert subnets[0].replace(resolution=None) == restricted.max().replace(resolution=None)
+    assert subnets[1].replace(resolution=None) == restricted.min().replace(resolution=None)
+
+
+def test_validation_grid_covers_corners():
+    space = timm.create_model('ofa_mbv3').space
+    grid = StepSampler(space, PRESETS['ofa'].stages[5]).validation_grid()
+    assert len(grid) == 2 ** 3 * 2  # kernel/depth/expand min-max corners x min and max resolution
+    labels = [label for label, _ in grid]
+    assert 'k=max,d=max,e=max@224' in labels and 'k=min,d=min,e=min@128' in labels
+
+
+# --- losses and calibration -----------------------------------------------------------------------------------------
+def test_distillation_loss_values():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    p = torch.softmax(t, -1)
+    expected = -(p * torch.log_softmax(s, -1)).sum(-1).mean()
+    assert torch.allclose(distillation_loss(s, t), expected)
+    kl = (p * (p.log() - torch.log_softmax(s, -1))).sum(-1).mean()
+    assert torch.allclose(distillation_loss(s, t, 'kl'), kl, atol=1e-6)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    distillation_loss(s, t).backward()
+    assert t.grad is None  # the teacher is never trained through the loss
+
+
+def test_calibrate_bn_gives_exact_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    data = [torch.randn(5, 3, 8, 8) + 2 for _ in range(4)]
+    rng_before = torch.get_rng_state()
+    model.train()
+    calibrate_bn(model, data, num_images=20)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # dropout stayed off
+    assert model.training and model[1].momentum == 0.1
+    feats = torch.cat([model[0](x) for x in data])
+    assert torch.allclose(model[1].running_mean, feats.mean((0, 2, 3)), atol=1e-5)
+    # per-batch unbiased variances, averaged, as the cumulative moving average computes them
+    var = torch.stack([model[0](x).var((0, 2, 3), unbiased=True) for x in data]).mean(0)
+    assert torch.allclose(model[1].running_var, var, atol=1e-4)
+
+
+def test_calibrate_bn_on_supernet_and_extracted_subnet_agree(data):
+    train, val, calib, _ = data
+    sn = tiny_supernet().eval()
+    subnet = sn.space.min()
+    loader = torch.utils.data.DataLoader(calib, batch_size=8)
+    static = sn.extract(subnet)
+    calibrate_bn(static, loader, 16, resolution=subnet.resolution)
+    sn.set_active(subnet)
+    calibrate_bn(sn, loader, 16, resolution=subnet.resolution)
+    x = torch.randn(2, 3, subnet.resolution, subnet.resolution)
+    with torch.no_grad():
+        assert_close(static.eval()(x), sn.eval()(x))
+
+
+# --- channel sorting ------------------------------------------------------------------------------------------------
+def test_band_permutation():
+    imp = torch.tensor([1., 5., 3., 9., 2., 7.])
+    assert band_permutation(imp, [6]).tolist() == [3, 5, 1, 2, 4, 0]
+    assert band_permutation(imp, [4]).tolist() == [3, 1, 2, 0, 5, 4]
+
+
+@pytest.mark.parametrize('name', ['ofa_mbv3', 'ofa_resnet50d', 'ofa_resnet34'])
+def test_channel_sorting_preserves_function_and_trained_bands(name):
+    torch.manual_seed(0)
+    sn = randomize_bn(timm.create_model(name, num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    second = sn.space.max().replace(expands=tuple(c[-2] if len(c) > 1 else c[-1] for c in sn.space.expand_slots))
+    with torch.no_grad():
+        before = sn(x)
+        sort_channels(sn, trained=1)
+        assert_close(sn(x), before)  # the max subnet computes the same function
+        sn.set_active(second)
+        band_before = sn(x)
+        sort_channels(sn, trained=2)  # expand 2nd-largest was trained: its channels stay its channels
+        assert_close(sn(x), band_before)
+        sn.set_active(None)
+        assert_close(sn(x), before)
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+def test_trainer_runs_logs_and_reports(data, tmp_path):
+    train, val, calib, _ = data
+    trainer = Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path))
+    summaries = trainer.run()
+    assert [s['stage'] for s in summaries] == ['full', 'kernel', 'expand_1']
+    records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    assert {r['type'] for r in records} == {'train', 'val', 'val_mean'}
+    val_stage = {r['stage'] for r in records if r['type'] == 'val'}
+    assert val_stage == {'full', 'kernel', 'expand_1'}
+    assert all(0 <= r['top1'] <= 100 for r in records if r['type'] == 'val')
+    state = load_checkpoint(tmp_path / 'last.pth')  # weights_only=True
+    assert state['position'] == {'stage': 3, 'step': 0, 'global_step': 12}
+    assert state['teacher'] is not None
+
+
+def test_resume_is_bitwise_exact(data, tmp_path):
+    train, val, calib, _ = data
+    straight = Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path / 'a'))
+    straight.run()
+    first = Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path / 'b'))
+    first.run(stop_after=6)  # mid-epoch, mid-stage
+    assert load_checkpoint(tmp_path / 'b' / 'last.pth')['position']['global_step'] == 6
+    second = Trainer(tiny_supernet(seed=123), TINY, train, val, calib, config(tmp_path / 'b'))
+    second.resume()
+    second.run()
+    a, b = straight.supernet.state_dict(), second.supernet.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert all(torch.equal(x, y) for x, y in zip(straight.teacher.state_dict().values(),
+                                                  second.teacher.state_dict().values()))
+
+
+def test_resume_refuses_another_schedule(data, tmp_path):
+    train, val, calib, _ = data
+    Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path)).run(stop_after=2)
+    other = Trainer(tiny_supernet(), TINY.scaled(2.0), train, val, calib, config(tmp_path))
+    with pytest.raises(ValueError, match='another schedule'):
+        other.resume()
+    with pytest.raises(ValueError, match='No checkpoint'):
+        Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path / 'empty')).resume()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    train, val, calib, _ = data
+    Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path)).run(stop_after=5)
+    good = (tmp_path / 'last.pth').read_bytes()
+    trainer = Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path))
+    trainer.resume()
+    with torch.no_grad():
+        trainer.supernet.classifier.bias.fill_(float('nan'))
+    with pytest.raises(NonFiniteLossError, match=r"stage 'kernel' at step 1 .*for subnet \{.*'kernels'"):
+        trainer.run()
+    assert (tmp_path / 'last.pth').read_bytes() == good
+
+
+def test_sandwich_and_amp_and_ema(data, tmp_path):
+    train, val, calib, _ = data
+    sched = Schedule((Stage('kernel', 1, 1e-2, {'kernel': 'all', 'depth': 'all'}, subnets_per_step=3,
+                            sampling='sandwich'),))
+    trainer = Trainer(tiny_supernet(), sched, train, val, calib,
+                      config(tmp_path, amp='bf16', ema_decay=0.9, clip_grad=1.0, mixup=0.2), pretrained=True)
+    trainer.run()
+    assert trainer.teacher is None  # in-place distillation from the max subnet, no separate teacher
+    assert load_checkpoint(tmp_path / 'last.pth')['ema'] is not None
+
+
+# --- distributed ----------------------------------------------------------------------------------------------------
+def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        train, val, calib, _ = build_datasets(DataConfig(root, image_size=RES, scale=(0.5, 1.0)), seed=0)
+        cfg = TrainConfig(output=out, batch_size=4, workers=0, calib_images=8, progress=False)
+        trainer = Trainer(tiny_supernet(), TINY, train, val, calib, cfg)
+        trainer.run()
+        torch.save(trainer.supernet.state_dict(), os.path.join(out, f'rank{rank}.pt'))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_ranks_hold_identical_weights(data, tmp_path):
+    root = data[0].dataset.reader.root if hasattr(data[0].dataset, 'reader') else None
+    root = os.path.dirname(root.rstrip('/')) if root else None
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, root, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / 'rank0.pt', weights_only=True)
+    r1 = torch.load(tmp_path / 'rank1.pt', weights_only=True)
+    params = dict(tiny_supernet().named_parameters())
+    for k in params:  # BN running statistics are per rank in DDP (rank 0 writes the checkpoint); weights are shared
+        assert torch.equal(r0[k], r1[k]), k
+    initial = tiny_supernet().state_dict()
+    assert any(not torch.equal(r0[k], initial[k]) for k in params)  # it trained
