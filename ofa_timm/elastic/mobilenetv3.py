@@ -160,7 +160,8 @@ class ElasticMobileNetV3(nn.Module):
         Args:
             model: Source timm ``MobileNetV3`` (pretrained or not); it is copied, not modified.
             kernels: Candidate depthwise kernel sizes. Per block, choices larger than the source kernel are dropped
-                unless ``grow_kernels``.
+                unless ``grow_kernels``. An empty tuple (for any of ``kernels``, ``expands``, ``depths``) keeps
+                only the source's value.
             expands: Candidate expand ratios. Per block, choices above the source ratio are dropped and the source
                 ratio is always allowed.
             depths: Candidate stage depths. Per stage, choices above the source depth are dropped and the source depth
@@ -173,8 +174,6 @@ class ElasticMobileNetV3(nn.Module):
             raise ValueError(f'ElasticMobileNetV3 needs a timm MobileNetV3, got {type(model).__name__}')
         if not isinstance(model.norm_head, nn.Identity):
             raise ValueError('MobileNetV3 models with a head norm (MobileNetV4 style) are not supported')
-        if not kernels or not expands or not depths:
-            raise ValueError('kernels, expands and depths need at least one candidate each')
         model = copy.deepcopy(model)
         self.num_classes = model.num_classes
         self.in_chans = model.conv_stem.in_channels
@@ -216,7 +215,7 @@ class ElasticMobileNetV3(nn.Module):
             kernel_slots, expand_slots = [], []
             for i, (block, spec) in enumerate(zip(self.blocks[s], specs)):
                 k_opts = _allowed(kernels, spec.kernel)
-                if grow_kernels and max(kernels) > spec.kernel:
+                if grow_kernels and kernels and max(kernels) > spec.kernel:
                     k_opts = tuple(sorted(set(kernels) | {spec.kernel}))
                 kernel_slots.append(k_opts)
                 expand_slots.append(_allowed(tuple(float(e) for e in expands), spec.exp_ratio))

@@ -1,0 +1,106 @@
+"""NNI multi-trial search over a trained supernet: a BN-recalibrating evaluator, cost constraints, JSON results.
+
+    space = SupernetSpace(trained_supernet, cost=flops_cost(trained_supernet), max_cost=300e6)
+    evaluator = subnet_evaluator(calib_loader, val_loader)
+    exp = NasExperiment(space, evaluator, RegularizedEvolution(...), search_config(max_trials=50))
+    exp.run()
+    save_top_subnets(exp, space, 'results/', top_k=3)   # JSON files for timm.create_model(..., subnet=path)
+"""
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._shims import experiment_directory, quiet_nni_import
+
+with quiet_nni_import():
+    import nni
+    from nni.nas.evaluator import FunctionalEvaluator
+    from nni.nas.experiment import NasExperimentConfig
+
+from ofa_timm.search.flops import count_flops
+from ofa_timm.space import Subnet
+from ofa_timm.training.bn import calibrate_bn
+
+from .space import SharedSubnet, SupernetSpace
+
+__all__ = ['flops_cost', 'subnet_evaluator', 'evaluate_shared_subnet', 'search_config',
+           'save_top_subnets']
+
+
+def flops_cost(supernet: nn.Module, cache_size: int = 4096) -> Callable[[Subnet], float]:
+    """FLOPs of a subnet of ``supernet`` (counted on the extracted model at its resolution), memoised per subnet."""
+
+    @functools.lru_cache(maxsize=cache_size)
+    def cost(subnet: Subnet) -> float:
+        resolution = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+        return float(count_flops(supernet.extract(subnet), resolution))
+    return cost
+
+
+@torch.no_grad()
+def evaluate_shared_subnet(
+        model: SharedSubnet, calib_loader: Iterable, val_loader: Iterable, calib_images: int = 500,
+        device: Union[str, torch.device] = 'cpu', cost: Optional[Callable[[Subnet], float]] = None,
+        max_cost: Optional[float] = None,
+) -> float:
+    """BN-recalibrate the subnet (extracted: the supernet is untouched), measure top-1 and report it to NNI.
+
+    With ``cost`` and ``max_cost``, an infeasible subnet is skipped: it reports 0 without being evaluated. Use this
+    with strategies that cannot handle constraints in the space (TPE); evolution and random search use the space's
+    :class:`CostConstraint` and never sample infeasible subnets.
+    """
+    subnet = model.subnet
+    if cost is not None and max_cost is not None and cost(subnet) > max_cost:
+        nni.report_final_result(0.)
+        return 0.
+    static = model.extract().to(device)
+    calibrate_bn(static, calib_loader, calib_images, subnet.resolution, torch.device(device))
+    static.eval()
+    correct = count = 0
+    for images, targets in val_loader:
+        images, targets = images.to(device), targets.to(device)
+        if subnet.resolution is not None and images.shape[-1] != subnet.resolution:
+            images = F.interpolate(images, size=(subnet.resolution,) * 2, mode='bilinear', align_corners=False,
+                                   antialias=True)
+        correct += (static(images).argmax(-1) == targets).sum().item()
+        count += targets.numel()
+    top1 = 100. * correct / max(count, 1)
+    nni.report_final_result(top1)
+    return top1
+
+
+def subnet_evaluator(
+        calib_loader: Iterable, val_loader: Iterable, calib_images: int = 500, device: Union[str, torch.device] = 'cpu',
+        cost: Optional[Callable[[Subnet], float]] = None, max_cost: Optional[float] = None,
+) -> FunctionalEvaluator:
+    """An NNI evaluator that scores each sampled subnet by its BN-recalibrated top-1 (no Lightning trainer).
+
+    See :func:`evaluate_shared_subnet` for ``cost`` / ``max_cost``.
+    """
+    return FunctionalEvaluator(evaluate_shared_subnet, calib_loader=calib_loader, val_loader=val_loader,
+                               calib_images=calib_images, device=str(device), cost=cost, max_cost=max_cost)
+
+
+def search_config(max_trials: int, directory: Union[str, os.PathLike, None] = None) -> NasExperimentConfig:
+    """In-process, weight-sharing multi-trial config: sequential engine, raw models, files under ``directory``."""
+    config = NasExperimentConfig('sequential', 'raw')
+    config.max_trial_number = max_trials
+    config.trial_concurrency = 1
+    config.experiment_working_directory = experiment_directory(directory)
+    return config
+
+
+def save_top_subnets(exp: Any, space: SupernetSpace, folder: Union[str, os.PathLike], top_k: int = 1) -> List[Path]:
+    """Write the experiment's best subnets as JSON files that ``timm.create_model(..., subnet=path)`` reads."""
+    folder = Path(folder)
+    paths = []
+    for i, sample in enumerate(exp.export_top_models(top_k=top_k, formatter='dict')):
+        path = folder / f'subnet_top{i + 1}.json'
+        space.to_subnet({k: v for k, v in sample.items() if k in space.labels}).to_json(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,309 @@
+"""OFA progressive shrinking as an NNI one-shot strategy.
+
+The strategy reuses ofa_timm's training pieces: the schedule and its stages, the per-step subnet sampler, the
+distillation loss, channel sorting and BN recalibration. NNI's Lightning evaluator supplies the data, the optimizer
+and the base loss (e.g. ``Classification``); the strategy decides which subnets each step trains, adds the teacher's
+distillation term, sets each stage's learning rate (cosine with warmup, as ``ofa-timm train`` does) and evaluates a
+grid of BN-recalibrated subnets after every epoch.
+"""
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._shims import quiet_nni_import
+
+with quiet_nni_import():
+    from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
+    from nni.nas.oneshot.pytorch.strategy import OneShotStrategy
+
+from ofa_timm.space import Subnet
+from ofa_timm.training.bn import calibrate_bn
+from ofa_timm.training.distill import distillation_loss
+from ofa_timm.training.sampling import StepSampler, applicable_stages, space_dimensions
+from ofa_timm.training.schedule import Schedule, Stage, load_schedule
+from ofa_timm.training.sorting import sort_channels
+
+from .space import SupernetSpace
+
+__all__ = ['OFAProgressiveShrinking', 'ProgressiveShrinkingModule']
+
+
+def _stage_epochs(schedule: Schedule) -> List[int]:
+    # Lightning counts whole epochs: every stage lasts at least one.
+    return [max(1, round(schedule.stage_epochs(s))) for s in schedule.stages]
+
+
+class ProgressiveShrinkingModule(BaseOneShotLightningModule):
+    """The Lightning module of :class:`OFAProgressiveShrinking` (wraps the evaluator's module).
+
+    Args:
+        training_module: The evaluator's Lightning module (NNI gives it the model space before training).
+        space: The model space being trained.
+        schedule: The progressive-shrinking schedule (already reduced to the stages that apply).
+        seed: Seed of the per-step subnet sampling.
+        kd_kind: 'ce' or 'kl'.
+        kd_temperature: Distillation temperature.
+        calib_images: Training images for BN recalibration of each validated subnet.
+        manage_lr: Set each stage's learning rate (cosine with warmup) on the evaluator's optimizer.
+    """
+
+    def __init__(
+            self,
+            training_module: Any,
+            space: SupernetSpace,
+            schedule: Schedule,
+            seed: int = 0,
+            kd_kind: str = 'ce',
+            kd_temperature: float = 1.0,
+            calib_images: int = 500,
+            manage_lr: bool = True,
+    ):
+        super().__init__(training_module)
+        self.schedule = schedule
+        self.stage_epochs = _stage_epochs(schedule)
+        self.seed = seed
+        self.kd_kind = kd_kind
+        self.kd_temperature = kd_temperature
+        self.calib_images = calib_images
+        self.manage_lr = manage_lr
+        # Always present, so that Lightning checkpoints restore it; refreshed from the supernet when the first
+        # distillation stage starts.
+        self.teacher = space.supernet.extract('max').eval().requires_grad_(False)
+        self._teacher_ready = False
+        self._stage_index = -1
+        self._sampler: Optional[StepSampler] = None
+        self._step_in_stage = 0
+        self.sampled: List[Tuple[str, Subnet]] = []
+        self.last_validation: List[Dict[str, Any]] = []
+
+    @property
+    def supernet(self) -> nn.Module:
+        return self.model.supernet
+
+    @property
+    def automatic_optimization(self) -> bool:
+        return False
+
+    # --- stages ---------------------------------------------------------------------------------------------------
+    def stage_at(self, epoch: int) -> int:
+        """Index of the stage that trains during ``epoch``; epochs past the schedule stay in the last stage."""
+        end = 0
+        for i, n in enumerate(self.stage_epochs):
+            end += n
+            if epoch < end:
+                return i
+        return len(self.stage_epochs) - 1
+
+    @property
+    def stage(self) -> Stage:
+        return self.schedule.stages[self._stage_index]
+
+    def on_train_epoch_start(self) -> None:
+        index = self.stage_at(self.current_epoch)
+        if index != self._stage_index:
+            self._enter_stage(index)
+        return self.training_module.on_train_epoch_start()
+
+    def _enter_stage(self, index: int) -> None:
+        previous = self.schedule.stages[index - 1].unlock.get('expand') if index > 0 else None
+        stage = self.schedule.stages[index]
+        first_epoch = sum(self.stage_epochs[:index])
+        entering = self.current_epoch == first_epoch  # not when resuming mid-stage from a checkpoint
+        now = stage.unlock.get('expand')
+        if entering and now is not None and now != previous and 'expand' in space_dimensions(self.supernet.space):
+            trained = 1 if previous is None else (
+                max(len(c) for c in self.supernet.space.expand_slots) if previous == 'all' else int(previous))
+            sort_channels(self.supernet, trained)
+        if stage.kd_ratio > 0 and stage.sampling == 'uniform' and not self._teacher_ready:
+            if entering:
+                self.teacher.load_state_dict(self.supernet.extract('max').state_dict())
+            self._teacher_ready = True
+        self._stage_index = index
+        self._sampler = StepSampler(self.supernet.space, stage, self.seed)
+        batches = self.trainer.num_training_batches
+        self._step_in_stage = (self.current_epoch - first_epoch) * (batches if math.isfinite(batches) else 0)
+
+    def _set_lr(self, optimizer: Any) -> None:
+        stage = self.stage
+        batches = self.trainer.num_training_batches
+        total = max(1, self.stage_epochs[self._stage_index] * int(batches))
+        warmup = min(total - 1, round(stage.warmup_epochs * self.schedule.epochs_scale * batches))
+        t = self._step_in_stage
+        if t < warmup:
+            lr = stage.lr * (t + 1) / warmup
+        else:
+            lr = 0.5 * stage.lr * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+
+    # --- training -------------------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        stage = self.stage
+        subnets = self._sampler.sample(self._step_in_stage)
+        batch = self._resize(batch, subnets[0].resolution)
+        optimizer = self.optimizers()
+        if self.manage_lr:
+            self._set_lr(optimizer)
+        teacher_logits = None
+        if stage.kd_ratio > 0 and stage.sampling == 'uniform':
+            with torch.no_grad():
+                teacher_logits = self.teacher(batch[0])
+        captured: List[torch.Tensor] = []
+        hook = self.model.register_forward_hook(lambda module, args, output: captured.append(output))
+        optimizer.zero_grad()
+        total = 0.
+        try:
+            for i, subnet in enumerate(subnets):
+                captured.clear()
+                self.supernet.set_active(subnet)
+                loss = self.training_module.training_step(batch, batch_idx)
+                loss = loss['loss'] if isinstance(loss, Mapping) else loss
+                logits = captured[-1]
+                if stage.sampling == 'sandwich' and i == 0:
+                    teacher_logits = logits.detach()  # in-place distillation from the max subnet
+                elif teacher_logits is not None and stage.kd_ratio > 0:
+                    loss = loss + stage.kd_ratio * distillation_loss(
+                        logits, teacher_logits, self.kd_kind, self.kd_temperature)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(
+                        f"Non-finite loss in stage '{stage.name}' at step {self._step_in_stage} for subnet "
+                        f'{subnet.to_dict()}')
+                self.manual_backward(loss)
+                total += loss.detach()
+                self.sampled.append((stage.name, subnet))
+        finally:
+            hook.remove()
+        optimizer.step()
+        self._step_in_stage += 1
+        self.log('train_ps_loss', total / len(subnets), prog_bar=True)
+        return total / len(subnets)
+
+    @staticmethod
+    def _resize(batch: Any, resolution: Optional[int]) -> Any:
+        if resolution is None or not isinstance(batch, (tuple, list)) or batch[0].shape[-1] == resolution:
+            return batch
+        images = F.interpolate(batch[0], size=(resolution, resolution), mode='bilinear', align_corners=False,
+                               antialias=True)
+        return type(batch)([images, *batch[1:]]) if isinstance(batch, list) else (images, *batch[1:])
+
+    # --- validation -----------------------------------------------------------------------------------------------
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        # The evaluator's own metric (what NNI reports) is measured on the max subnet.
+        self.supernet.set_active(None)
+        return self.training_module.validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.training_module.on_validation_epoch_end()
+        if self.trainer.sanity_checking or self._stage_index < 0:
+            return
+        results = []
+        for label, subnet in StepSampler(self.supernet.space, self.stage, self.seed).validation_grid():
+            top1 = self.evaluate_subnet(subnet)
+            results.append({'subnet': label, 'spec': subnet, 'top1': top1})
+            self.log(f'ps_val_top1/{label}', top1)
+        self.last_validation = results
+        self.log('ps_val_top1_mean', sum(r['top1'] for r in results) / len(results))
+
+    @torch.no_grad()
+    def evaluate_subnet(self, subnet: Subnet) -> float:
+        """Top-1 (%) of ``subnet`` on the validation data, after BN recalibration on training images."""
+        model = self.supernet.extract(subnet).to(self.device)
+        calibrate_bn(model, self.trainer.train_dataloader, self.calib_images, subnet.resolution, self.device)
+        model.eval()
+        correct = count = 0
+        loaders = self.trainer.val_dataloaders
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            for images, targets in loader:
+                images, targets = images.to(self.device), targets.to(self.device)
+                if subnet.resolution is not None and images.shape[-1] != subnet.resolution:
+                    images = F.interpolate(images, size=(subnet.resolution,) * 2, mode='bilinear',
+                                           align_corners=False, antialias=True)
+                correct += (model(images).argmax(-1) == targets).sum().item()
+                count += targets.numel()
+        return 100. * correct / max(count, 1)
+
+    def export(self) -> Dict[str, Any]:
+        """The NNI sample of the best subnet of the last validation grid (the max subnet before any validation)."""
+        best = max(self.last_validation, key=lambda r: r['top1'])['spec'] if self.last_validation \
+            else self.supernet.space.max()
+        return self.model.to_sample(best)
+
+
+class OFAProgressiveShrinking(OneShotStrategy):
+    """OFA progressive shrinking, run by NNI like DARTS or SPOS: ``NasExperiment(space, evaluator, strategy).run()``.
+
+    The model space must be a :class:`SupernetSpace`; the evaluator any Lightning evaluator whose module calls the
+    model once per training step (``Classification`` does). Its trainer must run at least :meth:`total_epochs`
+    epochs; each schedule stage lasts ``round(epochs * epochs_scale)`` (at least 1) epochs.
+
+    Args:
+        schedule: A preset name ('ofa', 'fast', 'demo'), a YAML file or a ``Schedule``.
+        epochs_scale: Rescale the schedule.
+        pretrained: The supernet starts from trained weights: skip the ``full`` stage.
+        seed: Seed of the per-step subnet sampling.
+        kd_kind: Distillation loss, 'ce' (OFA) or 'kl'.
+        kd_temperature: Distillation temperature.
+        calib_images: Training images for BN recalibration of each validated subnet.
+        manage_lr: Set each stage's learning rate on the evaluator's optimizer (cosine with warmup).
+    """
+
+    def __init__(
+            self,
+            schedule: Union[str, Schedule] = 'ofa',
+            epochs_scale: Optional[float] = None,
+            pretrained: bool = False,
+            seed: int = 0,
+            kd_kind: str = 'ce',
+            kd_temperature: float = 1.0,
+            calib_images: int = 500,
+            manage_lr: bool = True,
+            **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self._space: Optional[SupernetSpace] = None
+        self.schedule = load_schedule(schedule, epochs_scale)
+        self.pretrained = pretrained
+        self.module_kwargs = dict(seed=seed, kd_kind=kd_kind, kd_temperature=kd_temperature,
+                                  calib_images=calib_images, manage_lr=manage_lr)
+
+    def stages_for(self, space: SupernetSpace) -> Schedule:
+        """The schedule reduced to the stages that train something for ``space``."""
+        return applicable_stages(self.schedule, space.supernet.space, self.pretrained)
+
+    def total_epochs(self, space: SupernetSpace) -> int:
+        """Epochs the evaluator's trainer must run to go through every stage."""
+        return sum(_stage_epochs(self.stages_for(space)))
+
+    def default_mutation_hooks(self) -> list:
+        return []  # a SupernetSpace is already a supernet: nothing to mutate
+
+    def mutate_model(self, model: Any) -> Any:
+        if not isinstance(model, SupernetSpace):
+            raise TypeError(f'OFAProgressiveShrinking needs a SupernetSpace model space, got {type(model).__name__}')
+        self._space = model
+        return super().mutate_model(model)
+
+    def configure_oneshot_module(self, training_module: Any) -> ProgressiveShrinkingModule:
+        return ProgressiveShrinkingModule(training_module, self._space, self.stages_for(self._space),
+                                          **self.module_kwargs)
+
+    def mutate_evaluator(self, evaluator: Any) -> Any:
+        needed = self.total_epochs(self._space)
+        max_epochs = evaluator.trainer.max_epochs
+        if max_epochs is not None and 0 < max_epochs < needed:
+            raise ValueError(f'The evaluator trains {max_epochs} epochs, but the schedule needs {needed} '
+                             f'(strategy.total_epochs(space)); set max_epochs={needed}')
+        return super().mutate_evaluator(evaluator)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state['schedule'] = self.schedule.to_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if 'schedule' in state_dict and Schedule.from_dict(state_dict['schedule']) != self.schedule:
+            raise ValueError('The experiment checkpoint was written with another progressive-shrinking schedule')
+        super().load_state_dict(state_dict)
