@@ -15,3 +15,12 @@ def test_finetune_subnet_example(tmp_path, extra):
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'reloaded' in result.stdout and (tmp_path / 'finetuned.pth').is_file()
+
+
+def test_nni_experiment_example(tmp_path):
+    pytest.importorskip('nni')
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / 'nni_experiment.py'), '--output', str(tmp_path), '--epochs-scale', '0.2',
+         '--trials', '4'], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '[3/3] Best subnet' in result.stdout and (tmp_path / 'results' / 'subnet_top1.json').is_file()

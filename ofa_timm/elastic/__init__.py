@@ -1,23 +1,24 @@
 """Elastic layers and elastic supernets built from timm models."""
-from typing import Any, Union
+from typing import Any
 
 import torch.nn as nn
 from timm.models import MobileNetV3, ResNet
 
+from .base import ElasticSupernet
 from .mobilenetv3 import ElasticMobileNetV3, convert_ofa_state_dict, ofa_mobilenetv3
 from .resnet import ElasticResNet, OFAResNet, convert_ofa_resnet_state_dict, ofa_resnet50
 from .ops import (
     ElasticBatchNorm2d, ElasticBatchNormAct2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite, is_elastic)
 
 __all__ = [
-    'elasticize', 'ElasticMobileNetV3', 'ofa_mobilenetv3', 'convert_ofa_state_dict',
+    'elasticize', 'ElasticSupernet', 'ElasticMobileNetV3', 'ofa_mobilenetv3', 'convert_ofa_state_dict',
     'ElasticResNet', 'OFAResNet', 'ofa_resnet50', 'convert_ofa_resnet_state_dict',
     'ElasticConv2d', 'ElasticBatchNorm2d', 'ElasticBatchNormAct2d', 'ElasticLinear', 'ElasticSqueezeExcite',
     'is_elastic',
 ]
 
 
-def elasticize(model: nn.Module, **space_options: Any) -> Union[ElasticMobileNetV3, ElasticResNet]:
+def elasticize(model: nn.Module, **space_options: Any) -> ElasticSupernet:
     """Turn a timm model into an elastic OFA supernet whose max subnet is the model itself.
 
     The model is copied, not modified, and its weights (pretrained or not) are kept.

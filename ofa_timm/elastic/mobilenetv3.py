@@ -32,6 +32,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from ..space import OFA_RESOLUTIONS, SearchSpace, StageChoices, Subnet, SubnetLike
 from ._build import assign_state, build_on_meta
+from .base import ElasticSupernet
 from .ops import ElasticBatchNormAct2d, ElasticConv2d, ElasticSqueezeExcite
 
 __all__ = [
@@ -140,7 +141,7 @@ def _allowed(options: Sequence[float], source: float) -> Tuple[Any, ...]:
     return tuple(sorted({o for o in options if o < source} | {source}))
 
 
-class ElasticMobileNetV3(nn.Module):
+class ElasticMobileNetV3(ElasticSupernet):
     """Elastic supernet over a timm ``MobileNetV3``.
 
     The supernet owns (deep copies of) the source model's modules, so its state dict has timm's keys plus the kernel
@@ -258,10 +259,6 @@ class ElasticMobileNetV3(nn.Module):
         self.active_subnet = subnet
         return subnet
 
-    def sample_active(self, seed: Any = None) -> Subnet:
-        """Activate a random subnet of the space (see ``SearchSpace.sample``) and return it."""
-        return self.set_active(self.space.sample(seed))
-
     def arch_def(self, subnet: Optional[SubnetLike] = None) -> List[List[str]]:
         """The timm arch_def (one string per block) of ``subnet`` (default: the active one)."""
         subnet = self.active_subnet if subnet is None else self.space.resolve(subnet)
@@ -282,12 +279,7 @@ class ElasticMobileNetV3(nn.Module):
         """
         subnet = self.active_subnet if subnet is None else self.space.resolve(subnet)
         model = assign_state(self._build_static(self.arch_def(subnet)), self._static_state(subnet))
-        model.train(self.training)
-        cfg = copy.deepcopy(self.pretrained_cfg)
-        if subnet.resolution is not None:
-            cfg['input_size'] = (self.in_chans, subnet.resolution, subnet.resolution)
-        model.pretrained_cfg = model.default_cfg = cfg
-        return model
+        return self._finish_extracted(model, subnet)
 
     def _build_static(self, arch_def: List[List[str]]) -> MobileNetV3:
         se_layer = None
@@ -346,10 +338,6 @@ class ElasticMobileNetV3(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^conv_stem|bn1', blocks=r'^blocks\.(\d+)' if coarse else r'^blocks\.(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -33,6 +33,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from ..space import (
     OFA_RESNET50_BASE_DEPTHS, OFA_RESNET50_WIDTH_MULTS, OFA_RESOLUTIONS, SearchSpace, StageChoices, Subnet, SubnetLike)
 from ._build import assign_state, build_on_meta, skip_meta_init
+from .base import ElasticSupernet
 from .ops import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
 
 __all__ = [
@@ -136,7 +137,7 @@ def _check_block(block: nn.Module, where: str) -> None:
         raise ValueError(f'{where}: only 1x1 conv (optionally avg-pool) downsampling is supported')
 
 
-class ElasticResNet(nn.Module):
+class ElasticResNet(ElasticSupernet):
     """Elastic supernet over a timm ``ResNet`` (``Bottleneck`` or ``BasicBlock`` blocks).
 
     The supernet owns (deep copies of) the source model's modules, so its state dict has the source's keys. Its max
@@ -337,10 +338,6 @@ class ElasticResNet(nn.Module):
         self.active_subnet = subnet
         return subnet
 
-    def sample_active(self, seed: Any = None) -> Subnet:
-        """Activate a random subnet of the space (see ``SearchSpace.sample``) and return it."""
-        return self.set_active(self.space.sample(seed))
-
     @torch.no_grad()
     def extract(self, subnet: Optional[SubnetLike] = None) -> ResNet:
         """Build a timm ``ResNet`` carrying ``subnet``'s weights (default: the active subnet).
@@ -357,12 +354,7 @@ class ElasticResNet(nn.Module):
         with skip_meta_init():
             model = adapt_model_from_string(skeleton, model_string)
         model = assign_state(model, state)
-        model.train(self.training)
-        cfg = copy.deepcopy(self.pretrained_cfg)
-        if subnet.resolution is not None:
-            cfg['input_size'] = (self.in_chans, subnet.resolution, subnet.resolution)
-        model.pretrained_cfg = model.default_cfg = cfg
-        return model
+        return self._finish_extracted(model, subnet)
 
     def _build_static(self, subnet: Subnet) -> ResNet:
         kwargs = dict(
@@ -434,10 +426,6 @@ class ElasticResNet(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -4,11 +4,12 @@ Tested with nni 3.0 and pytorch-lightning 2.4-2.6 (see the README).
 """
 import contextlib
 import os
+import types
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-__all__ = ['quiet_nni_import', 'fresh_trainer_evaluate', 'experiment_directory']
+__all__ = ['quiet_nni_import', 'fresh_trainer', 'experiment_directory', 'nni_home', 'run_experiment']
 
 
 @contextlib.contextmanager
@@ -22,23 +23,55 @@ def quiet_nni_import() -> Iterator[None]:
         yield
 
 
-def fresh_trainer_evaluate(evaluator: Any, model: Any) -> Any:
-    """Evaluate with a fresh copy of the evaluator's traced ``pl.Trainer``.
+def _evaluate_with_fresh_trainer(self: Any, model: Any) -> Any:
+    self.trainer = self.trainer.trace_copy().get()
+    return type(self).evaluate(self, model)
 
-    NNI 3.0's sequential engine evaluates every sampled model with the same ``pl.Trainer``; from the second model on
-    Lightning's stale state makes ``SupervisedLearningModule`` fail with ``KeyError: 'val_acc'``. A new trainer built
-    from the traced arguments (``trainer.trace_copy().get()``) per evaluation avoids it.
+
+def fresh_trainer(evaluator: Any) -> Any:
+    """Make a Lightning evaluator build a fresh ``pl.Trainer`` for every model it evaluates; returns it.
+
+    NNI 3.0's sequential engine evaluates every sampled model with the evaluator's one ``pl.Trainer``. Its second
+    ``fit`` starts with ``max_epochs`` already reached, validates nothing, and the final report fails with
+    ``KeyError: 'val_acc'``. A trainer rebuilt from the traced arguments (``trainer.trace_copy().get()``) per
+    evaluation avoids it. Only this evaluator object is changed (a bound method, which survives deep copies).
     """
-    evaluator.trainer = evaluator.trainer.trace_copy().get()
-    return type(evaluator).evaluate(evaluator, model)
+    evaluator.evaluate = types.MethodType(_evaluate_with_fresh_trainer, evaluator)
+    return evaluator
 
 
 def experiment_directory(root: Union[str, os.PathLike, None]) -> str:
-    """The folder NNI writes experiment files to.
-
-    NNI 3.0 writes every experiment under ``$HOME/nni-experiments`` by default; the experiments this package starts
-    write under ``root`` (default: ``./nni-experiments`` of the current directory) instead.
-    """
+    """The folder for NNI's experiment files: ``root``, default ``./nni-experiments``, created if needed."""
     path = Path(root) if root is not None else Path.cwd() / 'nni-experiments'
     path.mkdir(parents=True, exist_ok=True)
     return str(path.resolve())
+
+
+@contextlib.contextmanager
+def nni_home(root: Union[str, os.PathLike, None]) -> Iterator[str]:
+    """Keep NNI's experiment manifest out of ``$HOME`` while the context is open.
+
+    NNI 3.0 writes experiment logs under ``config.experiment_working_directory`` but always records every experiment
+    in ``$HOME/nni-experiments/.experiment``, a default bound when NNI is imported. Inside this context that manifest
+    goes to ``root`` (default ``./nni-experiments``) instead; the previous default is restored on exit.
+    """
+    from nni.tools.nnictl.config_utils import Experiments
+    directory = experiment_directory(root)
+    previous = Experiments.__init__.__defaults__
+    Experiments.__init__.__defaults__ = (directory,)
+    try:
+        yield directory
+    finally:
+        Experiments.__init__.__defaults__ = previous
+
+
+def run_experiment(exp: Any, root: Union[str, os.PathLike, None] = None) -> Any:
+    """Run an NNI experiment in process with every file it writes under ``root`` (see :func:`nni_home`), stop it,
+    and return it (its results stay readable)."""
+    with nni_home(root) as directory:
+        exp.config.experiment_working_directory = directory
+        try:
+            exp.run()
+        finally:
+            exp.stop()
+    return exp

@@ -2,8 +2,7 @@
 
     space = SupernetSpace(trained_supernet, cost=flops_cost(trained_supernet), max_cost=300e6)
     evaluator = subnet_evaluator(calib_loader, val_loader)
-    exp = NasExperiment(space, evaluator, RegularizedEvolution(...), search_config(max_trials=50))
-    exp.run()
+    exp = run_experiment(NasExperiment(space, evaluator, RegularizedEvolution(...), search_config(max_trials=50)), root)
     save_top_subnets(exp, space, 'results/', top_k=3)   # JSON files for timm.create_model(..., subnet=path)
 """
 import functools
@@ -15,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._shims import experiment_directory, quiet_nni_import
+from ._shims import quiet_nni_import
 
 with quiet_nni_import():
     import nni
@@ -28,7 +27,10 @@ from ofa_timm.training.bn import calibrate_bn
 
 from .space import SharedSubnet, SupernetSpace
 
-__all__ = ['flops_cost', 'subnet_evaluator', 'evaluate_shared_subnet', 'search_config',
+# The score an infeasible subnet reports: below every accuracy, and skipped by save_top_subnets.
+INFEASIBLE = -1.0
+
+__all__ = ['INFEASIBLE', 'flops_cost', 'subnet_evaluator', 'evaluate_shared_subnet', 'search_config',
            'save_top_subnets']
 
 
@@ -50,14 +52,14 @@ def evaluate_shared_subnet(
 ) -> float:
     """BN-recalibrate the subnet (extracted: the supernet is untouched), measure top-1 and report it to NNI.
 
-    With ``cost`` and ``max_cost``, an infeasible subnet is skipped: it reports 0 without being evaluated. Use this
-    with strategies that cannot handle constraints in the space (TPE); evolution and random search use the space's
-    :class:`CostConstraint` and never sample infeasible subnets.
+    With ``cost`` and ``max_cost``, an infeasible subnet is skipped: it reports :data:`INFEASIBLE` (below any
+    accuracy) without being evaluated. Use this with strategies that cannot handle constraints in the space (TPE);
+    evolution and random search use the space's :class:`CostConstraint` and never sample infeasible subnets.
     """
     subnet = model.subnet
     if cost is not None and max_cost is not None and cost(subnet) > max_cost:
-        nni.report_final_result(0.)
-        return 0.
+        nni.report_final_result(INFEASIBLE)
+        return INFEASIBLE
     static = model.extract().to(device)
     calibrate_bn(static, calib_loader, calib_images, subnet.resolution, torch.device(device))
     static.eval()
@@ -86,21 +88,30 @@ def subnet_evaluator(
                                calib_images=calib_images, device=str(device), cost=cost, max_cost=max_cost)
 
 
-def search_config(max_trials: int, directory: Union[str, os.PathLike, None] = None) -> NasExperimentConfig:
-    """In-process, weight-sharing multi-trial config: sequential engine, raw models, files under ``directory``."""
+def search_config(max_trials: int) -> NasExperimentConfig:
+    """In-process, weight-sharing multi-trial config: the sequential engine and 'raw' models, so that every trial
+    gets a :class:`SharedSubnet` of the same supernet object (NNI's default would start its manager on port 8080 and
+    rebuild the space instead). Run it with :func:`run_experiment` to keep NNI's files out of ``$HOME``."""
     config = NasExperimentConfig('sequential', 'raw')
     config.max_trial_number = max_trials
     config.trial_concurrency = 1
-    config.experiment_working_directory = experiment_directory(directory)
     return config
 
 
 def save_top_subnets(exp: Any, space: SupernetSpace, folder: Union[str, os.PathLike], top_k: int = 1) -> List[Path]:
-    """Write the experiment's best subnets as JSON files that ``timm.create_model(..., subnet=path)`` reads."""
+    """Write the experiment's best feasible subnets as JSON files that ``timm.create_model(..., subnet=path)`` reads.
+
+    Raises:
+        ValueError: If the experiment evaluated no feasible subnet.
+    """
     folder = Path(folder)
+    ranked = [m for m in exp.strategy.list_models(sort=True, limit=None)
+              if m.metric is not None and float(m.metric) > INFEASIBLE]
+    if not ranked:
+        raise ValueError('The experiment evaluated no feasible subnet; raise the budget or the number of trials')
     paths = []
-    for i, sample in enumerate(exp.export_top_models(top_k=top_k, formatter='dict')):
+    for i, model in enumerate(ranked[:top_k]):
         path = folder / f'subnet_top{i + 1}.json'
-        space.to_subnet({k: v for k, v in sample.items() if k in space.labels}).to_json(path)
+        space.to_subnet({k: v for k, v in model.sample.items() if k in space.labels}).to_json(path)
         paths.append(path)
     return paths

@@ -11,6 +11,7 @@ with quiet_nni_import():
     from nni.mutable import Constraint, ConstraintViolation
     from nni.nas.nn.pytorch import ModelSpace
 
+from ofa_timm.elastic.base import ElasticSupernet
 from ofa_timm.space import Subnet, SubnetLike
 
 __all__ = ['SupernetSpace', 'SharedSubnet', 'CostConstraint']
@@ -91,7 +92,7 @@ class SupernetSpace(ModelSpace):
     def __init__(self, supernet: nn.Module, cost: Optional[Callable[[Subnet], float]] = None,
                  max_cost: Optional[float] = None):
         super().__init__()
-        if not hasattr(supernet, 'space') or not hasattr(supernet, 'set_active'):
+        if not isinstance(supernet, ElasticSupernet):
             raise ValueError(f'SupernetSpace needs an ofa_timm elastic supernet, got {type(supernet).__name__}')
         self.supernet = supernet
         self._labels: List[Tuple[str, Tuple[Any, ...]]] = []

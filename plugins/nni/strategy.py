@@ -48,6 +48,7 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         kd_temperature: Distillation temperature.
         calib_images: Training images for BN recalibration of each validated subnet.
         manage_lr: Set each stage's learning rate (cosine with warmup) on the evaluator's optimizer.
+        grid_every_epoch: Evaluate the BN-recalibrated subnet grid after every epoch, not only at stage ends.
     """
 
     def __init__(
@@ -60,8 +61,10 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
             kd_temperature: float = 1.0,
             calib_images: int = 500,
             manage_lr: bool = True,
+            grid_every_epoch: bool = False,
     ):
         super().__init__(training_module)
+        self.grid_every_epoch = grid_every_epoch
         self.schedule = schedule
         self.stage_epochs = _stage_epochs(schedule)
         self.seed = seed
@@ -199,6 +202,9 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         self.training_module.on_validation_epoch_end()
         if self.trainer.sanity_checking or self._stage_index < 0:
             return
+        stage_end = sum(self.stage_epochs[:self._stage_index + 1]) - 1
+        if not self.grid_every_epoch and self.current_epoch != stage_end:
+            return
         results = []
         for label, subnet in StepSampler(self.supernet.space, self.stage, self.seed).validation_grid():
             top1 = self.evaluate_subnet(subnet)
@@ -248,6 +254,7 @@ class OFAProgressiveShrinking(OneShotStrategy):
         kd_temperature: Distillation temperature.
         calib_images: Training images for BN recalibration of each validated subnet.
         manage_lr: Set each stage's learning rate on the evaluator's optimizer (cosine with warmup).
+        grid_every_epoch: Evaluate the subnet grid after every epoch (default: at the end of each stage).
     """
 
     def __init__(
@@ -260,6 +267,7 @@ class OFAProgressiveShrinking(OneShotStrategy):
             kd_temperature: float = 1.0,
             calib_images: int = 500,
             manage_lr: bool = True,
+            grid_every_epoch: bool = False,
             **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -267,7 +275,7 @@ class OFAProgressiveShrinking(OneShotStrategy):
         self.schedule = load_schedule(schedule, epochs_scale)
         self.pretrained = pretrained
         self.module_kwargs = dict(seed=seed, kd_kind=kd_kind, kd_temperature=kd_temperature,
-                                  calib_images=calib_images, manage_lr=manage_lr)
+                                  calib_images=calib_images, manage_lr=manage_lr, grid_every_epoch=grid_every_epoch)
 
     def stages_for(self, space: SupernetSpace) -> Schedule:
         """The schedule reduced to the stages that train something for ``space``."""
