@@ -10,7 +10,6 @@ Reports ratios, not absolute times (shared machines are noisy):
 Usage: python benchmarks/bench_elastic.py [--batch 8] [--res 160] [--repeats 15] [--device cpu] [--models ...]
 """
 import argparse
-import copy
 import statistics
 import time
 from typing import Callable, Dict, List

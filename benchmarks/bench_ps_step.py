@@ -16,7 +16,6 @@ from typing import Callable, Dict, List
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
 from ofa_timm.training import (

@@ -163,7 +163,8 @@ def _demo(args: argparse.Namespace) -> int:
     for row in _evaluate_named(trainer, named):
         model = supernet.extract(row['spec'])
         flops = count_flops(model, row['spec'].resolution)
-        print(f"      {row['subnet']:4s} {row['top1']:6.2f}%  {flops / 1e6:7.1f} MFLOPs  depths {list(row['spec'].depths)}")
+        print(f"      {row['subnet']:4s} {row['top1']:6.2f}%  {flops / 1e6:7.1f} MFLOPs  "
+              f"depths {list(row['spec'].depths)}")
 
     flops_min = count_flops(supernet.extract(space.min()), space.min().resolution)
     flops_max = count_flops(supernet.extract(space.max()), space.max().resolution)
@@ -192,7 +193,8 @@ def _demo(args: argparse.Namespace) -> int:
     save_for_hf(model, str(export / 'timm'), model_args=model_args, safe_serialization=True)
     print(f"Exported to {export}: subnet.json, model.safetensors, and timm/ "
           f"(timm.create_model('local-dir:{export / 'timm'}', pretrained=True))")
-    print(f'Done in {time.time() - start:.0f} s. Metrics: {run_dir / "metrics.jsonl"}, plot: {run_dir / "val_accuracy.png"}')
+    print(f'Done in {time.time() - start:.0f} s. Metrics: {run_dir / "metrics.jsonl"}, '
+          f'plot: {run_dir / "val_accuracy.png"}')
     return 0
 
 

@@ -243,7 +243,8 @@ def _from_reference_resnet(d: Any, e: Any, w: Any, resolution: Optional[int]) ->
     for i, v in enumerate(w):
         if not 0 <= v < len(OFA_RESNET50_WIDTH_MULTS):
             raise ValueError(
-                f"Reference ResNet 'w'[{i}] = {v} is not a width index; allowed: {list(range(len(OFA_RESNET50_WIDTH_MULTS)))}")
+                f"Reference ResNet 'w'[{i}] = {v} is not a width index; "
+                f"allowed: {list(range(len(OFA_RESNET50_WIDTH_MULTS)))}")
     # The reference skips the residual middle stem conv unless the stem 'depth' is its maximum (2).
     depths = [1 if d[0] == 2 else 0] + [base + off for base, off in zip(OFA_RESNET50_BASE_DEPTHS, d[1:])]
     return Subnet(

@@ -6,7 +6,7 @@ pytest.importorskip('nni')
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-import ofa_timm  # noqa: E402
+import ofa_timm  # noqa: E402,F401  registers the models
 from ofa_timm import Subnet  # noqa: E402
 from ofa_timm.plugins.nni import (  # noqa: E402
     OFAProgressiveShrinking, SharedSubnet, SupernetSpace, fresh_trainer, quiet_nni_import, run_experiment)

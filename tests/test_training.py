@@ -10,7 +10,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import ofa_timm
-from ofa_timm import SearchSpace, StageChoices
 from ofa_timm.training import (
     PRESETS, DataConfig, NonFiniteLossError, Schedule, Stage, StepSampler, TrainConfig, Trainer, band_permutation,
     build_datasets, calibrate_bn, distillation_loss, load_checkpoint, load_schedule, make_shapes_dataset,

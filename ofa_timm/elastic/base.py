@@ -1,6 +1,6 @@
 """What every elastic supernet shares: its space, the active subnet, and how extracted models are finished."""
 import copy
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -17,7 +17,7 @@ import copy
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -199,7 +199,8 @@ class ElasticMobileNetV3(ElasticSupernet):
         self._stem_act = _act_code(model.bn1.act, 'stem')
         self._block_specs: List[List[_Block]] = [
             [_describe_block(b, f'blocks.{s}.{i}') for i, b in enumerate(stage)] for s, stage in enumerate(self.blocks)]
-        se_template = next((b.se for stage in self.blocks for b in stage if type(getattr(b, 'se', None)) is SqueezeExcite), None)
+        se_template = next(
+            (b.se for stage in self.blocks for b in stage if type(getattr(b, 'se', None)) is SqueezeExcite), None)
         self._se_gate = type(se_template.gate) if se_template is not None else None
         self._se_act = type(se_template.act1) if se_template is not None else None
 

@@ -128,7 +128,8 @@ class ElasticConv2d(nn.Conv2d):
         if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
                 or conv.dilation[0] != conv.dilation[1]:
             raise ValueError(f'ElasticConv2d needs square kernels, strides and dilations, got {conv}')
-        if not isinstance(conv.padding, tuple) or conv.padding != (_same_padding(k, conv.stride[0], conv.dilation[0]),) * 2:
+        expected_padding = (_same_padding(k, conv.stride[0], conv.dilation[0]),) * 2
+        if not isinstance(conv.padding, tuple) or conv.padding != expected_padding:
             raise ValueError(
                 f"ElasticConv2d needs timm's symmetric static padding; {conv} uses padding {conv.padding!r} "
                 f"(TF 'same' padding models such as tf_* variants are not supported)")
@@ -247,7 +248,8 @@ class ElasticConv2d(nn.Conv2d):
         state = self.static_state(in_channels)
         out_channels, _, k, _ = state['weight'].shape
         conv = nn.Conv2d(
-            in_channels, out_channels, k, stride=self.stride, padding=_same_padding(k, self.stride[0], self.dilation[0]),
+            in_channels, out_channels, k, stride=self.stride,
+            padding=_same_padding(k, self.stride[0], self.dilation[0]),
             dilation=self.dilation, groups=in_channels if self.depthwise else 1, bias=self.bias is not None,
             device='meta')
         conv.load_state_dict(state, assign=True)
@@ -392,7 +394,8 @@ class ElasticSqueezeExcite(SqueezeExcite):
         in_chs, rd = se.conv_reduce.in_channels, se.conv_reduce.out_channels
         if make_divisible(in_chs * rd_ratio, rd_divisor) != rd:
             raise ValueError(
-                f'SE block with {in_chs} -> {rd} channels does not follow make_divisible(c * {rd_ratio}, {rd_divisor}); '
+                f'SE block with {in_chs} -> {rd} channels does not follow '
+                f'make_divisible(c * {rd_ratio}, {rd_divisor}); '
                 f'its reduced width cannot be recomputed for smaller widths')
         new = cls(in_chs, rd_ratio, rd_divisor, device='meta')
         return _adopt(new, se)

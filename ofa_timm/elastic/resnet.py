@@ -435,7 +435,8 @@ class ElasticResNet(ElasticSupernet):
         """Replace the classifier (it reads the leading channels of the active last-stage width)."""
         from timm.layers import create_classifier
         self.num_classes = num_classes
-        pool, fc = create_classifier(self.num_features, num_classes, pool_type=global_pool or self.global_pool.pool_type)
+        pool_type = global_pool or self.global_pool.pool_type
+        pool, fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
         device = self.bn1.weight.device
         self.global_pool = pool.to(device)
         self.fc = ElasticLinear.from_static(fc.to(device)) if isinstance(fc, nn.Linear) else fc

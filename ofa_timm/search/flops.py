@@ -1,5 +1,4 @@
 """Cost of a subnet: FLOPs (counted by ``torch.utils.flop_counter``) and parameters."""
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -105,7 +105,8 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
-        order = torch.randperm(self.dataset_len, generator=g)[:self.batches_per_epoch * self.batch_size * self.world_size]
+        used = self.batches_per_epoch * self.batch_size * self.world_size
+        order = torch.randperm(self.dataset_len, generator=g)[:used]
         shard = order[self.rank::self.world_size].tolist()
         for index in shard[self.start_batch * self.batch_size:]:
             yield self.epoch, index

@@ -6,7 +6,7 @@ and the rest are sorted separately), so subnets trained before keep their channe
 consistently to the producing conv, its batch norm, the depthwise conv, the squeeze-excite and the consuming conv,
 so the function of the max subnet is unchanged.
 """
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn

@@ -18,9 +18,9 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -381,7 +381,8 @@ class Trainer:
         bar = None
         if self.is_main and self.config.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=total, initial=self.position.step, desc=f'{stage.name}', unit='step', dynamic_ncols=True)
+            bar = tqdm(total=total, initial=self.position.step, desc=f'{stage.name}', unit='step', dynamic_ncols=True,
+                       disable=None)  # None: no bar when the output is not a terminal (CI logs)
         stage_start = time.time()
         try:
             while self.position.step < total:

@@ -8,7 +8,7 @@
 import functools
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Iterable, List, Optional, Union
 
 import torch
 import torch.nn as nn

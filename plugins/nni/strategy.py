@@ -7,7 +7,7 @@ distillation term, sets each stage's learning rate (cosine with warmup, as ``ofa
 grid of BN-recalibrated subnets after every epoch.
 """
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
