@@ -2,6 +2,7 @@
 from .bn import calibrate_bn
 from .data import DataConfig, EpochSampler, SeededDataset, build_datasets
 from .distill import classification_loss, distillation_loss
+from .evaluate import evaluate_subnet
 from .sampling import StepSampler, restrict_space, space_dimensions
 from .schedule import DIMENSIONS, PRESETS, Schedule, Stage, load_schedule
 from .sorting import band_permutation, sort_channels
@@ -10,7 +11,8 @@ from .trainer import NonFiniteLossError, TrainConfig, Trainer, load_checkpoint, 
 
 __all__ = [
     'calibrate_bn', 'DataConfig', 'EpochSampler', 'SeededDataset', 'build_datasets', 'classification_loss',
-    'distillation_loss', 'StepSampler', 'restrict_space', 'space_dimensions', 'DIMENSIONS', 'PRESETS', 'Schedule',
-    'Stage', 'load_schedule', 'band_permutation', 'sort_channels', 'SHAPES', 'make_shapes_dataset',
+    'distillation_loss', 'evaluate_subnet', 'StepSampler', 'restrict_space', 'space_dimensions', 'DIMENSIONS',
+    'PRESETS', 'Schedule', 'Stage', 'load_schedule', 'band_permutation', 'sort_channels', 'SHAPES',
+    'make_shapes_dataset',
     'NonFiniteLossError', 'TrainConfig', 'Trainer', 'load_checkpoint', 'save_checkpoint',
 ]

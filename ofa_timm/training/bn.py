@@ -3,7 +3,8 @@ from typing import Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .data import resize_to
 
 __all__ = ['calibrate_bn']
 
@@ -47,9 +48,7 @@ def calibrate_bn(
         seen = 0
         for batch in loader:
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            images = images[:num_images - seen].to(device)
-            if resolution is not None and images.shape[-1] != resolution:
-                images = F.interpolate(images, size=(resolution, resolution), mode='bilinear', align_corners=False)
+            images = resize_to(images[:num_images - seen].to(device), resolution)
             model(images)
             seen += images.shape[0]
             if seen >= num_images:

@@ -11,10 +11,11 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ['DataConfig', 'SeededDataset', 'EpochSampler', 'build_datasets', 'train_loader', 'eval_loader']
+__all__ = ['DataConfig', 'SeededDataset', 'EpochSampler', 'build_datasets', 'train_loader', 'eval_loader', 'resize_to']
 
 
 @dataclass
@@ -153,6 +154,14 @@ def _num_classes(dataset: Dataset) -> int:
         if classes:
             return len(classes)
     raise ValueError('Cannot tell the number of classes of the dataset; pass --num-classes')
+
+
+def resize_to(images: torch.Tensor, resolution: Optional[int]) -> torch.Tensor:
+    """Resize a batch to a square ``resolution`` (a subnet's); every stage of training, BN calibration and evaluation
+    resizes the same way, so statistics and accuracy see the same pixels."""
+    if resolution is None or images.shape[-1] == resolution and images.shape[-2] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode='bilinear', align_corners=False, antialias=True)
 
 
 def train_loader(dataset: SeededDataset, sampler: EpochSampler, workers: int, pin_memory: bool) -> DataLoader:

@@ -26,16 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy
+from timm.utils import ModelEmaV3
 
 from ..space import Subnet
-from .bn import calibrate_bn
-from .data import EpochSampler, SeededDataset, eval_loader, train_loader
+from .data import EpochSampler, SeededDataset, eval_loader, resize_to, train_loader
 from .distill import classification_loss, distillation_loss
+from .evaluate import evaluate_subnet
 from .sampling import StepSampler, applicable_stages, space_dimensions
 from .schedule import Schedule, Stage
 from .sorting import sort_channels
@@ -427,10 +426,7 @@ class Trainer:
         cfg = self.config
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        resolution = subnets[0].resolution
-        if resolution is not None and images.shape[-1] != resolution:
-            images = F.interpolate(images, size=(resolution, resolution), mode='bilinear', align_corners=False,
-                                   antialias=True)
+        images = resize_to(images, subnets[0].resolution)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         mixed = None
@@ -477,32 +473,15 @@ class Trainer:
         return total_loss / len(subnets)
 
     # --- validation -----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate_subnet(self, subnet: Subnet) -> Dict[str, float]:
-        """BN-recalibrate ``subnet`` (extracted, so the supernet is untouched) and measure top-1/top-5."""
+        """BN-recalibrate ``subnet`` on a fixed subset of training images and measure top-1/top-5."""
         cfg = self.config
-        model = self.supernet.extract(subnet).to(self.device)
         g = torch.Generator().manual_seed(cfg.seed)
         n_calib = min(cfg.calib_images, len(self.calib_set))
         indices = torch.randperm(len(self.calib_set), generator=g)[:n_calib].tolist()
         calib = eval_loader(self.calib_set, cfg.batch_size, cfg.workers, False, indices)
-        calibrate_bn(model, calib, n_calib, resolution=subnet.resolution, device=self.device)
-        model.eval()
-        top1 = top5 = 0.
-        count = 0
-        for images, targets in eval_loader(self.val_set, cfg.batch_size, cfg.workers, False):
-            images, targets = images.to(self.device), targets.to(self.device)
-            if subnet.resolution is not None and images.shape[-1] != subnet.resolution:
-                images = F.interpolate(images, size=(subnet.resolution,) * 2, mode='bilinear', align_corners=False,
-                                       antialias=True)
-            with self._autocast():
-                logits = model(images)
-            k = min(5, logits.shape[1])
-            a1, a5 = accuracy(logits.float(), targets, topk=(1, k))
-            top1 += a1.item() * images.shape[0]
-            top5 += a5.item() * images.shape[0]
-            count += images.shape[0]
-        return {'top1': top1 / count, 'top5': top5 / count}
+        val = eval_loader(self.val_set, cfg.batch_size, cfg.workers, False)
+        return evaluate_subnet(self.supernet, subnet, calib, val, n_calib, self.device, self._autocast)
 
     def _validate(self, stage: Stage, sampler: StepSampler, epoch: int, elapsed: float) -> None:
         if self.is_main:

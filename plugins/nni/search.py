@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterable, List, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._shims import quiet_nni_import
 
@@ -23,7 +22,7 @@ with quiet_nni_import():
 
 from ofa_timm.search.flops import count_flops
 from ofa_timm.space import Subnet
-from ofa_timm.training.bn import calibrate_bn
+from ofa_timm.training.evaluate import evaluate_subnet
 
 from .space import SharedSubnet, SupernetSpace
 
@@ -44,7 +43,6 @@ def flops_cost(supernet: nn.Module, cache_size: int = 4096) -> Callable[[Subnet]
     return cost
 
 
-@torch.no_grad()
 def evaluate_shared_subnet(
         model: SharedSubnet, calib_loader: Iterable, val_loader: Iterable, calib_images: int = 500,
         device: Union[str, torch.device] = 'cpu', cost: Optional[Callable[[Subnet], float]] = None,
@@ -60,18 +58,7 @@ def evaluate_shared_subnet(
     if cost is not None and max_cost is not None and cost(subnet) > max_cost:
         nni.report_final_result(INFEASIBLE)
         return INFEASIBLE
-    static = model.extract().to(device)
-    calibrate_bn(static, calib_loader, calib_images, subnet.resolution, torch.device(device))
-    static.eval()
-    correct = count = 0
-    for images, targets in val_loader:
-        images, targets = images.to(device), targets.to(device)
-        if subnet.resolution is not None and images.shape[-1] != subnet.resolution:
-            images = F.interpolate(images, size=(subnet.resolution,) * 2, mode='bilinear', align_corners=False,
-                                   antialias=True)
-        correct += (static(images).argmax(-1) == targets).sum().item()
-        count += targets.numel()
-    top1 = 100. * correct / max(count, 1)
+    top1 = evaluate_subnet(model.supernet, subnet, calib_loader, val_loader, calib_images, device)['top1']
     nni.report_final_result(top1)
     return top1
 

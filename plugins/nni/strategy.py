@@ -6,12 +6,12 @@ and the base loss (e.g. ``Classification``); the strategy decides which subnets 
 distillation term, sets each stage's learning rate (cosine with warmup, as ``ofa-timm train`` does) and evaluates a
 grid of BN-recalibrated subnets after every epoch.
 """
+import itertools
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ._shims import quiet_nni_import
 
@@ -20,8 +20,9 @@ with quiet_nni_import():
     from nni.nas.oneshot.pytorch.strategy import OneShotStrategy
 
 from ofa_timm.space import Subnet
-from ofa_timm.training.bn import calibrate_bn
+from ofa_timm.training.data import resize_to
 from ofa_timm.training.distill import distillation_loss
+from ofa_timm.training.evaluate import evaluate_subnet
 from ofa_timm.training.sampling import StepSampler, applicable_stages, space_dimensions
 from ofa_timm.training.schedule import Schedule, Stage, load_schedule
 from ofa_timm.training.sorting import sort_channels
@@ -186,10 +187,9 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
 
     @staticmethod
     def _resize(batch: Any, resolution: Optional[int]) -> Any:
-        if resolution is None or not isinstance(batch, (tuple, list)) or batch[0].shape[-1] == resolution:
+        if not isinstance(batch, (tuple, list)):
             return batch
-        images = F.interpolate(batch[0], size=(resolution, resolution), mode='bilinear', align_corners=False,
-                               antialias=True)
+        images = resize_to(batch[0], resolution)
         return type(batch)([images, *batch[1:]]) if isinstance(batch, list) else (images, *batch[1:])
 
     # --- validation -----------------------------------------------------------------------------------------------
@@ -213,23 +213,12 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         self.last_validation = results
         self.log('ps_val_top1_mean', sum(r['top1'] for r in results) / len(results))
 
-    @torch.no_grad()
     def evaluate_subnet(self, subnet: Subnet) -> float:
         """Top-1 (%) of ``subnet`` on the validation data, after BN recalibration on training images."""
-        model = self.supernet.extract(subnet).to(self.device)
-        calibrate_bn(model, self.trainer.train_dataloader, self.calib_images, subnet.resolution, self.device)
-        model.eval()
-        correct = count = 0
         loaders = self.trainer.val_dataloaders
-        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-            for images, targets in loader:
-                images, targets = images.to(self.device), targets.to(self.device)
-                if subnet.resolution is not None and images.shape[-1] != subnet.resolution:
-                    images = F.interpolate(images, size=(subnet.resolution,) * 2, mode='bilinear',
-                                           align_corners=False, antialias=True)
-                correct += (model(images).argmax(-1) == targets).sum().item()
-                count += targets.numel()
-        return 100. * correct / max(count, 1)
+        val = itertools.chain.from_iterable(loaders if isinstance(loaders, (list, tuple)) else [loaders])
+        return evaluate_subnet(self.supernet, subnet, self.trainer.train_dataloader, val, self.calib_images,
+                               self.device)['top1']
 
     def export(self) -> Dict[str, Any]:
         """The NNI sample of the best subnet of the last validation grid (the max subnet before any validation)."""

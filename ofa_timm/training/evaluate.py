@@ -1,0 +1,56 @@
+"""Accuracy of one subnet, as everything in this package measures it: extracted, BN-recalibrated, evaluated."""
+import contextlib
+from typing import Callable, ContextManager, Dict, Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.utils import accuracy
+
+from ..space import SubnetLike
+from .bn import calibrate_bn
+from .data import resize_to
+
+__all__ = ['evaluate_subnet']
+
+
+@torch.no_grad()
+def evaluate_subnet(
+        supernet: nn.Module,
+        subnet: SubnetLike,
+        calib_loader: Iterable,
+        val_loader: Iterable,
+        calib_images: int = 2000,
+        device: Union[str, torch.device, None] = None,
+        autocast: Optional[Callable[[], ContextManager]] = None,
+) -> Dict[str, float]:
+    """Top-1 / top-5 (%) of ``subnet`` on ``val_loader`` after recalibrating its BN on ``calib_images`` images.
+
+    The subnet is extracted first, so the supernet's weights and running statistics are untouched.
+
+    Args:
+        supernet: An elastic supernet.
+        subnet: The subnet (any form ``space.resolve`` reads).
+        calib_loader: Training images (batches or ``(images, targets)``) for BN recalibration.
+        val_loader: ``(images, targets)`` batches; images are resized to the subnet's resolution.
+        calib_images: Images used for recalibration.
+        device: Evaluation device (default: the supernet's).
+        autocast: Returns the autocast context of the forward passes (default: none).
+    """
+    subnet = supernet.space.resolve(subnet)
+    device = torch.device(device) if device is not None else next(supernet.parameters()).device
+    model = supernet.extract(subnet).to(device)
+    calibrate_bn(model, calib_loader, calib_images, resolution=subnet.resolution, device=device)
+    model.eval()
+    top1 = top5 = 0.
+    count = 0
+    for images, targets in val_loader:
+        images, targets = resize_to(images.to(device), subnet.resolution), targets.to(device)
+        with (autocast or contextlib.nullcontext)():
+            logits = model(images)
+        a1, a5 = accuracy(logits.float(), targets, topk=(1, min(5, logits.shape[1])))
+        top1 += a1.item() * images.shape[0]
+        top5 += a5.item() * images.shape[0]
+        count += images.shape[0]
+    if count == 0:
+        raise ValueError('evaluate_subnet got an empty validation loader')
+    return {'top1': top1 / count, 'top5': top5 / count}
