@@ -23,6 +23,7 @@ from timm.models._features import FeatureGetterNet
 from timm.models._builder import pretrained_cfg_for_features
 from timm.models._registry import generate_default_cfgs, get_pretrained_cfg, list_pretrained, register_model
 
+from ofa_timm.elastic.base import imagenet_cfg
 from ofa_timm.elastic.mobilenetv3 import ElasticMobileNetV3, convert_ofa_state_dict, ofa_mobilenetv3
 from ofa_timm.elastic.resnet import ElasticResNet, convert_ofa_resnet_state_dict
 from ofa_timm.elastic.resnet import ofa_resnet50 as build_ofa_resnet50
@@ -51,11 +52,7 @@ _SPACE_OPTIONS = {
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875,
-        'interpolation': 'bilinear', 'mean': timm.data.IMAGENET_DEFAULT_MEAN, 'std': timm.data.IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv_stem', 'classifier': 'classifier', 'license': 'mit', **kwargs,
-    }
+    return imagenet_cfg(url=url, license='mit', **kwargs)
 
 
 def _source_cfgs(name: str, source: str) -> Dict[str, Dict[str, Any]]:

@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer, make_divisible
 from timm.models import MobileNetV3
 from timm.models._efficientnet_blocks import (
@@ -32,7 +31,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from ..space import OFA_RESOLUTIONS, SearchSpace, StageChoices, Subnet, SubnetLike
 from ._build import assign_state, build_on_meta
-from .base import ElasticSupernet
+from .base import ElasticSupernet, imagenet_cfg, map_key
 from .ops import ElasticBatchNormAct2d, ElasticConv2d, ElasticSqueezeExcite
 
 __all__ = [
@@ -176,15 +175,8 @@ class ElasticMobileNetV3(ElasticSupernet):
         if not isinstance(model.norm_head, nn.Identity):
             raise ValueError('MobileNetV3 models with a head norm (MobileNetV4 style) are not supported')
         model = copy.deepcopy(model)
-        self.num_classes = model.num_classes
+        self._adopt_source_attributes(model)
         self.in_chans = model.conv_stem.in_channels
-        self.drop_rate = model.drop_rate
-        self.num_features = model.num_features
-        self.head_hidden_size = model.head_hidden_size
-        self.feature_info = copy.deepcopy(model.feature_info)
-        self.grad_checkpointing = False
-        self.pretrained_cfg = copy.deepcopy(getattr(model, 'pretrained_cfg', None) or _default_cfg(model.num_classes))
-        self.default_cfg = self.pretrained_cfg
 
         self.conv_stem = model.conv_stem
         self.bn1 = model.bn1
@@ -415,13 +407,6 @@ class ElasticMobileNetV3(ElasticSupernet):
         return self.forward_head(self.forward_features(x))
 
 
-def _default_cfg(num_classes: int = 1000) -> Dict[str, Any]:
-    return dict(
-        url='', num_classes=num_classes, input_size=(3, 224, 224), pool_size=(1, 1), crop_pct=0.875,
-        interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv='conv_stem', classifier='classifier')
-
-
 # --- canonical OFA MobileNetV3 spaces -------------------------------------------------------------------------------
 _OFA_BASE_WIDTHS = (16, 24, 40, 80, 112, 160)
 _OFA_STRIDES = (1, 2, 2, 2, 1, 2)
@@ -478,7 +463,7 @@ def ofa_mobilenetv3(
         drop_path_rate=drop_path_rate,
         global_pool=global_pool,
     )
-    source.pretrained_cfg = _default_cfg(num_classes)
+    source.pretrained_cfg = imagenet_cfg(num_classes=num_classes)
     return ElasticMobileNetV3(source, kernels=kernels, expands=expands, depths=depths, resolutions=resolutions)
 
 
@@ -512,13 +497,6 @@ _REF_TOP_MAP = (
 )
 
 
-def _map_key(key: str, rules: Sequence[Tuple[str, str]]) -> Optional[str]:
-    for pattern, repl in rules:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, repl, key)
-    return None
-
-
 def convert_ofa_state_dict(
         state_dict: Mapping[str, torch.Tensor], stage_depths: Sequence[int] = (4, 4, 4, 4, 4),
 ) -> Dict[str, torch.Tensor]:
@@ -544,17 +522,17 @@ def convert_ofa_state_dict(
         if m:
             n, rest = int(m.group(1)), m.group(2)
             if n == 0:
-                mapped = _map_key(rest, _REF_FIRST_BLOCK_MAP)
+                mapped = map_key(rest, _REF_FIRST_BLOCK_MAP)
                 prefix = 'blocks.0.0.'
             else:
                 stage = next((s for s in range(len(stage_depths)) if n < boundaries[s + 1]), None)
                 if stage is None:
                     raise ValueError(f'Reference key {key!r} lies beyond the {sum(stage_depths)} elastic blocks')
-                mapped = _map_key(rest, _REF_LAYER_MAP)
+                mapped = map_key(rest, _REF_LAYER_MAP)
                 prefix = f'blocks.{stage + 1}.{n - boundaries[stage]}.'
             mapped = prefix + mapped if mapped else None
         else:
-            mapped = _map_key(new_key, _REF_TOP_MAP)
+            mapped = map_key(new_key, _REF_TOP_MAP)
             if mapped and mapped.startswith('blocks.6.'):
                 mapped = mapped.replace('blocks.6.', f'blocks.{len(stage_depths) + 1}.', 1)
         if mapped is None:

@@ -33,7 +33,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from ..space import (
     OFA_RESNET50_BASE_DEPTHS, OFA_RESNET50_WIDTH_MULTS, OFA_RESOLUTIONS, SearchSpace, StageChoices, Subnet, SubnetLike)
 from ._build import assign_state, build_on_meta, skip_meta_init
-from .base import ElasticSupernet
+from .base import ElasticSupernet, imagenet_cfg, map_key
 from .ops import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
 
 __all__ = [
@@ -172,14 +172,7 @@ class ElasticResNet(ElasticSupernet):
                 _check_block(block, f'{name}.{i}')
         if not isinstance(model.maxpool, nn.MaxPool2d):
             raise ValueError('ResNets with a replaced or anti-aliased stem pool are not supported')
-        self.num_classes = model.num_classes
-        self.drop_rate = model.drop_rate
-        self.num_features = model.num_features
-        self.head_hidden_size = model.head_hidden_size
-        self.feature_info = copy.deepcopy(model.feature_info)
-        self.grad_checkpointing = False
-        self.pretrained_cfg = copy.deepcopy(getattr(model, 'pretrained_cfg', None) or _default_cfg(model.num_classes))
-        self.default_cfg = self.pretrained_cfg
+        self._adopt_source_attributes(model)
         self._block_type = type(model.layer1[0])
         self._ofa_stem_class = type(model) if isinstance(model.conv1, ResidualDeepStem) else None
         downsamples = [getattr(model, n)[0].downsample for n in _LAYERS if getattr(model, n)[0].downsample is not None]
@@ -246,6 +239,10 @@ class ElasticResNet(ElasticSupernet):
         self.set_active(self.active_subnet)
 
     # --- conversion helpers -------------------------------------------------------------------------------------
+    @staticmethod
+    def _default_cfg(num_classes: int) -> Dict[str, Any]:
+        return _ofa_resnet_cfg(num_classes)
+
     def _convert_stem(self) -> int:
         stem = self.conv1
         if isinstance(stem, ResidualDeepStem):
@@ -495,12 +492,8 @@ class ElasticResNet(ElasticSupernet):
         return self.forward_head(self.forward_features(x))
 
 
-def _default_cfg(num_classes: int = 1000) -> Dict[str, Any]:
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    return dict(
-        url='', num_classes=num_classes, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-        interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv='conv1.conv_in', classifier='fc')
+def _ofa_resnet_cfg(num_classes: int = 1000) -> Dict[str, Any]:
+    return imagenet_cfg(num_classes=num_classes, first_conv='conv1.conv_in', classifier='fc')
 
 
 # --- canonical OFA-ResNet50 -----------------------------------------------------------------------------------------
@@ -538,7 +531,7 @@ def ofa_resnet50(
             shapes[f'{p}.conv3.weight'][1] = mid
     source = adapt_model_from_string(source, '***'.join(f'{k}:[{",".join(map(str, v))}]' for k, v in shapes.items()))
     source.init_weights()
-    source.pretrained_cfg = _default_cfg(num_classes)
+    source.pretrained_cfg = _ofa_resnet_cfg(num_classes)
     return ElasticResNet(
         source, expands=expands, widths=widths, depth_reductions=OFA_RESNET_DEPTH_REDUCTIONS, resolutions=resolutions)
 
@@ -568,7 +561,6 @@ def convert_ofa_resnet_state_dict(
     Raises:
         ValueError: On a key that does not belong to an OFA-ResNet checkpoint.
     """
-    from .mobilenetv3 import _map_key
     starts = [sum(stage_depths[:s]) for s in range(len(stage_depths) + 1)]
     out = {}
     for key, value in state_dict.items():
@@ -577,11 +569,11 @@ def convert_ofa_resnet_state_dict(
         if m:
             n = int(m.group(1))
             stage = next((s for s in range(len(stage_depths)) if n < starts[s + 1]), None)
-            rest = _map_key(m.group(2), _REF_RESNET_BLOCK_MAP)
+            rest = map_key(m.group(2), _REF_RESNET_BLOCK_MAP)
             if stage is not None and rest:
                 mapped = f'{_LAYERS[stage]}.{n - starts[stage]}.{rest}'
         else:
-            mapped = _map_key(key, _REF_RESNET_TOP_MAP)
+            mapped = map_key(key, _REF_RESNET_TOP_MAP)
         if mapped is None:
             raise ValueError(f'Reference key {key!r} is not part of an OFA-ResNet checkpoint')
         out[mapped] = value
