@@ -15,8 +15,10 @@ from timm.models.resnet import Bottleneck
 
 from ..elastic.mobilenetv3 import ElasticMobileNetV3
 from ..elastic.resnet import ElasticResNet, _mid_channels
+from .sampling import space_dimensions
+from .schedule import Schedule
 
-__all__ = ['sort_channels', 'band_permutation']
+__all__ = ['sort_channels', 'sort_before_stage', 'band_permutation']
 
 
 def band_permutation(importance: torch.Tensor, boundaries: Sequence[int]) -> torch.Tensor:
@@ -99,3 +101,24 @@ def sort_channels(supernet: nn.Module, trained: int = 1) -> None:
         _sort_resnet(supernet, trained)
     else:
         raise ValueError(f'sort_channels supports ElasticMobileNetV3 and ElasticResNet, got {type(supernet).__name__}')
+
+
+def sort_before_stage(supernet: nn.Module, schedule: Schedule, index: int) -> bool:
+    """Sort channels if stage ``index`` of ``schedule`` unlocks more expand choices than the stage before it.
+
+    The bands kept are those of the expand choices the previous stage trained. Returns whether it sorted.
+    """
+    if 'expand' not in space_dimensions(supernet.space):
+        return False
+    before = schedule.stages[index - 1].unlock.get('expand') if index > 0 else None
+    now = schedule.stages[index].unlock.get('expand')
+    if now is None or now == before:
+        return False
+    if before is None:
+        trained = 1
+    elif before == 'all':
+        trained = max(len(c) for c in supernet.space.expand_slots)
+    else:
+        trained = int(before)
+    sort_channels(supernet, trained)
+    return True

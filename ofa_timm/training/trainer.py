@@ -35,9 +35,9 @@ from ..space import Subnet
 from .data import EpochSampler, SeededDataset, eval_loader, resize_to, train_loader
 from .distill import classification_loss, distillation_loss
 from .evaluate import evaluate_subnet
-from .sampling import StepSampler, applicable_stages, space_dimensions
+from .sampling import StepSampler, applicable_stages
 from .schedule import Schedule, Stage
-from .sorting import sort_channels
+from .sorting import sort_before_stage
 
 __all__ = ['TrainConfig', 'Trainer', 'NonFiniteLossError', 'save_checkpoint', 'load_checkpoint']
 
@@ -333,8 +333,10 @@ class Trainer:
 
     def _prepare_stage(self, stage: Stage) -> None:
         resumed = self._resume_state is not None
-        if self.position.step == 0:  # entering the stage (also when resuming from the previous stage's end)
-            self._sort_if_expand_grows(stage)
+        # Entering the stage (also when resuming from the previous stage's end): sort before the first step.
+        if self.position.step == 0 and sort_before_stage(self.supernet, self.schedule, self.position.stage):
+            if self.ema is not None:  # the EMA follows the permuted weights
+                self.ema.module.load_state_dict(self.supernet.state_dict())
         if stage.kd_ratio > 0 and stage.sampling == 'uniform' and self.teacher is None:
             self.teacher = self._make_teacher()
         lr = stage.lr * self.world_size
@@ -355,20 +357,6 @@ class Trainer:
             _set_rng_state(state['rng'])
             self._resume_state = None
         self._scheduler.step_update(self.position.step)
-
-    def _sort_if_expand_grows(self, stage: Stage) -> None:
-        idx = self.position.stage
-        if 'expand' not in space_dimensions(self.supernet.space):
-            return
-        before = self.schedule.stages[idx - 1].unlock.get('expand') if idx > 0 else None
-        now = stage.unlock.get('expand')
-        if now is None or now == before:
-            return
-        trained = 1 if before is None else (max(len(c) for c in self.supernet.space.expand_slots)
-                                            if before == 'all' else int(before))
-        sort_channels(self.supernet, trained)
-        if self.ema is not None:  # the EMA follows the permuted weights
-            self.ema.module.load_state_dict(self.supernet.state_dict())
 
     def _run_stage(self, stage: Stage) -> bool:
         """Train the stage to its end (True) or until ``stop_after`` steps (False)."""

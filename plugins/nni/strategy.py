@@ -23,9 +23,9 @@ from ofa_timm.space import Subnet
 from ofa_timm.training.data import resize_to
 from ofa_timm.training.distill import distillation_loss
 from ofa_timm.training.evaluate import evaluate_subnet
-from ofa_timm.training.sampling import StepSampler, applicable_stages, space_dimensions
+from ofa_timm.training.sampling import StepSampler, applicable_stages
 from ofa_timm.training.schedule import Schedule, Stage, load_schedule
-from ofa_timm.training.sorting import sort_channels
+from ofa_timm.training.sorting import sort_before_stage
 
 from .space import SupernetSpace
 
@@ -112,15 +112,11 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         return self.training_module.on_train_epoch_start()
 
     def _enter_stage(self, index: int) -> None:
-        previous = self.schedule.stages[index - 1].unlock.get('expand') if index > 0 else None
         stage = self.schedule.stages[index]
         first_epoch = sum(self.stage_epochs[:index])
         entering = self.current_epoch == first_epoch  # not when resuming mid-stage from a checkpoint
-        now = stage.unlock.get('expand')
-        if entering and now is not None and now != previous and 'expand' in space_dimensions(self.supernet.space):
-            trained = 1 if previous is None else (
-                max(len(c) for c in self.supernet.space.expand_slots) if previous == 'all' else int(previous))
-            sort_channels(self.supernet, trained)
+        if entering:
+            sort_before_stage(self.supernet, self.schedule, index)
         if stage.kd_ratio > 0 and stage.sampling == 'uniform' and not self._teacher_ready:
             if entering:
                 self.teacher.load_state_dict(self.supernet.extract('max').state_dict())
