@@ -60,12 +60,19 @@ def _write_report(trainer: Any, output: Path) -> str:
 
 def _save_supernet(supernet: torch.nn.Module, output: Path) -> Path:
     from safetensors.torch import save_file
+    from ._io import atomic_path
     path = output / 'supernet.safetensors'
-    tmp = path.with_name('.supernet.safetensors.tmp')
-    save_file({k: v.detach().contiguous().cpu() for k, v in supernet.state_dict().items()}, str(tmp),
-              metadata={'space': json.dumps(supernet.space.to_dict())})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in supernet.state_dict().items()}, str(tmp),
+                  metadata={'space': json.dumps(supernet.space.to_dict())})
     return path
+
+
+def _config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """A config dataclass from the parsed arguments whose ``dest`` is one of its fields."""
+    from dataclasses import fields
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
 
 
 # --- train ----------------------------------------------------------------------------------------------------------
@@ -93,13 +100,7 @@ def _train(args: argparse.Namespace) -> int:
     num_classes = args.num_classes or num_classes
     torch.manual_seed(args.seed)
     supernet = _build_supernet(args, num_classes)
-    config = TrainConfig(
-        output=str(output), batch_size=args.batch_size, workers=args.workers, amp=args.amp,
-        channels_last=args.channels_last, opt=args.opt, momentum=args.momentum, weight_decay=args.weight_decay,
-        clip_grad=args.clip_grad, ema_decay=args.ema_decay, label_smoothing=args.smoothing, kd_kind=args.kd,
-        kd_temperature=args.kd_temperature, mixup=args.mixup, cutmix=args.cutmix, calib_images=args.calib_images,
-        val_resolutions=args.val_resolutions, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every, seed=args.seed, progress=not args.no_progress)
+    config = _config_from_args(TrainConfig, args, output=str(output))
     trainer = Trainer(supernet, schedule, train_set, val_set, calib_set, config,
                       pretrained=args.pretrained or bool(args.pretrained_file))
     if args.resume:
@@ -199,17 +200,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # --- parser ---------------------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show (None, off switches) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or 'default' in (action.help or ''):
+            return action.help or ''
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .training import TrainConfig
     parser = argparse.ArgumentParser(prog='ofa-timm', description='Once-for-All elastic supernets for timm.')
     sub = parser.add_subparsers(dest='command', required=True)
 
     t = sub.add_parser('train', help='progressive shrinking of a supernet (torchrun for several processes)',
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
+    default = TrainConfig()
     g = t.add_argument_group('model')
     g.add_argument('--model', default='ofa_mobilenetv3_large_100', help="registered ofa_* name")
     g.add_argument('--pretrained', action='store_true', help="load the name's pretrained weights (skips 'full')")
     g.add_argument('--pretrained-file', default=None, help='local weights file (.pth/.safetensors) to start from')
-    g.add_argument('--resolutions', type=int, nargs='+', default=None, help='elastic resolutions (default: OFA)')
+    g.add_argument('--resolutions', type=int, nargs='+', default=None, help="elastic resolutions (default: OFA's 128..224 and the source's)")
     g = t.add_argument_group('data')
     g.add_argument('--data-dir', default=None, help='dataset root')
     g.add_argument('--dataset', default='', help="timm dataset name ('' = ImageFolder)")
@@ -220,40 +232,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--img-size', type=int, default=None, help='loader resolution (default: max resolution)')
     g.add_argument('--aa', default=None, help="auto-augment policy, e.g. 'rand-m9-mstd0.5'")
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random-resized-crop area range')
-    g.add_argument('--mixup', type=float, default=0.)
-    g.add_argument('--cutmix', type=float, default=0.)
-    g.add_argument('--workers', type=int, default=4)
+    g.add_argument('--mixup', type=float, default=default.mixup)
+    g.add_argument('--cutmix', type=float, default=default.cutmix)
+    g.add_argument('--workers', type=int, default=default.workers, help='data-loader workers per process')
     g = t.add_argument_group('schedule')
     g.add_argument('--schedule', default='ofa', help='ofa | fast | demo | path to a YAML schedule')
     g.add_argument('--epochs-scale', type=float, default=None, help='multiply every stage length')
     g.add_argument('--lr-scale', type=float, default=1.0, help='multiply every stage lr')
     g.add_argument('--sampling', choices=('uniform', 'sandwich'), default=None, help='override every stage')
     g = t.add_argument_group('optimisation')
-    g.add_argument('--batch-size', type=int, default=64, help='per process')
-    g.add_argument('--opt', default='sgd', help='timm optimizer (sgd = Nesterov SGD)')
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=3e-5)
-    g.add_argument('--clip-grad', type=float, default=None)
-    g.add_argument('--ema-decay', type=float, default=None)
-    g.add_argument('--smoothing', type=float, default=0.1)
-    g.add_argument('--kd', choices=('ce', 'kl'), default='ce')
-    g.add_argument('--kd-temperature', type=float, default=1.0)
-    g.add_argument('--amp', choices=('none', 'bf16', 'fp16'), default='none')
+    g.add_argument('--batch-size', type=int, default=default.batch_size, help='per process')
+    g.add_argument('--opt', default=default.opt, help='timm optimizer (sgd = Nesterov SGD)')
+    g.add_argument('--momentum', type=float, default=default.momentum)
+    g.add_argument('--weight-decay', type=float, default=default.weight_decay)
+    g.add_argument('--clip-grad', type=float, default=default.clip_grad)
+    g.add_argument('--ema-decay', type=float, default=default.ema_decay)
+    g.add_argument('--smoothing', dest='label_smoothing', type=float, default=default.label_smoothing)
+    g.add_argument('--kd', dest='kd_kind', choices=('ce', 'kl'), default=default.kd_kind)
+    g.add_argument('--kd-temperature', type=float, default=default.kd_temperature)
+    g.add_argument('--warmup-lr', type=float, default=default.warmup_lr, help='lr at the start of a warmup')
+    g.add_argument('--min-lr', type=float, default=default.min_lr, help="lr at the end of each stage's cosine")
+    g.add_argument('--amp', choices=('none', 'bf16', 'fp16'), default=default.amp)
     g.add_argument('--channels-last', action='store_true')
     g = t.add_argument_group('run')
     g.add_argument('--output', default='output/ofa', help='run folder')
     g.add_argument('--resume', action='store_true', help='continue the run in --output exactly where it stopped')
-    g.add_argument('--calib-images', type=int, default=2000, help='images for BN recalibration')
-    g.add_argument('--val-resolutions', type=int, nargs='+', default=None)
-    g.add_argument('--val-every', type=int, default=1, help='epochs between validations')
-    g.add_argument('--checkpoint-every', type=int, default=0, help='steps between extra checkpoints')
-    g.add_argument('--log-every', type=int, default=10)
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--no-progress', action='store_true')
+    g.add_argument('--calib-images', type=int, default=default.calib_images, help='images for BN recalibration')
+    g.add_argument('--val-resolutions', type=int, nargs='+', default=default.val_resolutions,
+                   help="validation grid resolutions (default: the stage's min and max)")
+    g.add_argument('--val-every', type=int, default=default.val_every, help='epochs between validations')
+    g.add_argument('--checkpoint-every', type=int, default=default.checkpoint_every,
+                   help='steps between extra checkpoints (0: epoch ends only)')
+    g.add_argument('--log-every', type=int, default=default.log_every)
+    g.add_argument('--seed', type=int, default=default.seed)
+    g.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars')
     t.set_defaults(func=_train)
 
     d = sub.add_parser('demo', help='train, search and export on a generated dataset (no downloads)',
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     d.add_argument('--model', default='ofa_mobilenetv3_large_100', help="registered ofa_* name")
     d.add_argument('--output', default='ofa_timm_demo', help='folder for data, run and export')
     d.add_argument('--num-classes', type=int, default=4)

@@ -2,41 +2,36 @@
 
 A :class:`Subnet` is an immutable, hashable description of one architecture inside an elastic supernet: depth per
 stage, kernel size and expand ratio per block slot, width multipliers per width slot and the input resolution.
-A :class:`SearchSpace` holds the allowed choices for each of those positions, samples from them and validates
-subnets against them. Both are family agnostic: MobileNetV3 and ResNet supernets describe themselves with the same
-types.
+A :class:`SearchSpace` holds the allowed choices for each of those positions, samples from them, validates subnets
+against them and encodes them as integer arrays (one :class:`Gene` per position) for vectorised search. Both are
+family agnostic: every supernet family describes itself with the same types, and reads the reference
+implementation's subnet dicts itself (``ElasticSupernet.resolve``).
 
 Block slots are numbered stage by stage. A stage with a maximum depth of 4 owns 4 consecutive slots in
 ``Subnet.kernels`` / ``Subnet.expands`` whether or not the subnet activates all of them; values in inactive slots
 must still be valid choices, which keeps the reference implementation's fixed-length encoding usable as is.
 """
+import functools
 import json
 import math
 import operator
 import os
 import random
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = [
-    'Subnet', 'StageChoices', 'SearchSpace', 'SubnetLike', 'RandomLike',
-    'OFA_RESNET50_BASE_DEPTHS', 'OFA_RESNET50_WIDTH_MULTS', 'OFA_RESOLUTIONS',
-]
+from ._io import write_text_atomic
 
-# The reference OFA-ResNet50 encodes depth as an offset on these base depths and width as an index into these
-# multipliers; they are needed to read its subnet dicts without a supernet at hand.
-OFA_RESNET50_BASE_DEPTHS: Tuple[int, ...] = (2, 2, 4, 2)
-OFA_RESNET50_WIDTH_MULTS: Tuple[float, ...] = (0.65, 0.8, 1.0)
+__all__ = ['Subnet', 'StageChoices', 'SearchSpace', 'Gene', 'SubnetLike', 'RandomLike', 'OFA_RESOLUTIONS']
+
 # OFA's elastic resolutions.
 OFA_RESOLUTIONS: Tuple[int, ...] = tuple(range(128, 225, 4))
 
 _OUR_KEYS = ('resolution', 'depths', 'kernels', 'expands', 'widths')
-_REF_MBV3_KEYS = ('ks', 'e', 'd', 'r', 'wid')
-_REF_RESNET_KEYS = ('d', 'e', 'w', 'r')
+# Keys of the reference implementation's subnet dicts; a supernet reads those (ElasticSupernet.resolve).
+_REFERENCE_KEYS = frozenset({'ks', 'e', 'd', 'r', 'w', 'wid'})
 
 RandomLike = Union[None, int, random.Random, np.random.Generator]
 
@@ -138,14 +133,13 @@ class Subnet:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> 'Subnet':
-        """Read a subnet dict.
+        """Read a subnet dict of this project's form (:meth:`to_dict`).
 
-        Accepts this project's form (:meth:`to_dict`) and the reference OFA implementation's forms:
-        MobileNetV3 ``{'ks': [...], 'e': [...], 'd': [...]}`` with an optional ``'r'``, and ResNet
-        ``{'d': [stem + 4 depth offsets], 'e': [...], 'w': [width indices]}``.
+        The reference OFA implementation's forms (``{'ks', 'e', 'd'}``, ``{'d', 'e', 'w'}``) depend on the supernet
+        family; read them with ``supernet.resolve(d)`` or ``timm.create_model(name, subnet=d)``.
 
         Raises:
-            ValueError: On unknown keys, mixed forms or malformed values.
+            ValueError: On unknown keys or malformed values.
         """
         if isinstance(d, Subnet):
             return d
@@ -158,47 +152,22 @@ class Subnet:
             return cls(
                 depths=d['depths'], kernels=d.get('kernels', ()), expands=d.get('expands', ()),
                 widths=d.get('widths', ()), resolution=d.get('resolution'))
-        resolution = _reference_resolution(d.get('r'))
-        if 'ks' in keys and keys <= set(_REF_MBV3_KEYS):
-            missing = {'ks', 'e', 'd'} - keys
-            if missing:
-                raise ValueError(f'Reference MobileNetV3 subnet dict is missing {sorted(missing)}')
-            if d.get('wid') is not None:
-                raise ValueError("Reference subnet key 'wid' must be None: width is not elastic for MobileNetV3")
-            return cls(depths=d['d'], kernels=d['ks'], expands=d['e'], resolution=resolution)
-        if 'w' in keys and keys <= set(_REF_RESNET_KEYS):
-            missing = {'d', 'e', 'w'} - keys
-            if missing:
-                raise ValueError(f'Reference ResNet subnet dict is missing {sorted(missing)}')
-            return _from_reference_resnet(d['d'], d['e'], d['w'], resolution)
+        if keys <= _REFERENCE_KEYS:
+            raise ValueError(
+                f'Subnet dict keys {sorted(keys)} are the reference implementation\'s form, which depends on the '
+                f'supernet family: read it with supernet.resolve(d) or timm.create_model(name, subnet=d)')
         raise ValueError(
-            f'Unknown subnet dict keys {sorted(keys)}. Allowed: {list(_OUR_KEYS)} (ofa_timm form), '
-            f"{['ks', 'e', 'd', 'r']} (reference MobileNetV3 form) or {['d', 'e', 'w', 'r']} (reference ResNet form)")
+            f'Unknown subnet dict keys {sorted(keys)}. Allowed: {list(_OUR_KEYS)} (ofa_timm form), or the reference '
+            f"implementation's forms {['ks', 'e', 'd', 'r']} / {['d', 'e', 'w', 'r']} through a supernet")
 
     def to_json(self, path: Union[str, os.PathLike]) -> None:
         """Write the subnet as JSON, atomically (a reader never sees a half-written file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-        try:
-            with os.fdopen(fd, 'w') as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write('\n')
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + '\n')
 
     @classmethod
     def from_json(cls, path: Union[str, os.PathLike]) -> 'Subnet':
-        """Read a subnet JSON file written by :meth:`to_json` (or in the reference form)."""
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f'{path} is not valid JSON: {e}') from None
-        return cls.from_dict(data)
+        """Read a subnet JSON file written by :meth:`to_json`."""
+        return cls.from_dict(read_json(path))
 
     @classmethod
     def parse(cls, value: 'SubnetLike') -> 'Subnet':
@@ -218,37 +187,19 @@ class Subnet:
 SubnetLike = Union[Subnet, Mapping[str, Any], str, os.PathLike]
 
 
-def _reference_resolution(r: Any) -> Optional[int]:
-    # The reference writes 'r' either as an int or as a one-element list.
-    if r is None:
-        return None
-    if isinstance(r, Sequence) and not isinstance(r, (str, bytes)):
-        if len(r) != 1:
-            raise ValueError(f"Reference subnet key 'r' must hold one resolution, got {list(r)}")
-        r = r[0]
-    return _as_int(r, "Subnet 'r'")
+def read_json(path: Union[str, os.PathLike]) -> Any:
+    """Parse a JSON file.
 
-
-def _from_reference_resnet(d: Any, e: Any, w: Any, resolution: Optional[int]) -> Subnet:
-    d = [_as_int(v, f"Subnet 'd'[{i}]") for i, v in enumerate(_as_sequence(d, "'d'"))]
-    w = [_as_int(v, f"Subnet 'w'[{i}]") for i, v in enumerate(_as_sequence(w, "'w'"))]
-    n_stages = len(OFA_RESNET50_BASE_DEPTHS)
-    if len(d) != n_stages + 1:
-        raise ValueError(f"Reference ResNet 'd' must have {n_stages + 1} entries (stem + {n_stages} stages), got {d}")
-    if len(w) != n_stages + 2:
-        raise ValueError(f"Reference ResNet 'w' must have {n_stages + 2} entries, got {w}")
-    for i, v in enumerate(d):
-        if v not in (0, 1, 2):
-            raise ValueError(f"Reference ResNet 'd'[{i}] = {v} is not allowed; allowed: [0, 1, 2]")
-    for i, v in enumerate(w):
-        if not 0 <= v < len(OFA_RESNET50_WIDTH_MULTS):
-            raise ValueError(
-                f"Reference ResNet 'w'[{i}] = {v} is not a width index; "
-                f"allowed: {list(range(len(OFA_RESNET50_WIDTH_MULTS)))}")
-    # The reference skips the residual middle stem conv unless the stem 'depth' is its maximum (2).
-    depths = [1 if d[0] == 2 else 0] + [base + off for base, off in zip(OFA_RESNET50_BASE_DEPTHS, d[1:])]
-    return Subnet(
-        depths=depths, expands=e, widths=[OFA_RESNET50_WIDTH_MULTS[i] for i in w], resolution=resolution)
+    Raises:
+        ValueError: Naming the file, if it cannot be read or is not valid JSON.
+    """
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{os.fspath(path)} is not valid JSON: {e}') from None
+    except OSError as e:
+        raise ValueError(f'Cannot read {os.fspath(path)}: {e.strerror}') from None
 
 
 @dataclass(frozen=True)
@@ -309,6 +260,25 @@ def _describe_choices(choices: Sequence[Any]) -> str:
         if len(steps) == 1:
             return f'{choices[0]}..{choices[-1]} (step {steps.pop()})'
     return str(choices)
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One position of a subnet and its choices: ``depths[i]``, ``kernels[i]``, ``expands[i]``, ``widths[i]`` or
+    ``resolution``. A subnet is encoded as the index of its value in each gene's choices.
+
+    Args:
+        field: The ``Subnet`` field.
+        index: Position in that field (None for ``resolution``).
+        choices: Allowed values, ascending.
+    """
+    field: str
+    index: Optional[int]
+    choices: Tuple[Any, ...]
+
+    @property
+    def name(self) -> str:
+        return self.field if self.index is None else f'{self.field}[{self.index}]'
 
 
 @dataclass(frozen=True)
@@ -459,11 +429,22 @@ class SearchSpace:
         """Read a subnet given as ``'max'``, ``'min'``, a ``Subnet``, a dict or a JSON file path, and validate it."""
         if isinstance(value, str) and value in ('max', 'min'):
             return self.max() if value == 'max' else self.min()
-        if isinstance(value, (str, os.PathLike)) and not os.path.isfile(value):
+        if isinstance(value, (str, os.PathLike)):
+            return self.validate(self.resolve_path(value))
+        return self.validate(value)
+
+    @staticmethod
+    def resolve_path(value: Union[str, os.PathLike]) -> Union[str, os.PathLike]:
+        """``value`` if it names a file.
+
+        Raises:
+            ValueError: Saying which forms a subnet may take, if there is no such file.
+        """
+        if not os.path.isfile(value):
             raise ValueError(
                 f"subnet={os.fspath(value)!r}: expected 'max', 'min', a Subnet, a dict or the path of a subnet JSON "
                 f"file (no such file)")
-        return self.validate(value)
+        return value
 
     def __contains__(self, subnet: object) -> bool:
         try:
@@ -471,6 +452,76 @@ class SearchSpace:
         except ValueError:
             return False
         return True
+
+    # --- integer encoding ---------------------------------------------------------------------------------------
+    @functools.cached_property
+    def genes(self) -> Tuple[Gene, ...]:
+        """Every position of a subnet, in ``Subnet`` field order (single-choice positions included)."""
+        genes = [Gene('depths', i, s.depths) for i, s in enumerate(self.stages)]
+        genes += [Gene('kernels', i, c) for i, c in enumerate(self.kernel_slots)]
+        genes += [Gene('expands', i, c) for i, c in enumerate(self.expand_slots)]
+        genes += [Gene('widths', i, c) for i, c in enumerate(self.widths)]
+        if self.resolutions:
+            genes.append(Gene('resolution', None, self.resolutions))
+        return tuple(genes)
+
+    def gene_index(self, field_name: str, index: Optional[int] = None) -> int:
+        """Position of gene ``field_name[index]`` (or ``resolution``) in :attr:`genes`."""
+        return self._gene_positions[(field_name, index)]
+
+    @functools.cached_property
+    def _gene_positions(self) -> Dict[Tuple[str, Optional[int]], int]:
+        return {(g.field, g.index): i for i, g in enumerate(self.genes)}
+
+    @functools.cached_property
+    def choice_counts(self) -> np.ndarray:
+        """Number of choices of each gene, shape ``(len(genes),)``."""
+        return np.array([len(g.choices) for g in self.genes], dtype=np.int64)
+
+    def encode(self, subnets: Union['SubnetLike', Sequence['SubnetLike']]) -> np.ndarray:
+        """Choice indices of one subnet (shape ``(G,)``) or of many (shape ``(N, G)``).
+
+        Raises:
+            ValueError: If a subnet is not in the space (or has no resolution while the space has some).
+        """
+        single = isinstance(subnets, (Subnet, Mapping, str, os.PathLike))
+        rows = []
+        for subnet in ([subnets] if single else subnets):
+            subnet = self.validate(subnet)
+            if self.resolutions and subnet.resolution is None:
+                raise ValueError('A subnet without a resolution cannot be encoded in a space with resolutions')
+            values = [*subnet.depths, *subnet.kernels, *subnet.expands, *subnet.widths]
+            if self.resolutions:
+                values.append(subnet.resolution)
+            rows.append([g.choices.index(v) for g, v in zip(self.genes, values)])
+        codes = np.array(rows, dtype=np.int64).reshape(len(rows), len(self.genes))
+        return codes[0] if single else codes
+
+    def decode(self, codes: np.ndarray) -> Union[Subnet, List[Subnet]]:
+        """Inverse of :meth:`encode`: a ``Subnet`` for shape ``(G,)``, a list for shape ``(N, G)``.
+
+        Raises:
+            ValueError: If the array does not have one in-range index per gene.
+        """
+        codes = np.asarray(codes)
+        single = codes.ndim == 1
+        codes = np.atleast_2d(codes)
+        if codes.ndim != 2 or codes.shape[1] != len(self.genes):
+            raise ValueError(f'Expected codes of shape (N, {len(self.genes)}), got {tuple(np.shape(codes))}')
+        if (codes < 0).any() or (codes >= self.choice_counts).any():
+            raise ValueError('Codes hold a choice index outside its gene\'s choices')
+        counts = {f: sum(1 for g in self.genes if g.field == f) for f in _OUR_KEYS}
+        out = []
+        for row in codes.tolist():
+            values = [g.choices[i] for g, i in zip(self.genes, row)]
+            fields: Dict[str, Any] = {}
+            pos = 0
+            for name in ('depths', 'kernels', 'expands', 'widths'):
+                fields[name] = values[pos:pos + counts[name]]
+                pos += counts[name]
+            fields['resolution'] = values[pos] if self.resolutions else None
+            out.append(Subnet(**fields))
+        return out[0] if single else out
 
     def replace_resolutions(self, resolutions: Sequence[int]) -> 'SearchSpace':
         """The same space with other resolutions."""

@@ -18,14 +18,14 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.models import FeatureListNet, MobileNetV3, adapt_input_conv, build_model_with_cfg, load_pretrained
-from timm.models._features import FeatureGetterNet
-from timm.models._builder import pretrained_cfg_for_features
-from timm.models._registry import generate_default_cfgs, get_pretrained_cfg, list_pretrained, register_model
+from timm.models import (
+    FeatureListNet, adapt_input_conv, build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, list_pretrained,
+    load_pretrained, register_model)
 
+from ofa_timm._timm import FeatureGetterNet, pretrained_cfg_for_features
+from ofa_timm.elastic import FAMILIES, elasticize
 from ofa_timm.elastic.base import imagenet_cfg
-from ofa_timm.elastic.mobilenetv3 import ElasticMobileNetV3, convert_ofa_state_dict, ofa_mobilenetv3
-from ofa_timm.elastic.resnet import ElasticResNet, convert_ofa_resnet_state_dict
+from ofa_timm.elastic.mobilenetv3 import ofa_mobilenetv3
 from ofa_timm.elastic.resnet import ofa_resnet50 as build_ofa_resnet50
 from ofa_timm.space import SubnetLike
 
@@ -45,10 +45,8 @@ _CONVERTED = {
     'ofa_resnet101': 'resnet101',
     'ofa_resnet34': 'resnet34',
 }
-_SPACE_OPTIONS = {
-    ElasticMobileNetV3: ('kernels', 'expands', 'depths', 'resolutions', 'grow_kernels'),
-    ElasticResNet: ('expands', 'widths', 'depth_reductions', 'resolutions', 'stem_depths'),
-}
+# Keyword arguments that shape a converted supernet's space rather than the timm source model.
+_SPACE_OPTIONS = frozenset(option for family in FAMILIES for option in family.space_options)
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
@@ -93,15 +91,6 @@ def _unwrap(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in state_dict.items()}
 
 
-def _is_reference_checkpoint(keys: Any) -> Optional[str]:
-    keys = list(keys)
-    if any(k.startswith('first_conv.') or '.mobile_inverted_conv.' in k for k in keys):
-        return 'mbv3'
-    if any(k.startswith('input_stem.') for k in keys):
-        return 'resnet'
-    return None
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Turn a checkpoint into a state dict for an ofa_timm supernet.
 
@@ -111,11 +100,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     (timm's loader then keeps the new head), and a first conv of another input-channel count is adapted as timm does.
     """
     state_dict = _unwrap(state_dict)
-    family = _is_reference_checkpoint(state_dict)
-    if family == 'mbv3':
-        state_dict = convert_ofa_state_dict(state_dict)
-    elif family == 'resnet':
-        state_dict = convert_ofa_resnet_state_dict(state_dict)
+    state_dict = model.convert_reference_state_dict(state_dict) or state_dict
     own = model.state_dict()
     out = dict(state_dict)
     for key, value in own.items():
@@ -187,7 +172,7 @@ def create_ofa_model(
             load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=supernet.in_chans,
                             filter_fn=checkpoint_filter_fn)
     else:
-        resolved = supernet.space.resolve(subnet)
+        resolved = supernet.resolve(subnet)
         model = supernet.extract(resolved)
         if pretrained:
             load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=supernet.in_chans,
@@ -197,24 +182,17 @@ def create_ofa_model(
         if subnet is None:
             model = FeatureGetterNet(model, out_indices=out_indices, prune=False)
         else:
-            # MobileNetV3 stages live in a nested Sequential (timm's own features_only build flattens it too)
-            model = FeatureListNet(model, out_indices=out_indices, flatten_sequential=isinstance(model, MobileNetV3))
+            model = FeatureListNet(model, out_indices=out_indices, **supernet.feature_cfg)
         model.pretrained_cfg = model.default_cfg = cfg
     return model
 
 
-def _split_space_options(cls: type, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: kwargs.pop(k) for k in _SPACE_OPTIONS[cls] if k in kwargs}
-
-
-def _canonical_mbv3(width_mult: float, **kwargs: Any) -> ElasticMobileNetV3:
+def _canonical_mbv3(width_mult: float, **kwargs: Any) -> nn.Module:
     return ofa_mobilenetv3(width_mult, **kwargs)
 
 
 def _converted(source: str, **kwargs: Any) -> nn.Module:
-    from ofa_timm.elastic import elasticize
-    cls = ElasticMobileNetV3 if 'mobilenet' in source else ElasticResNet
-    space_options = _split_space_options(cls, kwargs)
+    space_options = {k: kwargs.pop(k) for k in _SPACE_OPTIONS if k in kwargs}
     return elasticize(timm.create_model(source, pretrained=False, **kwargs), **space_options)
 
 

@@ -1,38 +1,39 @@
-"""Shared fixtures: small inputs, timm models with non-trivial BN statistics."""
+"""Shared fixtures. Fixtures built once per session are handed to each test through a yield fixture that restores the
+state a test may change (active subnet, train/eval mode), so a failing test cannot leak it into the next."""
 import pytest
-import timm
-import torch
 import torch.nn as nn
 
+import ofa_timm
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every batch norm non-trivial affine parameters and running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
+from helpers import timm_model
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:
-    """Max abs difference relative to the largest magnitude, the tolerance the issue specifies."""
-    scale = max(a.abs().max().item(), 1e-12)
-    err = (a - b).abs().max().item() / scale
-    assert err <= rtol, f'relative error {err:.3g} > {rtol}'
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line('markers', 'slow: multi-process, subprocess or end-to-end runs (deselect with -m "not slow")')
 
 
 @pytest.fixture(scope='session')
-def mbv3_large() -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(timm.create_model('mobilenetv3_large_100', num_classes=10)).eval()
+def _mbv3_large() -> nn.Module:
+    return timm_model('mobilenetv3_large_100')
 
 
 @pytest.fixture(scope='session')
-def mbv3_supernet(mbv3_large):
-    import ofa_timm
-    return ofa_timm.elasticize(mbv3_large).eval()
+def _mbv3_supernet(_mbv3_large) -> nn.Module:
+    return ofa_timm.elasticize(_mbv3_large)
+
+
+@pytest.fixture
+def mbv3_large(_mbv3_large) -> nn.Module:
+    """timm ``mobilenetv3_large_100`` (10 classes, randomized BN); tests must not modify it."""
+    yield _mbv3_large.eval()
+    _mbv3_large.eval()
+
+
+@pytest.fixture
+def mbv3_supernet(_mbv3_supernet) -> nn.Module:
+    """The elastic supernet of ``mbv3_large`` in eval mode; its active subnet and mode are reset after the test."""
+    yield _mbv3_supernet.eval()
+    _mbv3_supernet.set_active(None)
+    _mbv3_supernet.set_grad_checkpointing(False)
+    _mbv3_supernet.zero_grad(set_to_none=True)
+    _mbv3_supernet.eval()

@@ -59,6 +59,7 @@ def test_train_errors(shapes, tmp_path, capsys):
     assert 'fewer than one batch' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / 'demo'
     assert main(['demo', '--output', str(out), '--epochs-scale', '0.05', '--search-samples', '6',

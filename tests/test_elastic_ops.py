@@ -3,12 +3,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
-from timm.models._efficientnet_blocks import SqueezeExcite
+from ofa_timm._timm import SqueezeExcite
 
 from ofa_timm.elastic import (
     ElasticBatchNorm2d, ElasticBatchNormAct2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite)
 
-from conftest import assert_close, randomize_bn
+from helpers import assert_close, randomize_bn
 
 
 def test_dense_conv_full_and_sliced():

@@ -8,6 +8,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('extra', [[], ['--supernet', '--model', 'ofa_resnet26d']])
 def test_finetune_subnet_example(tmp_path, extra):
     result = subprocess.run(
@@ -17,6 +18,7 @@ def test_finetune_subnet_example(tmp_path, extra):
     assert 'reloaded' in result.stdout and (tmp_path / 'finetuned.pth').is_file()
 
 
+@pytest.mark.slow
 def test_nni_experiment_example(tmp_path):
     pytest.importorskip('nni')
     result = subprocess.run(

@@ -71,6 +71,7 @@ def test_labels_round_trip_to_subnet():
         space.to_subnet({'stage1.depth': 7})
 
 
+@pytest.mark.slow
 def test_ofa_strategy_in_nas_experiment(data, tmp_path):
     net = supernet()
     space = SupernetSpace(net)
@@ -120,6 +121,7 @@ def test_strategy_checks_epochs(data, tmp_path):
                                      NasExperimentConfig('sequential', 'raw')), tmp_path / 'exp')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('strategy', ['evolution', 'random', 'tpe'])
 def test_multi_trial_search_respects_the_budget(data, tmp_path, strategy):
     net = supernet().eval()
@@ -159,6 +161,7 @@ def test_nni_files_stay_out_of_home(data, tmp_path, monkeypatch):
     assert not (home / 'nni-experiments').exists()
 
 
+@pytest.mark.slow
 def test_fresh_trainer_shim_lets_classification_evaluate_several_models(data, tmp_path):
     space = SupernetSpace(supernet())
     evaluator = fresh_trainer(classification(data, 1, tmp_path))

@@ -1,47 +1,47 @@
+"""What is particular to the ResNet family (the contract itself is tested in test_contract.py)."""
 import random
 
 import pytest
 import timm
 import torch
-import torch.nn as nn
 from timm.models import ResNet
 
 import ofa_timm
 from ofa_timm import Subnet
-from ofa_timm.elastic import ElasticResNet, OFAResNet, convert_ofa_resnet_state_dict, ofa_resnet50
+from ofa_timm.elastic import ElasticResNet, ofa_resnet50
 
-from conftest import assert_close, randomize_bn
+from helpers import assert_close, timm_model
 
 RES = 64
 
 
-def make(name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(timm.create_model(name, num_classes=10, **kwargs)).eval()
-
-
 @pytest.fixture(scope='module')
-def r50d_supernet():
-    return ofa_timm.elasticize(make('resnet50d')).eval()
+def _r50d_supernet():
+    return ofa_timm.elasticize(timm_model('resnet50d'))
 
 
-@pytest.mark.parametrize('name', ['resnet50', 'resnet50d'])
-def test_max_subnet_is_source(name):
-    src = make(name)
+@pytest.fixture
+def r50d_supernet(_r50d_supernet):
+    yield _r50d_supernet.eval()
+    _r50d_supernet.set_active(None)
+    _r50d_supernet.set_grad_checkpointing(False)
+    _r50d_supernet.zero_grad(set_to_none=True)
+    _r50d_supernet.eval()
+
+
+def test_plain_resnet50_max_subnet_is_source():
+    src = timm_model('resnet50')
     sn = ofa_timm.elasticize(src).eval()
     assert isinstance(sn, ElasticResNet)
     x = torch.randn(2, 3, RES, RES)
     with torch.no_grad():
-        assert_close(sn(x), src(x))
-        ext = sn.extract(sn.space.max())
-        assert type(ext) is ResNet
-        assert_close(ext(x), src(x))
-    assert list(ext.state_dict()) == list(src.state_dict())
+        assert torch.equal(sn(x), src(x))
+        assert torch.equal(sn.extract('max')(x), src(x))
 
 
 @pytest.mark.parametrize('name', ['resnet101', 'resnet26d', 'resnet34', 'resnet18d'])
 def test_other_family_members(name):
-    src = make(name)
+    src = timm_model(name)
     sn = ofa_timm.elasticize(src).eval()
     x = torch.randn(1, 3, RES, RES)
     with torch.no_grad():
@@ -60,38 +60,18 @@ def test_space_of_converted_resnet50d(r50d_supernet):
     assert space.widths == ((0.65, 0.8, 1.0),) * 6  # stem mid, stem out, 4 stages
 
 
-def test_random_subnets_equal_extracted(r50d_supernet):
-    sn = r50d_supernet
+def test_random_subnets_have_the_subnet_depths_and_widths(r50d_supernet):
     rng = random.Random(0)
-    x = torch.randn(2, 3, RES, RES)
-    for _ in range(10):
-        subnet = sn.sample_active(rng)
-        ext = sn.extract()
-        assert type(ext) is ResNet and not ext.training
-        with torch.no_grad():
-            assert_close(ext(x), sn(x))
-        assert ext.pretrained_cfg['input_size'] == (3, subnet.resolution, subnet.resolution)
+    for _ in range(4):
+        subnet = r50d_supernet.space.sample(rng)
+        ext = r50d_supernet.extract(subnet)
         assert [len(getattr(ext, f'layer{i}')) for i in range(1, 5)] == list(subnet.depths)
-        # timm's adapt_model_from_string keeps feature_info in step with the new widths
+        # the resized model keeps feature_info and num_features in step with the new widths
         assert ext.feature_info[-1]['num_chs'] == ext.num_features == ext.fc.in_features
-    sn.set_active(None)
-
-
-def test_extract_train_mode_and_independence(r50d_supernet):
-    sn = r50d_supernet
-    sn.train()
-    try:
-        ext = sn.extract(sn.space.min())
-    finally:
-        sn.eval()
-    assert ext.training
-    ptrs = {p.data_ptr() for p in sn.parameters()}
-    assert not any(p.data_ptr() in ptrs for p in ext.parameters())
-    assert sn.active_subnet == sn.space.max()
 
 
 def test_train_step_and_sliced_bn():
-    sn = ofa_timm.elasticize(make('resnet50')).train()
+    sn = ofa_timm.elasticize(timm_model('resnet50')).train()
     subnet = sn.space.min()
     sn.set_active(subnet)
     block = sn.layer2[0]
@@ -115,13 +95,8 @@ def test_timm_model_api(r50d_supernet):
     assert [f['num_chs'] for f in sn.feature_info] == [64, 256, 512, 1024, 2048]
     sn.set_active(None)
     sn.set_grad_checkpointing(True)
-    try:
-        sn.train()
-        sn(x).sum().backward()
-    finally:
-        sn.set_grad_checkpointing(False)
-        sn.eval()
-        sn.zero_grad(set_to_none=True)
+    sn.train()
+    sn(x).sum().backward()
 
 
 def test_invalid_resnet_subnets(r50d_supernet):
@@ -138,53 +113,22 @@ def test_invalid_resnet_subnets(r50d_supernet):
         ofa_timm.elasticize(timm.create_model('seresnet50'))
 
 
-# --- canonical OFA-ResNet50 and the reference ------------------------------------------------------------------
-ofa_networks = pytest.importorskip('ofa.imagenet_classification.elastic_nn.networks')
-
-
-@pytest.fixture(scope='module')
-def reference_and_ours():
-    torch.manual_seed(0)
-    ref = ofa_networks.OFAResNets(
-        n_classes=10, depth_list=[0, 1, 2], expand_ratio_list=[0.2, 0.25, 0.35], width_mult_list=[0.65, 0.8, 1.0])
-    randomize_bn(ref)
-    ours = ofa_resnet50(num_classes=10)
-    ours.load_state_dict(convert_ofa_resnet_state_dict(ref.state_dict()), strict=True)
-    return ref.eval(), ours.eval()
-
-
-def test_ofa_resnet50_space(reference_and_ours):
-    _, ours = reference_and_ours
-    space = ours.space
+def test_ofa_resnet50_space():
+    space = ofa_resnet50(num_classes=10).space
     assert [s.depths for s in space.stages] == [(0, 1), (2, 3, 4), (2, 3, 4), (4, 5, 6), (2, 3, 4)]
     assert len(space.expand_slots) == 18 and space.expand_slots[0] == (0.2, 0.25, 0.35)
     assert len(space.widths) == 6
 
 
-def test_ofa_resnet50_matches_reference(reference_and_ours):
-    import random as pyrandom
-    ref, ours = reference_and_ours
-    configs = [dict(d=[2] * 5, e=[0.35] * 18, w=[2] * 6), dict(d=[0] * 5, e=[0.2] * 18, w=[0] * 6)]
-    for seed in range(4):
-        pyrandom.seed(seed)
-        configs.append(ref.sample_active_subnet())
-    for cfg, res in zip(configs, (128, 160, 224, 144, 176, 192)):
-        ref.set_active_subnet(**cfg)
-        subnet = Subnet.from_dict(cfg)
-        ours.set_active(subnet)
-        x = torch.randn(2, 3, res, res)
-        with torch.no_grad():
-            expected = ref(x)
-            assert_close(ours(x), expected)
-            ext = ours.extract()
-            assert type(ext) is OFAResNet and ext.conv1.residual == (cfg['d'][0] == 2)
-            assert_close(ext(x), expected)
-
-
-def test_ofa_resnet_legacy_keys_and_errors(reference_and_ours):
-    ref, _ = reference_and_ours
-    legacy = {k.replace('.bn.bn.', '.bn.').replace('.conv.conv.weight', '.conv.weight'): v
-              for k, v in ref.state_dict().items()}
-    assert convert_ofa_resnet_state_dict(legacy).keys() == convert_ofa_resnet_state_dict(ref.state_dict()).keys()
-    with pytest.raises(ValueError, match="'blocks.18.conv1.conv.conv.weight'"):
-        convert_ofa_resnet_state_dict({'blocks.18.conv1.conv.conv.weight': torch.zeros(1)})
+def test_reference_subnet_form(r50d_supernet):
+    canonical = ofa_resnet50(num_classes=10)
+    s = canonical.resolve({'d': [2, 0, 1, 2, 1], 'e': [0.25] * 18, 'w': [0, 1, 2, 2, 1, 0]})
+    assert s.depths == (1, 2, 3, 6, 3)
+    assert s.widths == (0.65, 0.8, 1.0, 1.0, 0.8, 0.65)
+    assert canonical.resolve({'d': [0, 0, 0, 0, 0], 'e': [0.2] * 18, 'w': [0] * 6}).depths[0] == 0
+    with pytest.raises(ValueError, match=r"'w'\[2\] = 3"):
+        canonical.resolve({'d': [2] * 5, 'e': [0.25] * 18, 'w': [0, 1, 3, 0, 0, 0]})
+    with pytest.raises(ValueError, match="'d'"):
+        canonical.resolve({'d': [2] * 4, 'e': [0.25] * 18, 'w': [0] * 6})
+    with pytest.raises(ValueError, match='canonical OFA-ResNet50 only'):
+        r50d_supernet.resolve({'d': [2] * 5, 'e': [0.25] * 16, 'w': [0] * 6})

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 
@@ -53,7 +54,7 @@ def test_subnet_is_hashable_and_normalised():
     a = Subnet(depths=[2, 3], kernels=[3, 5], expands=[3, 4], resolution=np.int64(160))
     b = Subnet(depths=(2, 3), kernels=(3, 5), expands=(3.0, 4.0), resolution=160)
     assert a == b and hash(a) == hash(b) and len({a, b}) == 1
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         a.depths = (1,)
 
 
@@ -71,26 +72,28 @@ def test_dict_and_json_round_trip(tmp_path):
     assert Subnet.from_dict(w.to_dict()) == w and 'widths' in w.to_dict()
 
 
-def test_reference_mbv3_form():
-    ks, e, d = [3, 5, 7, 3] * 5, [3, 4, 6, 3] * 5, [2, 3, 4, 2, 3]
-    s = Subnet.from_dict({'ks': ks, 'e': e, 'd': d})
-    assert s.kernels == tuple(ks) and s.expands == tuple(map(float, e)) and s.depths == tuple(d)
-    assert s.resolution is None
-    assert Subnet.from_dict({'ks': ks, 'e': e, 'd': d, 'r': [176], 'wid': None}).resolution == 176
-    assert Subnet.from_dict({'ks': ks, 'e': e, 'd': d, 'r': 160}).resolution == 160
-    with pytest.raises(ValueError, match='missing'):
-        Subnet.from_dict({'ks': ks, 'e': e})
+def test_reference_forms_need_a_supernet():
+    with pytest.raises(ValueError, match=r"reference implementation's form.*supernet.resolve"):
+        Subnet.from_dict({'ks': [3] * 20, 'e': [3] * 20, 'd': [2] * 5})
+    with pytest.raises(ValueError, match=r"reference implementation's form"):
+        Subnet.from_dict({'d': [2] * 5, 'e': [0.25] * 18, 'w': [0] * 6})
 
 
-def test_reference_resnet_form():
-    s = Subnet.from_dict({'d': [2, 0, 1, 2, 1], 'e': [0.25] * 18, 'w': [0, 1, 2, 2, 1, 0]})
-    assert s.depths == (1, 2, 3, 6, 3)
-    assert s.widths == (0.65, 0.8, 1.0, 1.0, 0.8, 0.65)
-    assert Subnet.from_dict({'d': [0, 0, 0, 0, 0], 'e': [0.2] * 18, 'w': [0] * 6}).depths[0] == 0
-    with pytest.raises(ValueError, match=r"'w'\[2\] = 3"):
-        Subnet.from_dict({'d': [2] * 5, 'e': [0.25] * 18, 'w': [0, 1, 3, 0, 0, 0]})
-    with pytest.raises(ValueError, match="'d'"):
-        Subnet.from_dict({'d': [2] * 4, 'e': [0.25] * 18, 'w': [0] * 6})
+def test_gene_encoding_round_trip():
+    subnets = [SPACE.max(), SPACE.min()] + [SPACE.sample(i) for i in range(20)]
+    codes = SPACE.encode(subnets)
+    assert codes.shape == (22, len(SPACE.genes)) and codes.dtype == np.int64
+    assert SPACE.decode(codes) == subnets
+    assert (codes[0] == SPACE.choice_counts - 1).all() and (codes[1] == 0).all()
+    assert SPACE.decode(SPACE.encode(subnets[2])) == subnets[2]
+    assert [g.name for g in SPACE.genes][:2] == ['depths[0]', 'depths[1]'] and SPACE.genes[-1].name == 'resolution'
+    assert SPACE.genes[SPACE.gene_index('kernels', 3)].choices == (3, 5, 7)
+    with pytest.raises(ValueError, match=r'shape \(N, 46\)'):
+        SPACE.decode(codes[:, :3])
+    with pytest.raises(ValueError, match='outside'):
+        SPACE.decode(codes + 5)
+    with pytest.raises(ValueError, match='without a resolution'):
+        SPACE.encode(SPACE.max().replace(resolution=None))
 
 
 @pytest.mark.parametrize('bad, match', [

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.init as init
 from torch.overrides import TorchFunctionMode
 
-__all__ = ['build_on_meta', 'assign_state', 'skip_meta_init']
+__all__ = ['build_on_meta', 'assign_state', 'reshape_on_meta', 'skip_meta_init']
 
 _INIT_FNS = frozenset({
     init.normal_, init.uniform_, init.trunc_normal_, init.zeros_, init.ones_, init.constant_,
@@ -72,4 +72,34 @@ def assign_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Modu
             module._parameters[name] = nn.Parameter(state[key], requires_grad=old.requires_grad)
         else:
             module._buffers[name] = state[key]
+    return model
+
+
+def reshape_on_meta(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Resize ``model``'s (meta) convs, norms and linears to the shapes of ``state``, in place.
+
+    A lean ``timm.models.adapt_model_from_string`` for models about to take ``state`` through :func:`assign_state`:
+    no deep copy, no module rebuilt, only the tensors and size attributes that differ.
+    """
+    for name, module in model.named_modules():
+        prefix = f'{name}.' if name else ''
+        for tensors in (module._parameters, module._buffers):
+            for key, t in tensors.items():
+                new = state.get(prefix + key)
+                if t is None or new is None or new.shape == t.shape:
+                    continue
+                empty = torch.empty(new.shape, device='meta', dtype=t.dtype)
+                tensors[key] = nn.Parameter(empty, requires_grad=t.requires_grad) if tensors is module._parameters \
+                    else empty
+        weight = module._parameters.get('weight')
+        if weight is None:
+            continue
+        if isinstance(module, nn.Conv2d):
+            if module.groups > 1 and module.groups == module.in_channels:  # depthwise: groups follow the channels
+                module.groups = weight.shape[0]
+            module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.num_features = weight.shape[0]
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = weight.shape
     return model

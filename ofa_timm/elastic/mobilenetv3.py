@@ -17,21 +17,19 @@ import copy
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import get_act_layer, make_divisible
 from timm.models import MobileNetV3
-from timm.models._efficientnet_blocks import (
-    ConvBnAct, DepthwiseSeparableConv, InvertedResidual, SqueezeExcite)
-from timm.models._efficientnet_builder import decode_arch_def, round_channels
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
 
-from ..space import OFA_RESOLUTIONS, SearchSpace, StageChoices, Subnet, SubnetLike
-from ._build import assign_state, build_on_meta
-from .base import ElasticSupernet, imagenet_cfg, map_key
+from .._timm import ConvBnAct, DepthwiseSeparableConv, InvertedResidual, SqueezeExcite, decode_arch_def, round_channels
+from ..space import OFA_RESOLUTIONS, StageChoices, Subnet, SubnetLike
+from ._build import build_on_meta
+from .base import (
+    BlockSpec, ElasticSupernet, LayerSpec, band_permutation, conv_layers, convert_reference_keys, imagenet_cfg,
+    input_importance, map_key, permute_channels, reference_resolution)
 from .ops import ElasticBatchNormAct2d, ElasticConv2d, ElasticSqueezeExcite
 
 __all__ = [
@@ -58,6 +56,11 @@ def _act_code(act: nn.Module, where: str) -> str:
         f'{sorted(_ACT_NAMES.values())}')
 
 
+def _mid_channels(in_chs: int, expand: float) -> int:
+    # timm's (and OFA's) rule for the expanded width of an inverted residual.
+    return make_divisible(in_chs * expand)
+
+
 @dataclass(frozen=True)
 class _Block:
     """What the arch_def string of one source block needs to say."""
@@ -69,8 +72,16 @@ class _Block:
     act: str
     exp_ratio: float = 1.0
     mid_chs: int = 0
-    se: bool = False
+    se_chs: int = 0  # reduced SE width of the source block; 0: no SE
     noskip: bool = False
+
+    @property
+    def se(self) -> bool:
+        return self.se_chs > 0
+
+    @property
+    def has_skip(self) -> bool:
+        return self.in_chs == self.out_chs and self.stride == 1 and not self.noskip and self.kind != 'cn'
 
     def arch_str(self, kernel: Optional[int] = None, exp_ratio: Optional[float] = None) -> str:
         k = kernel or self.kernel
@@ -86,6 +97,21 @@ class _Block:
         if self.noskip:
             s += '_noskip'
         return s
+
+    def layers(self, kernel: int, mid: int, se_chs: int, reduction: int) -> Tuple[LayerSpec, ...]:
+        """The convs and norms of the block with ``kernel`` and ``mid`` channels, input at ``reduction``."""
+        out_reduction = reduction * self.stride
+        se = (LayerSpec('conv', mid, se_chs, bias=True, reduction=0),
+              LayerSpec('conv', se_chs, mid, bias=True, reduction=0)) if self.se else ()
+        if self.kind == 'ir':
+            return (*conv_layers(self.in_chs, mid, reduction=reduction),
+                    *conv_layers(mid, mid, kernel, self.stride, groups=mid, reduction=reduction), *se,
+                    *conv_layers(mid, self.out_chs, reduction=out_reduction))
+        if self.kind == 'ds':
+            return (*conv_layers(self.in_chs, self.in_chs, kernel, self.stride, groups=self.in_chs,
+                                 reduction=reduction), *se,
+                    *conv_layers(self.in_chs, self.out_chs, reduction=out_reduction))
+        return conv_layers(self.in_chs, self.out_chs, kernel, self.stride, reduction=reduction)
 
     @property
     def droppable(self) -> bool:
@@ -106,15 +132,20 @@ def _is_elastic_candidate(block: nn.Module) -> bool:
     return plain and (isinstance(block.se, nn.Identity) or type(block.se) is SqueezeExcite)
 
 
+def _se_chs(block: nn.Module) -> int:
+    se = getattr(block, 'se', None)
+    return 0 if se is None or isinstance(se, nn.Identity) else se.conv_reduce.out_channels
+
+
 def _describe_block(block: nn.Module, where: str) -> _Block:
     if isinstance(block, InvertedResidual):
         in_chs, mid = block.conv_pw.in_channels, block.conv_pw.out_channels
         exp = mid / in_chs
-        if make_divisible(in_chs * exp) != mid:
+        if _mid_channels(in_chs, exp) != mid:
             raise ValueError(f'{where}: {mid} mid channels are not make_divisible({in_chs} * e) for any e')
         return _Block(
             'ir', in_chs, block.conv_pwl.out_channels, block.conv_dw.kernel_size[0], block.conv_dw.stride[0],
-            _act_code(block.bn1.act, where), exp_ratio=exp, mid_chs=mid, se=not isinstance(block.se, nn.Identity),
+            _act_code(block.bn1.act, where), exp_ratio=exp, mid_chs=mid, se_chs=_se_chs(block),
             noskip=not block.has_skip and in_chs == block.conv_pwl.out_channels and block.conv_dw.stride[0] == 1)
     if isinstance(block, DepthwiseSeparableConv):
         if block.has_pw_act or block.conv_s2d is not None:
@@ -122,14 +153,14 @@ def _describe_block(block: nn.Module, where: str) -> _Block:
         in_chs, out = block.conv_dw.in_channels, block.conv_pw.out_channels
         return _Block(
             'ds', in_chs, out, block.conv_dw.kernel_size[0], block.conv_dw.stride[0], _act_code(block.bn1.act, where),
-            se=not isinstance(block.se, nn.Identity),
+            mid_chs=in_chs, se_chs=_se_chs(block),
             noskip=not block.has_skip and in_chs == out and block.conv_dw.stride[0] == 1)
     if isinstance(block, ConvBnAct):
         if block.has_skip:
             raise ValueError(f'{where}: ConvBnAct blocks with a skip connection are not supported')
         return _Block(
             'cn', block.conv.in_channels, block.conv.out_channels, block.conv.kernel_size[0], block.conv.stride[0],
-            _act_code(block.bn1.act, where))
+            _act_code(block.bn1.act, where), mid_chs=block.conv.out_channels)
     raise ValueError(
         f'{where}: {type(block).__name__} blocks are not supported; supported: InvertedResidual, '
         f'DepthwiseSeparableConv, ConvBnAct')
@@ -146,6 +177,9 @@ class ElasticMobileNetV3(ElasticSupernet):
     The supernet owns (deep copies of) the source model's modules, so its state dict has timm's keys plus the kernel
     transform matrices. Its max subnet computes exactly the source model.
     """
+    source_types = (MobileNetV3,)
+    space_options = ('kernels', 'expands', 'depths', 'resolutions', 'grow_kernels')
+    feature_cfg = dict(flatten_sequential=True)  # stages live in a nested Sequential, as timm builds them
 
     def __init__(
             self,
@@ -170,14 +204,24 @@ class ElasticMobileNetV3(ElasticSupernet):
             grow_kernels: Zero-pad every elastic depthwise kernel to ``max(kernels)``; the function is unchanged.
         """
         super().__init__()
+        model = self._checked_copy(model)
+        self._adopt_source_attributes(model)
+        self._adopt_modules(model)
+        stage_choices = self._make_stages_elastic(kernels, expands, depths, grow_kernels)
+        self._finish_init(self.blocks, stage_choices, resolutions)
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _checked_copy(model: nn.Module) -> MobileNetV3:
         if not isinstance(model, MobileNetV3):
             raise ValueError(f'ElasticMobileNetV3 needs a timm MobileNetV3, got {type(model).__name__}')
         if not isinstance(model.norm_head, nn.Identity):
             raise ValueError('MobileNetV3 models with a head norm (MobileNetV4 style) are not supported')
-        model = copy.deepcopy(model)
-        self._adopt_source_attributes(model)
-        self.in_chans = model.conv_stem.in_channels
+        return copy.deepcopy(model)
 
+    def _adopt_modules(self, model: MobileNetV3) -> None:
+        """Take the source's modules and read what extraction must rebuild (block archs, activations, SE type)."""
+        self.in_chans = model.conv_stem.in_channels
         self.conv_stem = model.conv_stem
         self.bn1 = model.bn1
         self.blocks = model.blocks
@@ -187,7 +231,7 @@ class ElasticMobileNetV3(ElasticSupernet):
         self.act2 = model.act2
         self.flatten = model.flatten
         self.classifier = model.classifier
-
+        self.stage_ends = tuple(f['stage'] for f in self.feature_info)
         self._stem_act = _act_code(model.bn1.act, 'stem')
         self._block_specs: List[List[_Block]] = [
             [_describe_block(b, f'blocks.{s}.{i}') for i, b in enumerate(stage)] for s, stage in enumerate(self.blocks)]
@@ -196,18 +240,23 @@ class ElasticMobileNetV3(ElasticSupernet):
         self._se_gate = type(se_template.gate) if se_template is not None else None
         self._se_act = type(se_template.act1) if se_template is not None else None
 
-        # Convert inverted-residual stages into elastic stages.
-        stage_choices = []
+    def _make_stages_elastic(
+            self, kernels: Sequence[int], expands: Sequence[float], depths: Sequence[int], grow_kernels: bool,
+    ) -> List[StageChoices]:
+        """Turn every plain inverted-residual stage into an elastic one; returns the stages' choices."""
         self.elastic_stages: Tuple[int, ...] = tuple(
             s for s, stage in enumerate(self.blocks) if all(_is_elastic_candidate(b) for b in stage))
         if not self.elastic_stages:
             raise ValueError('The model has no plain inverted-residual stage to make elastic')
+        self._slot_blocks: List[Tuple[int, int]] = [
+            (s, i) for s in self.elastic_stages for i in range(len(self.blocks[s]))]
+        stage_choices = []
         for s in self.elastic_stages:
             specs = self._block_specs[s]
             min_depth = max([i for i, b in enumerate(specs) if not b.droppable] + [0]) + 1
             depth_choices = tuple(d for d in _allowed(depths, len(specs)) if d >= min_depth)
             kernel_slots, expand_slots = [], []
-            for i, (block, spec) in enumerate(zip(self.blocks[s], specs)):
+            for block, spec in zip(self.blocks[s], specs):
                 k_opts = _allowed(kernels, spec.kernel)
                 if grow_kernels and kernels and max(kernels) > spec.kernel:
                     k_opts = tuple(sorted(set(kernels) | {spec.kernel}))
@@ -221,60 +270,57 @@ class ElasticMobileNetV3(ElasticSupernet):
                     block.se = ElasticSqueezeExcite.from_static(block.se, _SE_RATIO)
                 block.conv_pwl = ElasticConv2d.from_static(block.conv_pwl)
             stage_choices.append(StageChoices(depth_choices, tuple(kernel_slots), tuple(expand_slots)))
+        return stage_choices
 
-        source_res = int(self.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
-        # Default: OFA's 128..224 plus the source's own resolution; an explicit list is taken as given.
-        resolutions = tuple(resolutions) if resolutions else tuple(set(OFA_RESOLUTIONS) | {source_res})
-        self.space = SearchSpace(tuple(stage_choices), resolutions=resolutions)
-        self._stage_depths: List[int] = [len(stage) for stage in self.blocks]
-        self.active_subnet: Subnet = self.space.max()
-        self.set_active(self.active_subnet)
-
-    # --- elastic API --------------------------------------------------------------------------------------------
+    # --- subnets ------------------------------------------------------------------------------------------------
     def _slots(self, subnet: Subnet):
         """Yield (stage index, block index, block, spec, kernel, expand) for every block slot of ``subnet``."""
-        slot = 0
-        for s in self.elastic_stages:
-            for i, (block, spec) in enumerate(zip(self.blocks[s], self._block_specs[s])):
-                yield s, i, block, spec, subnet.kernels[slot], subnet.expands[slot]
-                slot += 1
+        for slot, (s, i) in enumerate(self._slot_blocks):
+            yield s, i, self.blocks[s][i], self._block_specs[s][i], subnet.kernels[slot], subnet.expands[slot]
+
+    def _depths(self, subnet: Subnet) -> List[int]:
+        """Active depth of every stage (elastic or not)."""
+        depths = [len(stage) for stage in self.blocks]
+        for s, depth in zip(self.elastic_stages, subnet.depths):
+            depths[s] = depth
+        return depths
+
+    def subnet_from_reference(self, d: Mapping[str, Any]) -> Subnet:
+        """Read the reference ``OFAMobileNetV3`` form ``{'ks': [...], 'e': [...], 'd': [...], 'r': ...}``."""
+        missing = {'ks', 'e', 'd'} - set(d)
+        if missing or not set(d) <= {'ks', 'e', 'd', 'r', 'wid'}:
+            raise ValueError(
+                f"Reference MobileNetV3 subnet dicts have keys ks, e, d (and optionally r); got {sorted(d)}")
+        if d.get('wid') is not None:
+            raise ValueError("Reference subnet key 'wid' must be None: width is not elastic for MobileNetV3")
+        return Subnet(depths=d['d'], kernels=d['ks'], expands=d['e'], resolution=reference_resolution(d.get('r')))
+
+    def convert_reference_state_dict(
+            self, state_dict: Mapping[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+        if not any(k.startswith('first_conv.') or '.mobile_inverted_conv.' in k for k in state_dict):
+            return None
+        return convert_ofa_state_dict(state_dict, [len(self.blocks[s]) for s in self.elastic_stages])
 
     def set_active(self, subnet: Optional[SubnetLike] = None) -> Subnet:
-        """Make ``subnet`` (default: the max subnet; also ``'max'``, ``'min'``, a dict or a JSON path) the one
-        ``forward`` computes. Returns it validated."""
-        subnet = self.space.max() if subnet is None else self.space.resolve(subnet)
+        subnet = self.resolve(subnet)
         for s, i, block, spec, kernel, expand in self._slots(subnet):
-            mid = make_divisible(spec.in_chs * expand)
+            mid = _mid_channels(spec.in_chs, expand)
             block.conv_pw.set_active(out_channels=None if mid == spec.mid_chs else mid)
             block.conv_dw.set_active(kernel_size=kernel)
-        for s, depth in zip(self.elastic_stages, subnet.depths):
-            self._stage_depths[s] = depth
+        self._stage_depths = self._depths(subnet)
         self.active_subnet = subnet
         return subnet
 
     def arch_def(self, subnet: Optional[SubnetLike] = None) -> List[List[str]]:
         """The timm arch_def (one string per block) of ``subnet`` (default: the active one)."""
-        subnet = self.active_subnet if subnet is None else self.space.resolve(subnet)
+        subnet = self.active_subnet if subnet is None else self.resolve(subnet)
         choices = {(s, i): (k, e) for s, i, _, _, k, e in self._slots(subnet)}
-        depths = dict(zip(self.elastic_stages, subnet.depths))
-        arch = []
-        for s, specs in enumerate(self._block_specs):
-            arch.append([
-                spec.arch_str(*choices.get((s, i), (None, None))) for i, spec in enumerate(specs[:depths.get(s)])])
-        return arch
+        return [
+            [spec.arch_str(*choices.get((s, i), (None, None))) for i, spec in enumerate(specs[:depth])]
+            for s, (specs, depth) in enumerate(zip(self._block_specs, self._depths(subnet)))]
 
-    @torch.no_grad()
-    def extract(self, subnet: Optional[SubnetLike] = None) -> MobileNetV3:
-        """Build a stock timm ``MobileNetV3`` carrying ``subnet``'s weights (default: the active subnet).
-
-        The model is independent of the supernet (no shared storage), in the supernet's train/eval mode, and its
-        ``pretrained_cfg['input_size']`` carries the subnet's resolution.
-        """
-        subnet = self.active_subnet if subnet is None else self.space.resolve(subnet)
-        model = assign_state(self._build_static(self.arch_def(subnet)), self._static_state(subnet))
-        return self._finish_extracted(model, subnet)
-
-    def _build_static(self, arch_def: List[List[str]]) -> MobileNetV3:
+    # --- extraction ---------------------------------------------------------------------------------------------
+    def build_static(self, subnet: Subnet, state: Mapping[str, torch.Tensor]) -> MobileNetV3:
         se_layer = None
         if self._se_gate is not None:
             se_layer = partial(
@@ -282,7 +328,7 @@ class ElasticMobileNetV3(ElasticSupernet):
         bn = self.bn1
         return build_on_meta(  # every tensor is replaced by the subnet's: skip the random init
             MobileNetV3,
-            block_args=decode_arch_def(arch_def),
+            block_args=decode_arch_def(self.arch_def(subnet)),  # decoded afresh: the builder changes it in place
             num_classes=self.num_classes,
             in_chans=self.in_chans,
             stem_size=self.conv_stem.out_channels,
@@ -297,7 +343,7 @@ class ElasticMobileNetV3(ElasticSupernet):
             global_pool=self.global_pool.pool_type,
         )
 
-    def _static_state(self, subnet: Subnet) -> Dict[str, torch.Tensor]:
+    def static_state(self, subnet: Subnet) -> Dict[str, torch.Tensor]:
         def clone(prefix: str, module: nn.Module) -> Dict[str, torch.Tensor]:
             return {prefix + k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -311,12 +357,12 @@ class ElasticMobileNetV3(ElasticSupernet):
         for s, stage in enumerate(self.blocks):
             if s not in self.elastic_stages:
                 state.update(clone(f'blocks.{s}.', stage))
-        depths = dict(zip(self.elastic_stages, subnet.depths))
+        depths = self._depths(subnet)
         for s, i, block, spec, kernel, expand in self._slots(subnet):
             if i >= depths[s]:
                 continue
             p = f'blocks.{s}.{i}.'
-            mid = make_divisible(spec.in_chs * expand)
+            mid = _mid_channels(spec.in_chs, expand)
             state.update(prefixed(p + 'conv_pw.', block.conv_pw.static_state(spec.in_chs, out_channels=mid)))
             state.update(prefixed(p + 'bn1.', block.bn1.static_state(mid)))
             state.update(prefixed(p + 'conv_dw.', block.conv_dw.static_state(mid, kernel_size=kernel)))
@@ -326,6 +372,67 @@ class ElasticMobileNetV3(ElasticSupernet):
             state.update(prefixed(p + 'conv_pwl.', block.conv_pwl.static_state(mid)))
             state.update(clone(p + 'bn3.', block.bn3))
         return state
+
+    # --- family hooks -------------------------------------------------------------------------------------------
+    def mid_channels(self, slot: int, expand: float) -> int:
+        s, i = self._slot_blocks[slot]
+        return _mid_channels(self._block_specs[s][i].in_chs, expand)
+
+    @torch.no_grad()
+    def sort_block_channels(self, slot: int, bands: Sequence[int]) -> None:
+        s, i = self._slot_blocks[slot]
+        block = self.blocks[s][i]
+        if isinstance(block.se, ElasticSqueezeExcite):
+            se = block.se
+            rd_perm = band_permutation(
+                input_importance(se.conv_expand.weight), [se.reduced_channels(m) for m in bands])
+            permute_channels(se.conv_reduce, rd_perm)
+            permute_channels(se.conv_expand, rd_perm, dim=1)
+        perm = band_permutation(input_importance(block.conv_pwl.weight), bands)
+        for module in (block.conv_pw, block.bn1, block.conv_dw, block.bn2):
+            permute_channels(module, perm)
+        if isinstance(block.se, ElasticSqueezeExcite):
+            permute_channels(block.se.conv_reduce, perm, dim=1)
+            permute_channels(block.se.conv_expand, perm)
+        permute_channels(block.conv_pwl, perm, dim=1)
+
+    def describe(self, subnet: Optional[SubnetLike] = None) -> Tuple[BlockSpec, ...]:
+        subnet = self.active_subnet if subnet is None else self.resolve(subnet)
+        space = self.space
+        stem = self.conv_stem
+        k, stride = stem.kernel_size[0], stem.stride[0]
+        specs = [BlockSpec(
+            'stem', 'stem', self.in_chans, stem.out_channels, stem.out_channels, k, stride, 1.0, reduction=1,
+            act=_ACT_NAMES[self._stem_act], layers=conv_layers(self.in_chans, stem.out_channels, k, stride),
+            modules=('conv_stem', 'bn1'))]
+        elastic = {
+            (s, i): (kernel, expand, slot) for slot, (s, i, _, _, kernel, expand) in enumerate(self._slots(subnet))}
+        stage_genes = {s: space.gene_index('depths', n) for n, s in enumerate(self.elastic_stages)}
+        reduction = stride
+        for s, (specs_s, depth) in enumerate(zip(self._block_specs, self._depths(subnet))):
+            for i, arch in enumerate(specs_s[:depth]):
+                if (s, i) in elastic:
+                    kernel, expand, slot = elastic[(s, i)]
+                    mid = _mid_channels(arch.in_chs, expand)
+                    se_chs = self.blocks[s][i].se.reduced_channels(mid) if arch.se else 0
+                    genes = (stage_genes[s], space.gene_index('kernels', slot), space.gene_index('expands', slot))
+                else:
+                    kernel, expand, mid, se_chs, genes = arch.kernel, arch.exp_ratio, arch.mid_chs, arch.se_chs, ()
+                specs.append(BlockSpec(
+                    f'blocks.{s}.{i}', arch.kind, arch.in_chs, arch.out_chs, mid, kernel, arch.stride, expand,
+                    reduction, se=arch.se, act=_ACT_NAMES[arch.act], skip=arch.has_skip,
+                    layers=arch.layers(kernel, mid, se_chs, reduction), modules=(f'blocks.{s}.{i}',), genes=genes))
+                reduction *= arch.stride
+        head = self.conv_head
+        layers = [LayerSpec('conv', head.in_channels, head.out_channels, bias=head.bias is not None, reduction=0)]
+        if isinstance(self.classifier, nn.Linear):
+            layers.append(LayerSpec('linear', self.classifier.in_features, self.classifier.out_features,
+                                    bias=self.classifier.bias is not None, reduction=0))
+        specs.append(BlockSpec(
+            'head', 'head', self.num_features, self.num_classes, head.out_channels, 1, 1, 1.0, reduction,
+            act=type(self.act2).__name__, layers=tuple(layers),
+            modules=('global_pool', 'conv_head', 'norm_head', 'act2', 'flatten', 'classifier')))
+        return tuple(specs)
 
     # --- timm model API -----------------------------------------------------------------------------------------
     @torch.jit.ignore
@@ -348,50 +455,8 @@ class ElasticMobileNetV3(ElasticSupernet):
             nn.Linear(self.head_hidden_size, num_classes, device=device, dtype=dtype) if num_classes > 0
             else nn.Identity())
 
-    def active_blocks(self) -> List[nn.Module]:
-        """The blocks the active subnet runs, in order."""
-        return [b for stage, d in zip(self.blocks, self._stage_depths) for b in stage[:d]]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_stem(x)
-        x = self.bn1(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(nn.Sequential(*self.active_blocks()), x, flatten=False)
-        for stage, depth in zip(self.blocks, self._stage_depths):
-            for i, block in enumerate(stage):
-                if i == depth:
-                    break
-                x = block(x)
-        return x
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs of the active subnet, as ``timm.models.MobileNetV3.forward_intermediates`` returns them."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        stage_ends = [f['stage'] for f in self.feature_info]
-        take_indices, max_index = feature_take_indices(len(stage_ends), indices)
-        take = {stage_ends[i] for i in take_indices}
-        last = stage_ends[max_index] if stop_early else len(self.blocks)
-        intermediates = []
-        x = self.bn1(self.conv_stem(x))
-        if 0 in take:
-            intermediates.append(x)
-        for idx, (stage, depth) in enumerate(zip(self.blocks, self._stage_depths), start=1):
-            if idx > last:
-                break
-            for block in stage[:depth]:
-                x = block(x)
-            if idx in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv_stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -402,9 +467,6 @@ class ElasticMobileNetV3(ElasticSupernet):
         if self.drop_rate > 0.:
             x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # --- canonical OFA MobileNetV3 spaces -------------------------------------------------------------------------------
@@ -509,33 +571,25 @@ def convert_ofa_state_dict(
     Raises:
         ValueError: On a key that does not belong to an OFA MobileNetV3.
     """
-    out = {}
-    first_elastic = 1
-    boundaries = [first_elastic]
+    boundaries = [1]  # the reference's block 0 is the fixed depthwise-separable block
     for d in stage_depths:
         boundaries.append(boundaries[-1] + d)
-    for key, value in state_dict.items():
-        new_key = key
+
+    def convert(key: str) -> Optional[str]:
         for old, new in _LEGACY_RENAMES:
-            new_key = new_key.replace(old, new)
-        m = re.match(r'blocks\.(\d+)\.(.*)$', new_key)
-        if m:
-            n, rest = int(m.group(1)), m.group(2)
-            if n == 0:
-                mapped = map_key(rest, _REF_FIRST_BLOCK_MAP)
-                prefix = 'blocks.0.0.'
-            else:
-                stage = next((s for s in range(len(stage_depths)) if n < boundaries[s + 1]), None)
-                if stage is None:
-                    raise ValueError(f'Reference key {key!r} lies beyond the {sum(stage_depths)} elastic blocks')
-                mapped = map_key(rest, _REF_LAYER_MAP)
-                prefix = f'blocks.{stage + 1}.{n - boundaries[stage]}.'
-            mapped = prefix + mapped if mapped else None
+            key = key.replace(old, new)
+        m = re.match(r'blocks\.(\d+)\.(.*)$', key)
+        if not m:
+            mapped = map_key(key, _REF_TOP_MAP)
+            return mapped.replace('blocks.6.', f'blocks.{len(stage_depths) + 1}.', 1) if mapped else None
+        n, rest = int(m.group(1)), m.group(2)
+        if n == 0:
+            mapped, prefix = map_key(rest, _REF_FIRST_BLOCK_MAP), 'blocks.0.0.'
         else:
-            mapped = map_key(new_key, _REF_TOP_MAP)
-            if mapped and mapped.startswith('blocks.6.'):
-                mapped = mapped.replace('blocks.6.', f'blocks.{len(stage_depths) + 1}.', 1)
-        if mapped is None:
-            raise ValueError(f'Reference key {key!r} is not part of an OFA MobileNetV3 checkpoint')
-        out[mapped] = value
-    return out
+            stage = next((s for s in range(len(stage_depths)) if n < boundaries[s + 1]), None)
+            if stage is None:
+                raise ValueError(f'Reference key {key!r} lies beyond the {sum(stage_depths)} elastic blocks')
+            mapped, prefix = map_key(rest, _REF_LAYER_MAP), f'blocks.{stage + 1}.{n - boundaries[stage]}.'
+        return prefix + mapped if mapped else None
+
+    return convert_reference_keys(state_dict, convert, 'an OFA MobileNetV3')

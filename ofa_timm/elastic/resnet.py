@@ -7,8 +7,8 @@ The supernet keeps the source model's modules and state-dict keys. Its elastic d
   * resolution.
 
 ``ElasticResNet.extract(subnet)`` builds the source's timm class (``ResNet`` with ``Bottleneck`` or ``BasicBlock``
-blocks) with ``layers=`` for depth, then ``timm.models.adapt_model_from_string`` for per-block widths, and puts the
-subnet's weights in it.
+blocks) with ``layers=`` for depth on the meta device, resizes its layers to the subnet's per-block widths, and puts
+the subnet's weights in it.
 
 The canonical OFA-ResNet50 (``ofa_resnet50``) has a residual middle stem conv that the reference can skip. No stock
 timm ResNet has that stem, so its subnets come out as :class:`OFAResNet`, a minimal ``timm.models.ResNet`` subclass
@@ -19,31 +19,32 @@ import copy
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 from timm.layers import make_divisible
-from timm.models import ResNet
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
-from timm.models._prune import adapt_model_from_string
+from timm.models import ResNet, adapt_model_from_string
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from ..space import (
-    OFA_RESNET50_BASE_DEPTHS, OFA_RESNET50_WIDTH_MULTS, OFA_RESOLUTIONS, SearchSpace, StageChoices, Subnet, SubnetLike)
-from ._build import assign_state, build_on_meta, skip_meta_init
-from .base import ElasticSupernet, imagenet_cfg, map_key
+from ..space import OFA_RESOLUTIONS, StageChoices, Subnet, SubnetLike
+from ._build import build_on_meta, reshape_on_meta
+from .base import (
+    BlockSpec, ElasticSupernet, LayerSpec, band_permutation, conv_layers, convert_reference_keys, imagenet_cfg,
+    input_importance, map_key, permute_channels, reference_resolution)
 from .ops import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
 
 __all__ = [
     'ElasticResNet', 'OFAResNet', 'ResidualDeepStem', 'ofa_resnet50', 'convert_ofa_resnet_state_dict',
-    'OFA_RESNET_EXPANDS', 'OFA_RESNET_WIDTHS', 'OFA_RESNET_DEPTH_REDUCTIONS',
+    'OFA_RESNET_EXPANDS', 'OFA_RESNET_WIDTHS', 'OFA_RESNET_DEPTH_REDUCTIONS', 'OFA_RESNET50_BASE_DEPTHS',
 ]
 
 OFA_RESNET_EXPANDS: Tuple[float, ...] = (0.2, 0.25, 0.35)
-OFA_RESNET_WIDTHS: Tuple[float, ...] = OFA_RESNET50_WIDTH_MULTS
+OFA_RESNET_WIDTHS: Tuple[float, ...] = (0.65, 0.8, 1.0)
 OFA_RESNET_DEPTH_REDUCTIONS: Tuple[int, ...] = (0, 1, 2)
+# The reference OFA-ResNet50 writes depth as an offset on these base depths (and width as an index into
+# OFA_RESNET_WIDTHS) in its subnet dicts.
+OFA_RESNET50_BASE_DEPTHS: Tuple[int, ...] = (2, 2, 4, 2)
 BASIC_BLOCK_EXPANDS: Tuple[float, ...] = (0.5, 0.75, 1.0)
 _LAYERS = ('layer1', 'layer2', 'layer3', 'layer4')
 
@@ -124,6 +125,10 @@ def _channels(base: int, mult: float) -> int:
     return base if mult == 1.0 else make_divisible(base * mult)
 
 
+def _block_out(block: nn.Module) -> int:
+    return (block.conv3 if isinstance(block, Bottleneck) else block.conv2).out_channels
+
+
 def _check_block(block: nn.Module, where: str) -> None:
     if not isinstance(block, (Bottleneck, BasicBlock)):
         raise ValueError(f'{where}: {type(block).__name__} blocks are not supported; supported: Bottleneck, BasicBlock')
@@ -143,6 +148,9 @@ class ElasticResNet(ElasticSupernet):
     The supernet owns (deep copies of) the source model's modules, so its state dict has the source's keys. Its max
     subnet computes exactly the source model.
     """
+    source_types = (ResNet,)
+    space_options = ('expands', 'widths', 'depth_reductions', 'resolutions', 'stem_depths')
+    stage_ends = (0, 1, 2, 3, 4)
 
     def __init__(
             self,
@@ -164,22 +172,34 @@ class ElasticResNet(ElasticSupernet):
             stem_depths: For an OFA residual stem only: allowed numbers of residual stem convs (0 skips it).
         """
         super().__init__()
+        model = self._checked_copy(model)
+        self._adopt_source_attributes(model)
+        self._adopt_modules(model)
+        width_choices = self._make_widths_elastic(widths)
+        stage_choices = self._make_stages_elastic(expands, depth_reductions, stem_depths)
+        self._finish_init([getattr(self, n) for n in _LAYERS], stage_choices, resolutions,
+                          widths=(width_choices,) * len(self._width_bases))
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _checked_copy(model: nn.Module) -> ResNet:
         if not isinstance(model, ResNet):
             raise ValueError(f'ElasticResNet needs a timm ResNet, got {type(model).__name__}')
-        model = copy.deepcopy(model)
         for name in _LAYERS:
             for i, block in enumerate(getattr(model, name)):
                 _check_block(block, f'{name}.{i}')
         if not isinstance(model.maxpool, nn.MaxPool2d):
             raise ValueError('ResNets with a replaced or anti-aliased stem pool are not supported')
-        self._adopt_source_attributes(model)
+        return copy.deepcopy(model)
+
+    def _adopt_modules(self, model: ResNet) -> None:
+        """Take the source's modules and read what extraction must rebuild (block type, stem, downsampling)."""
         self._block_type = type(model.layer1[0])
         self._ofa_stem_class = type(model) if isinstance(model.conv1, ResidualDeepStem) else None
         downsamples = [getattr(model, n)[0].downsample for n in _LAYERS if getattr(model, n)[0].downsample is not None]
         self._avg_down = bool(downsamples) and len(downsamples[0]) == 3
         self._act_layer = type(model.act1)
         self._bn_args = dict(eps=model.bn1.eps, momentum=model.bn1.momentum)
-
         self.conv1 = model.conv1
         self.bn1 = ElasticBatchNorm2d.from_static(model.bn1)
         self.act1 = model.act1
@@ -189,59 +209,6 @@ class ElasticResNet(ElasticSupernet):
         self.global_pool = model.global_pool
         self.fc = ElasticLinear.from_static(model.fc) if isinstance(model.fc, nn.Linear) else model.fc
         self.in_chans = self._convert_stem()
-
-        # Width slots: stem (mid, out) or stem (out), then one per stage. A first stage without a downsample adds
-        # its input to its output, so its width is the stem's and it has no slot of its own.
-        stem_bases = [self._stem.mid_chs, (self._stem.out_chs,)] if self._stem.mid_chs else [(self._stem.out_chs,)]
-        stage_bases = [(self._block_out(getattr(self, n)[0]),) for n in _LAYERS]
-        tied = self.layer1[0].downsample is None
-        self._width_bases: List[Tuple[int, ...]] = stem_bases + stage_bases[1 if tied else 0:]
-        stem_slot = len(stem_bases) - 1
-        self._stage_width_slots: Tuple[int, ...] = tuple(
-            stem_slot if tied and s == 0 else stem_slot + s + (0 if tied else 1) for s in range(4))
-        width_choices = tuple(sorted(set(float(w) for w in widths if 0 < w <= 1.0) | {1.0}))
-
-        default_expands = OFA_RESNET_EXPANDS if self._block_type is Bottleneck else BASIC_BLOCK_EXPANDS
-        candidates = tuple(sorted(float(e) for e in (expands or default_expands)))
-        stage_choices = []
-        if self._stem.kind == 'residual':
-            stem_choices = tuple(d for d in stem_depths if d in (0, 1))
-            if not stem_choices:
-                raise ValueError(f'stem_depths {list(stem_depths)} must contain 0 and/or 1')
-            stage_choices.append(StageChoices(depths=stem_choices))
-        self._source_expands: List[List[float]] = []
-        for name in _LAYERS:
-            stage = getattr(self, name)
-            n = len(stage)
-            depth_choices = tuple(sorted({n - r for r in depth_reductions if n - r >= 1} | {n}))
-            slot_expands, source_expands = [], []
-            for i, block in enumerate(stage):
-                self._convert_block(block)
-                width = self._block_out(block)
-                mid = block.conv1.out_channels
-                fitting = [e for e in candidates if _mid_channels(width, e) == mid]
-                src_e = max(fitting) if fitting else mid / width
-                if _mid_channels(width, src_e) != mid:
-                    raise ValueError(f'{name}.{i}: {mid} mid channels are not make_divisible(round({width} * e))')
-                source_expands.append(src_e)
-                slot_expands.append(tuple(sorted({e for e in candidates if e < src_e} | {src_e})))
-            self._source_expands.append(source_expands)
-            stage_choices.append(StageChoices(depths=depth_choices, expands=tuple(slot_expands)))
-
-        source_res = int(self.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
-        # Default: OFA's 128..224 plus the source's own resolution; an explicit list is taken as given.
-        resolutions = tuple(resolutions) if resolutions else tuple(set(OFA_RESOLUTIONS) | {source_res})
-        self.space = SearchSpace(
-            tuple(stage_choices), widths=(width_choices,) * len(self._width_bases),
-            resolutions=resolutions)
-        self._stage_depths: List[int] = [len(getattr(self, n)) for n in _LAYERS]
-        self.active_subnet: Subnet = self.space.max()
-        self.set_active(self.active_subnet)
-
-    # --- conversion helpers -------------------------------------------------------------------------------------
-    @staticmethod
-    def _default_cfg(num_classes: int) -> Dict[str, Any]:
-        return _ofa_resnet_cfg(num_classes)
 
     def _convert_stem(self) -> int:
         stem = self.conv1
@@ -271,7 +238,51 @@ class ElasticResNet(ElasticSupernet):
             raise ValueError(f'Unsupported ResNet stem {type(stem).__name__}')
         return in_chans
 
-    def _convert_block(self, block: nn.Module) -> None:
+    def _make_widths_elastic(self, widths: Sequence[float]) -> Tuple[float, ...]:
+        """Lay out the width slots: stem (mid, out) or stem (out), then one per stage. A first stage without a
+        downsample adds its input to its output, so its width is the stem's and it has no slot of its own."""
+        stem_bases = [self._stem.mid_chs, (self._stem.out_chs,)] if self._stem.mid_chs else [(self._stem.out_chs,)]
+        stage_bases = [(_block_out(getattr(self, n)[0]),) for n in _LAYERS]
+        tied = self.layer1[0].downsample is None
+        self._width_bases: List[Tuple[int, ...]] = stem_bases + stage_bases[1 if tied else 0:]
+        self._stem_width_slot = len(stem_bases) - 1
+        self._stage_width_slots: Tuple[int, ...] = tuple(
+            self._stem_width_slot if tied and s == 0 else self._stem_width_slot + s + (0 if tied else 1)
+            for s in range(4))
+        return tuple(sorted(set(float(w) for w in widths if 0 < w <= 1.0) | {1.0}))
+
+    def _make_stages_elastic(
+            self, expands: Optional[Sequence[float]], depth_reductions: Sequence[int], stem_depths: Sequence[int],
+    ) -> List[StageChoices]:
+        """Convert every block; returns the choices of the stem (OFA stem only) and of each stage."""
+        default_expands = OFA_RESNET_EXPANDS if self._block_type is Bottleneck else BASIC_BLOCK_EXPANDS
+        candidates = tuple(sorted(float(e) for e in (expands or default_expands)))
+        stage_choices = []
+        if self._stem.kind == 'residual':
+            stem_choices = tuple(d for d in stem_depths if d in (0, 1))
+            if not stem_choices:
+                raise ValueError(f'stem_depths {list(stem_depths)} must contain 0 and/or 1')
+            stage_choices.append(StageChoices(depths=stem_choices))
+        self._slot_blocks: List[Tuple[int, int]] = []
+        for s, name in enumerate(_LAYERS):
+            stage = getattr(self, name)
+            n = len(stage)
+            depth_choices = tuple(sorted({n - r for r in depth_reductions if n - r >= 1} | {n}))
+            slot_expands = []
+            for i, block in enumerate(stage):
+                self._convert_block(block)
+                width, mid = _block_out(block), block.conv1.out_channels
+                fitting = [e for e in candidates if _mid_channels(width, e) == mid]
+                src_e = max(fitting) if fitting else mid / width
+                if _mid_channels(width, src_e) != mid:
+                    raise ValueError(f'{name}.{i}: {mid} mid channels are not make_divisible(round({width} * e))')
+                slot_expands.append(tuple(sorted({e for e in candidates if e < src_e} | {src_e})))
+                self._slot_blocks.append((s, i))
+            stage_choices.append(StageChoices(depths=depth_choices, expands=tuple(slot_expands)))
+        return stage_choices
+
+    @staticmethod
+    def _convert_block(block: nn.Module) -> None:
         convs = ('conv1', 'conv2', 'conv3') if isinstance(block, Bottleneck) else ('conv1', 'conv2')
         for name in convs:
             setattr(block, name, ElasticConv2d.from_static(getattr(block, name)))
@@ -281,36 +292,66 @@ class ElasticResNet(ElasticSupernet):
             block.downsample[-2] = ElasticConv2d.from_static(block.downsample[-2])
             block.downsample[-1] = ElasticBatchNorm2d.from_static(block.downsample[-1])
 
-    def _block_out(self, block: nn.Module) -> int:
-        return (block.conv3 if isinstance(block, Bottleneck) else block.conv2).out_channels
+    @staticmethod
+    def _default_cfg(num_classes: int) -> Dict[str, Any]:
+        return _ofa_resnet_cfg(num_classes)
 
+    # --- subnets ------------------------------------------------------------------------------------------------
     def _widths(self, subnet: Subnet) -> List[Tuple[int, ...]]:
         """Channel counts of every width slot for ``subnet``."""
         return [tuple(_channels(b, w) for b in bases) for bases, w in zip(self._width_bases, subnet.widths)]
 
-    # --- elastic API --------------------------------------------------------------------------------------------
     def _block_plan(self, subnet: Subnet):
-        """Yield (layer name, block index, block, mid channels, out channels, active) for every block."""
+        """Yield (layer name, block index, block, mid channels, out channels, active, slot) for every block."""
         widths = self._widths(subnet)
         stage_depths = subnet.depths[-4:]
-        slot = 0
-        for s, name in enumerate(_LAYERS):
+        for slot, (s, i) in enumerate(self._slot_blocks):
             out = widths[self._stage_width_slots[s]][0]
-            for i, block in enumerate(getattr(self, name)):
-                mid = _mid_channels(out, subnet.expands[slot])
-                yield name, i, block, mid, out, i < stage_depths[s]
-                slot += 1
+            block = getattr(self, _LAYERS[s])[i]
+            yield _LAYERS[s], i, block, _mid_channels(out, subnet.expands[slot]), out, i < stage_depths[s], slot
+
+    def subnet_from_reference(self, d: Mapping[str, Any]) -> Subnet:
+        """Read the reference ``OFAResNets`` form ``{'d': [stem + 4 depth offsets], 'e': [...], 'w': [width
+        indices], 'r': ...}`` (the canonical OFA-ResNet50 space only)."""
+        if self._stem.kind != 'residual':
+            raise ValueError('The reference ResNet subnet form describes the canonical OFA-ResNet50 only; write this '
+                             "supernet's subnets in ofa_timm's form (Subnet.to_dict)")
+        missing = {'d', 'e', 'w'} - set(d)
+        if missing or not set(d) <= {'d', 'e', 'w', 'r'}:
+            raise ValueError(f'Reference ResNet subnet dicts have keys d, e, w (and optionally r); got {sorted(d)}')
+        depth, width = list(d['d']), list(d['w'])
+        n_stages = len(OFA_RESNET50_BASE_DEPTHS)
+        if len(depth) != n_stages + 1:
+            raise ValueError(
+                f"Reference ResNet 'd' must have {n_stages + 1} entries (stem + {n_stages} stages), got {depth}")
+        if len(width) != n_stages + 2:
+            raise ValueError(f"Reference ResNet 'w' must have {n_stages + 2} entries, got {width}")
+        for i, v in enumerate(depth):
+            if v not in (0, 1, 2):
+                raise ValueError(f"Reference ResNet 'd'[{i}] = {v} is not allowed; allowed: [0, 1, 2]")
+        for i, v in enumerate(width):
+            if v not in range(len(OFA_RESNET_WIDTHS)):
+                raise ValueError(f"Reference ResNet 'w'[{i}] = {v} is not a width index; "
+                                 f'allowed: {list(range(len(OFA_RESNET_WIDTHS)))}')
+        # The reference skips the residual middle stem conv unless the stem 'depth' is its maximum (2).
+        depths = [1 if depth[0] == 2 else 0] + [base + off for base, off in zip(OFA_RESNET50_BASE_DEPTHS, depth[1:])]
+        return Subnet(depths=depths, expands=d['e'], widths=[OFA_RESNET_WIDTHS[i] for i in width],
+                      resolution=reference_resolution(d.get('r')))
+
+    def convert_reference_state_dict(
+            self, state_dict: Mapping[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+        if not any(k.startswith('input_stem.') for k in state_dict):
+            return None
+        return convert_ofa_resnet_state_dict(state_dict, [len(getattr(self, n)) for n in _LAYERS])
 
     def set_active(self, subnet: Optional[SubnetLike] = None) -> Subnet:
-        """Make ``subnet`` (default: the max subnet; also ``'max'``, ``'min'``, a dict or a JSON path) the one
-        ``forward`` computes. Returns it validated."""
-        subnet = self.space.max() if subnet is None else self.space.resolve(subnet)
+        subnet = self.resolve(subnet)
 
         def out(conv: ElasticConv2d, channels: int) -> None:
             conv.set_active(out_channels=None if channels == conv.out_channels else channels)
 
         widths = self._widths(subnet)
-        stem_out = widths[1 if self._stem.mid_chs else 0][0]
+        stem_out = widths[self._stem_width_slot][0]
         if self._stem.kind == 'residual':
             out(self.conv1.conv_in, widths[0][0])
             out(self.conv1.conv_mid, widths[0][0])
@@ -322,7 +363,7 @@ class ElasticResNet(ElasticSupernet):
             out(self.conv1[6], stem_out)
         else:
             out(self.conv1, stem_out)
-        for name, i, block, mid, width, _ in self._block_plan(subnet):
+        for name, i, block, mid, width, _, _ in self._block_plan(subnet):
             out(block.conv1, mid)
             if isinstance(block, Bottleneck):
                 out(block.conv2, mid)
@@ -335,37 +376,30 @@ class ElasticResNet(ElasticSupernet):
         self.active_subnet = subnet
         return subnet
 
-    @torch.no_grad()
-    def extract(self, subnet: Optional[SubnetLike] = None) -> ResNet:
-        """Build a timm ``ResNet`` carrying ``subnet``'s weights (default: the active subnet).
-
-        Converted timm models give a stock ``timm.models.ResNet``; the canonical OFA-ResNet50 gives an
-        :class:`OFAResNet`. The model is independent of the supernet, in the supernet's train/eval mode, and its
-        ``pretrained_cfg['input_size']`` carries the subnet's resolution.
-        """
-        subnet = self.active_subnet if subnet is None else self.space.resolve(subnet)
-        state = self._static_state(subnet)
-        model_string = '***'.join(
-            f'{k}:[{",".join(str(d) for d in v.shape)}]' for k, v in state.items() if k.endswith('.weight'))
-        skeleton = self._build_static(subnet)
-        with skip_meta_init():
-            model = adapt_model_from_string(skeleton, model_string)
-        model = assign_state(model, state)
-        return self._finish_extracted(model, subnet)
-
-    def _build_static(self, subnet: Subnet) -> ResNet:
+    # --- extraction ---------------------------------------------------------------------------------------------
+    def build_static(self, subnet: Subnet, state: Mapping[str, torch.Tensor]) -> ResNet:
+        """The source's timm class with ``layers=`` for depth, resized on the meta device to the subnet's widths
+        (what ``timm.models.adapt_model_from_string`` does, without its deep copy)."""
         kwargs = dict(
             block=self._block_type, layers=tuple(subnet.depths[-4:]), num_classes=self.num_classes,
             in_chans=self.in_chans, global_pool=self.global_pool.pool_type, avg_down=self._avg_down,
             act_layer=self._act_layer, norm_layer=partial(nn.BatchNorm2d, **self._bn_args), drop_rate=self.drop_rate)
         if self._stem.kind == 'residual':
-            return build_on_meta(self._ofa_stem_class, stem_residual=subnet.depths[0] == 1, **kwargs)
-        if self._stem.kind == 'deep':
-            tiered = self._stem.mid_chs[0] != self._stem.mid_chs[1]
-            kwargs.update(stem_type='deep_tiered' if tiered else 'deep', stem_width=self._stem.mid_chs[1])
-        return build_on_meta(ResNet, **kwargs)
+            model = build_on_meta(self._ofa_stem_class, stem_residual=subnet.depths[0] == 1, **kwargs)
+        else:
+            if self._stem.kind == 'deep':
+                tiered = self._stem.mid_chs[0] != self._stem.mid_chs[1]
+                kwargs.update(stem_type='deep_tiered' if tiered else 'deep', stem_width=self._stem.mid_chs[1])
+            model = build_on_meta(ResNet, **kwargs)
+        reshape_on_meta(model, state)
+        widths = self._widths(subnet)
+        channels = [widths[self._stem_width_slot][0]] + [widths[slot][0] for slot in self._stage_width_slots]
+        for info, chs in zip(model.feature_info, channels):
+            info['num_chs'] = chs
+        model.num_features = model.head_hidden_size = channels[-1]
+        return model
 
-    def _static_state(self, subnet: Subnet) -> Dict[str, torch.Tensor]:
+    def static_state(self, subnet: Subnet) -> Dict[str, torch.Tensor]:
         state: Dict[str, torch.Tensor] = {}
 
         def add(prefix: str, module: nn.Module, in_channels: int, out_channels: Optional[int] = None) -> None:
@@ -376,7 +410,7 @@ class ElasticResNet(ElasticSupernet):
             state.update({f'{prefix}.{k}': v for k, v in tensors.items()})
 
         widths = self._widths(subnet)
-        stem_out = widths[1 if self._stem.mid_chs else 0][0]
+        stem_out = widths[self._stem_width_slot][0]
         if self._stem.kind == 'residual':
             mid = widths[0][0]
             add('conv1.conv_in', self.conv1.conv_in, self.in_chans, mid)
@@ -396,7 +430,7 @@ class ElasticResNet(ElasticSupernet):
             add('conv1', self.conv1, self.in_chans, stem_out)
         add('bn1', self.bn1, stem_out)
         in_chs = stem_out
-        for name, i, block, mid, width, active in self._block_plan(subnet):
+        for name, i, block, mid, width, active, _ in self._block_plan(subnet):
             if not active:
                 continue
             p = f'{name}.{i}'
@@ -419,6 +453,85 @@ class ElasticResNet(ElasticSupernet):
             add('fc', self.fc, in_chs)
         return state
 
+    # --- family hooks -------------------------------------------------------------------------------------------
+    def mid_channels(self, slot: int, expand: float) -> int:
+        s, i = self._slot_blocks[slot]
+        return _mid_channels(_block_out(getattr(self, _LAYERS[s])[i]), expand)
+
+    @torch.no_grad()
+    def sort_block_channels(self, slot: int, bands: Sequence[int]) -> None:
+        s, i = self._slot_blocks[slot]
+        block = getattr(self, _LAYERS[s])[i]
+        if isinstance(block, Bottleneck):
+            perm = band_permutation(input_importance(block.conv3.weight), bands)
+            permute_channels(block.conv2, perm)
+            permute_channels(block.bn2, perm)
+            permute_channels(block.conv3, perm, dim=1)
+        perm = band_permutation(input_importance(block.conv2.weight), bands)
+        permute_channels(block.conv1, perm)
+        permute_channels(block.bn1, perm)
+        permute_channels(block.conv2, perm, dim=1)
+
+    def describe(self, subnet: Optional[SubnetLike] = None) -> Tuple[BlockSpec, ...]:
+        subnet = self.active_subnet if subnet is None else self.resolve(subnet)
+        space = self.space
+        widths = self._widths(subnet)
+        residual_stem = self._stem.kind == 'residual'
+        width_gene = [space.gene_index('widths', w) for w in range(len(self._width_bases))]
+        stem_genes = tuple(width_gene[:self._stem_width_slot + 1])
+        stem_out = widths[self._stem_width_slot][0]
+        act = type(self.act1).__name__
+        if self._stem.kind == 'plain':
+            k = self.conv1.kernel_size[0]
+            layers = conv_layers(self.in_chans, stem_out, k, 2)
+            stem_modules: Tuple[str, ...] = ('conv1', 'bn1', 'act1', 'maxpool')
+        else:
+            m0, m1 = widths[0] if self._stem.kind == 'deep' else (widths[0][0], widths[0][0])
+            layers = conv_layers(self.in_chans, m0, 3, 2)
+            if residual_stem and subnet.depths[0] == 1:
+                layers += conv_layers(m0, m0, 3, reduction=2)
+            if residual_stem:
+                stem_genes += (space.gene_index('depths', 0),)
+            layers += conv_layers(m0, m1, 3, reduction=2) if self._stem.kind == 'deep' else ()
+            layers += conv_layers(m1, stem_out, 3, reduction=2)
+            k = 3
+            stem_modules = ('conv1', 'bn1', 'act1', 'maxpool')
+        specs = [BlockSpec('stem', 'stem', self.in_chans, stem_out, widths[0][0], k, 4, 1.0, 1, act=act,
+                           layers=layers, modules=stem_modules, genes=stem_genes)]
+        in_chs, reduction = stem_out, 4
+        depth_offset = 1 if residual_stem else 0
+        for name, i, block, mid, width, active, slot in self._block_plan(subnet):
+            if not active:
+                continue
+            stride = block.conv2.stride[0] if isinstance(block, Bottleneck) else block.conv1.stride[0]
+            s = int(name[-1]) - 1
+            in_slot = self._stage_width_slots[s - 1] if s > 0 else self._stem_width_slot
+            genes = (space.gene_index('depths', s + depth_offset), space.gene_index('expands', slot),
+                     width_gene[self._stage_width_slots[s]]) + ((width_gene[in_slot],) if i == 0 else ())
+            if isinstance(block, Bottleneck):
+                layers = (*conv_layers(in_chs, mid, reduction=reduction),
+                          *conv_layers(mid, mid, 3, stride, reduction=reduction),
+                          *conv_layers(mid, width, reduction=reduction * stride))
+            else:
+                layers = (*conv_layers(in_chs, mid, 3, stride, reduction=reduction),
+                          *conv_layers(mid, width, 3, reduction=reduction * stride))
+            if block.downsample is not None:
+                pooled = len(block.downsample) == 3 and stride > 1
+                layers += conv_layers(in_chs, width, 1, 1 if pooled else stride,
+                                      reduction=reduction * stride if pooled else reduction)
+            specs.append(BlockSpec(
+                f'{name}.{i}', 'bottleneck' if isinstance(block, Bottleneck) else 'basic', in_chs, width, mid,
+                3, stride, subnet.expands[slot], reduction, act=act, skip=True, layers=layers,
+                modules=(f'{name}.{i}',), genes=genes))
+            in_chs, reduction = width, reduction * stride
+        layers = ()
+        if isinstance(self.fc, nn.Linear):
+            layers = (LayerSpec('linear', in_chs, self.fc.out_features, bias=self.fc.bias is not None, reduction=0),)
+        specs.append(BlockSpec('head', 'head', in_chs, self.num_classes, in_chs, 1, 1, 1.0, reduction, act=act,
+                               layers=layers, modules=('global_pool', 'fc'),
+                               genes=(width_gene[self._stage_width_slots[-1]],)))
+        return tuple(specs)
+
     # --- timm model API -----------------------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -438,58 +551,17 @@ class ElasticResNet(ElasticSupernet):
         self.global_pool = pool.to(device)
         self.fc = ElasticLinear.from_static(fc.to(device)) if isinstance(fc, nn.Linear) else fc
 
-    def active_blocks(self) -> List[nn.Module]:
-        """The residual blocks the active subnet runs, in order."""
-        return [b for n, d in zip(_LAYERS, self._stage_depths) for b in getattr(self, n)[:d]]
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.act1(x)
-        x = self.maxpool(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(nn.Sequential(*self.active_blocks()), x, flatten=False)
-        for name, depth in zip(_LAYERS, self._stage_depths):
-            for i, block in enumerate(getattr(self, name)):
-                if i == depth:
-                    break
-                x = block(x)
-        return x
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stem and stage outputs of the active subnet, as ``timm.models.ResNet.forward_intermediates`` returns them."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(5, indices)
-        intermediates = []
-        x = self.act1(self.bn1(self.conv1(x)))
-        if 0 in take_indices:
-            intermediates.append(x)
-        x = self.maxpool(x)
-        last = max_index if stop_early else 4
-        for idx, (name, depth) in enumerate(zip(_LAYERS[:last], self._stage_depths), start=1):
-            for block in getattr(self, name)[:depth]:
-                x = block(x)
-            if idx in take_indices:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
+    def _enter_stages(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         if self.drop_rate:
             x = nn.functional.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _ofa_resnet_cfg(num_classes: int = 1000) -> Dict[str, Any]:
@@ -562,19 +634,14 @@ def convert_ofa_resnet_state_dict(
         ValueError: On a key that does not belong to an OFA-ResNet checkpoint.
     """
     starts = [sum(stage_depths[:s]) for s in range(len(stage_depths) + 1)]
-    out = {}
-    for key, value in state_dict.items():
+
+    def convert(key: str) -> Optional[str]:
         m = re.match(r'blocks\.(\d+)\.(.*)$', key)
-        mapped = None
-        if m:
-            n = int(m.group(1))
-            stage = next((s for s in range(len(stage_depths)) if n < starts[s + 1]), None)
-            rest = map_key(m.group(2), _REF_RESNET_BLOCK_MAP)
-            if stage is not None and rest:
-                mapped = f'{_LAYERS[stage]}.{n - starts[stage]}.{rest}'
-        else:
-            mapped = map_key(key, _REF_RESNET_TOP_MAP)
-        if mapped is None:
-            raise ValueError(f'Reference key {key!r} is not part of an OFA-ResNet checkpoint')
-        out[mapped] = value
-    return out
+        if not m:
+            return map_key(key, _REF_RESNET_TOP_MAP)
+        n = int(m.group(1))
+        stage = next((s for s in range(len(stage_depths)) if n < starts[s + 1]), None)
+        rest = map_key(m.group(2), _REF_RESNET_BLOCK_MAP)
+        return f'{_LAYERS[stage]}.{n - starts[stage]}.{rest}' if stage is not None and rest else None
+
+    return convert_reference_keys(state_dict, convert, 'an OFA-ResNet')

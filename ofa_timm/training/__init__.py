@@ -7,12 +7,14 @@ from .sampling import StepSampler, restrict_space, space_dimensions
 from .schedule import DIMENSIONS, PRESETS, Schedule, Stage, load_schedule
 from .sorting import band_permutation, sort_channels
 from .synthetic import SHAPES, make_shapes_dataset
-from .trainer import NonFiniteLossError, TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from .step import NonFiniteLossError, ShrinkingConfig, shrinking_step, stage_scheduler, teacher_logits
+from .trainer import TrainConfig, Trainer, load_checkpoint, save_checkpoint
 
 __all__ = [
     'calibrate_bn', 'DataConfig', 'EpochSampler', 'SeededDataset', 'build_datasets', 'classification_loss',
     'distillation_loss', 'evaluate_subnet', 'StepSampler', 'restrict_space', 'space_dimensions', 'DIMENSIONS',
     'PRESETS', 'Schedule', 'Stage', 'load_schedule', 'band_permutation', 'sort_channels', 'SHAPES',
     'make_shapes_dataset',
-    'NonFiniteLossError', 'TrainConfig', 'Trainer', 'load_checkpoint', 'save_checkpoint',
+    'NonFiniteLossError', 'ShrinkingConfig', 'shrinking_step', 'stage_scheduler', 'teacher_logits', 'TrainConfig',
+    'Trainer', 'load_checkpoint', 'save_checkpoint',
 ]

@@ -29,14 +29,14 @@ def evaluate_subnet(
 
     Args:
         supernet: An elastic supernet.
-        subnet: The subnet (any form ``space.resolve`` reads).
+        subnet: The subnet (any form ``supernet.resolve`` reads).
         calib_loader: Training images (batches or ``(images, targets)``) for BN recalibration.
         val_loader: ``(images, targets)`` batches; images are resized to the subnet's resolution.
         calib_images: Images used for recalibration.
         device: Evaluation device (default: the supernet's).
         autocast: Returns the autocast context of the forward passes (default: none).
     """
-    subnet = supernet.space.resolve(subnet)
+    subnet = supernet.resolve(subnet)
     device = torch.device(device) if device is not None else next(supernet.parameters()).device
     model = supernet.extract(subnet).to(device)
     calibrate_bn(model, calib_loader, calib_images, resolution=subnet.resolution, device=device)

@@ -28,29 +28,27 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
+from .._io import atomic_path
 from ..space import Subnet
 from .data import EpochSampler, SeededDataset, eval_loader, resize_to, train_loader
-from .distill import classification_loss, distillation_loss
+from .distill import classification_loss
 from .evaluate import evaluate_subnet
 from .sampling import StepSampler, applicable_stages
 from .schedule import Schedule, Stage
 from .sorting import sort_before_stage
+from .step import NonFiniteLossError, ShrinkingConfig, shrinking_step, stage_scheduler, teacher_logits
 
-__all__ = ['TrainConfig', 'Trainer', 'NonFiniteLossError', 'save_checkpoint', 'load_checkpoint']
+__all__ = ['TrainConfig', 'Trainer', 'save_checkpoint', 'load_checkpoint']
 
 CHECKPOINT = 'last.pth'
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
-
-
 @dataclass
-class TrainConfig:
-    """Settings of a progressive-shrinking run that are not part of the schedule.
+class TrainConfig(ShrinkingConfig):
+    """Settings of a progressive-shrinking run that are not part of the schedule (the shared ones are
+    :class:`ShrinkingConfig`'s).
 
     Args:
         output: Run folder (checkpoints, metrics.jsonl, summary, plot).
@@ -64,18 +62,11 @@ class TrainConfig:
         clip_grad: Clip the gradient norm to this value (None: no clipping).
         ema_decay: Keep a ``ModelEmaV3`` of the supernet with this decay (None: no EMA).
         label_smoothing: Label smoothing of the classification loss.
-        kd_kind: 'ce' (soft-target cross entropy, OFA) or 'kl'.
-        kd_temperature: Distillation temperature.
         mixup: Mixup alpha (0 disables).
         cutmix: CutMix alpha (0 disables).
-        warmup_lr: Learning rate at the start of a warmup.
-        min_lr: Final learning rate of each stage's cosine.
-        calib_images: Training images used to recalibrate BN statistics of each validated subnet.
-        val_resolutions: Resolutions of the validation grid (default: min and max of the stage).
         val_every: Validate every this many epochs (and always at the end of a stage).
         checkpoint_every: Also checkpoint every this many steps (0: only at epoch ends).
         log_every: Write a training record to metrics.jsonl every this many steps.
-        seed: Run seed (sampling, data order, augmentation).
         progress: Show tqdm progress bars on rank 0.
     """
     output: str = 'output'
@@ -89,40 +80,26 @@ class TrainConfig:
     clip_grad: Optional[float] = None
     ema_decay: Optional[float] = None
     label_smoothing: float = 0.1
-    kd_kind: str = 'ce'
-    kd_temperature: float = 1.0
     mixup: float = 0.
     cutmix: float = 0.
-    warmup_lr: float = 1e-5
-    min_lr: float = 0.
-    calib_images: int = 2000
-    val_resolutions: Optional[Sequence[int]] = None
     val_every: int = 1
     checkpoint_every: int = 0
     log_every: int = 10
-    seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.amp not in ('none', 'bf16', 'fp16'):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {self.batch_size}')
-        if self.kd_kind not in ('ce', 'kl'):
-            raise ValueError(f"kd_kind must be 'ce' or 'kl', got {self.kd_kind!r}")
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    """Write ``state`` atomically: a temp file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
+    """Write ``state`` atomically (see ``atomic_path``)."""
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -343,11 +320,8 @@ class Trainer:
         self._optimizer = create_optimizer_v2(
             self.supernet, opt=self.config.opt, lr=lr, weight_decay=self.config.weight_decay,
             momentum=self.config.momentum)
-        total = self.stage_steps(stage)
-        warmup = min(total - 1, round(stage.warmup_epochs * self.schedule.epochs_scale * self.steps_per_epoch))
-        self._scheduler, _ = create_scheduler_v2(
-            self._optimizer, sched='cosine', num_epochs=total, warmup_epochs=max(0, warmup),
-            warmup_lr=self.config.warmup_lr, min_lr=self.config.min_lr, updates_per_epoch=1, step_on_epochs=False)
+        self._scheduler, _ = stage_scheduler(
+            self._optimizer, self.schedule, stage, self.steps_per_epoch, self.config, lr=lr)
         if resumed:
             state = self._resume_state
             if state['optimizer'] is not None and self.position.step > 0:
@@ -422,34 +396,20 @@ class Trainer:
             mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                           num_classes=self.supernet.num_classes)
             images, mixed = mixer(images, targets)
-        teacher_logits = None
-        if stage.kd_ratio > 0 and stage.sampling == 'uniform' and self.teacher is not None:
-            with torch.no_grad(), self._autocast():
-                teacher_logits = self.teacher(images)  # once per batch, shared by every subnet
+        teacher = teacher_logits(self.teacher, images, stage, self._autocast)
         self._optimizer.zero_grad(set_to_none=True)
         self.model.train()
-        total_loss = 0.
-        for i, subnet in enumerate(subnets):
-            self.supernet.set_active(subnet)
+
+        def forward(subnet: Subnet) -> Tuple[torch.Tensor, torch.Tensor]:
             with self._autocast():
                 logits = self.model(images)
-                loss = classification_loss(logits, targets, cfg.label_smoothing, mixed)
-                if stage.sampling == 'sandwich' and i > 0 and stage.kd_ratio > 0:
-                    loss = loss + stage.kd_ratio * distillation_loss(
-                        logits, teacher_logits, cfg.kd_kind, cfg.kd_temperature)
-                elif teacher_logits is not None:
-                    loss = loss + stage.kd_ratio * distillation_loss(
-                        logits, teacher_logits, cfg.kd_kind, cfg.kd_temperature)
-            if stage.sampling == 'sandwich' and i == 0:
-                teacher_logits = logits.detach()  # in-place distillation from the max subnet
-            if not _all_finite(loss):
-                raise NonFiniteLossError(
-                    f"Non-finite loss ({loss.item()}) in stage '{stage.name}' at step {self.position.step} "
-                    f'(global step {self.position.global_step}) for subnet {subnet.to_dict()}. The last good '
-                    f'checkpoint is kept at {self.output / CHECKPOINT}; lower the learning rate or enable '
-                    f'--clip-grad, then --resume.')
-            self._scaler.scale(loss).backward()
-            total_loss += loss.item()
+                return classification_loss(logits, targets, cfg.label_smoothing, mixed), logits
+
+        loss = shrinking_step(
+            self.supernet, subnets, stage, forward, lambda l: self._scaler.scale(l).backward(), cfg, teacher,
+            step=self.position.step, is_finite=_all_finite,
+            hint=f'Global step {self.position.global_step}; the last good checkpoint is kept at '
+                 f'{self.output / CHECKPOINT}: lower the learning rate or enable --clip-grad, then --resume.')
         if cfg.clip_grad is not None:
             self._scaler.unscale_(self._optimizer)
             torch.nn.utils.clip_grad_norm_(self.supernet.parameters(), cfg.clip_grad)
@@ -458,7 +418,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.supernet, step=self.position.global_step)
         self._scheduler.step_update(self.position.step + 1)
-        return total_loss / len(subnets)
+        return loss
 
     # --- validation -----------------------------------------------------------------------------------------
     def evaluate_subnet(self, subnet: Subnet) -> Dict[str, float]:

@@ -153,7 +153,7 @@ class SupernetSpace(ModelSpace):
 
     def to_sample(self, subnet: SubnetLike) -> Dict[str, Any]:
         """A ``Subnet`` (or its dict/JSON forms) as an NNI sample over :attr:`labels`."""
-        subnet = self.supernet.space.resolve(subnet)
+        subnet = self.supernet.resolve(subnet)
         space = self.supernet.space
         sample: Dict[str, Any] = {}
         k_slot = e_slot = 0

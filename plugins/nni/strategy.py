@@ -1,13 +1,13 @@
 """OFA progressive shrinking as an NNI one-shot strategy.
 
-The strategy reuses ofa_timm's training pieces: the schedule and its stages, the per-step subnet sampler, the
-distillation loss, channel sorting and BN recalibration. NNI's Lightning evaluator supplies the data, the optimizer
-and the base loss (e.g. ``Classification``); the strategy decides which subnets each step trains, adds the teacher's
-distillation term, sets each stage's learning rate (cosine with warmup, as ``ofa-timm train`` does) and evaluates a
-grid of BN-recalibrated subnets after every epoch.
+The strategy runs ofa_timm's training pieces: the schedule and its stages, the per-step subnet sampler, the
+progressive-shrinking step (``ofa_timm.training.step``: teacher, distillation, finite-loss check), the per-stage
+learning rate, channel sorting and BN recalibration. NNI's Lightning evaluator supplies the data, the optimizer and
+the base loss (e.g. ``Classification``); this module keeps only what Lightning requires around the shared step.
 """
 import itertools
 import math
+from dataclasses import fields, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -21,11 +21,11 @@ with quiet_nni_import():
 
 from ofa_timm.space import Subnet
 from ofa_timm.training.data import resize_to
-from ofa_timm.training.distill import distillation_loss
 from ofa_timm.training.evaluate import evaluate_subnet
 from ofa_timm.training.sampling import StepSampler, applicable_stages
 from ofa_timm.training.schedule import Schedule, Stage, load_schedule
 from ofa_timm.training.sorting import sort_before_stage
+from ofa_timm.training.step import ShrinkingConfig, shrinking_step, stage_scheduler, teacher_logits
 
 from .space import SupernetSpace
 
@@ -44,11 +44,8 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         training_module: The evaluator's Lightning module (NNI gives it the model space before training).
         space: The model space being trained.
         schedule: The progressive-shrinking schedule (already reduced to the stages that apply).
-        seed: Seed of the per-step subnet sampling.
-        kd_kind: 'ce' or 'kl'.
-        kd_temperature: Distillation temperature.
-        calib_images: Training images for BN recalibration of each validated subnet.
-        manage_lr: Set each stage's learning rate (cosine with warmup) on the evaluator's optimizer.
+        config: Seed, distillation, BN-recalibration and learning-rate settings.
+        manage_lr: Drive the evaluator's optimizer with each stage's learning-rate schedule.
         grid_every_epoch: Evaluate the BN-recalibrated subnet grid after every epoch, not only at stage ends.
     """
 
@@ -57,28 +54,23 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
             training_module: Any,
             space: SupernetSpace,
             schedule: Schedule,
-            seed: int = 0,
-            kd_kind: str = 'ce',
-            kd_temperature: float = 1.0,
-            calib_images: int = 500,
+            config: ShrinkingConfig,
             manage_lr: bool = True,
             grid_every_epoch: bool = False,
     ):
         super().__init__(training_module)
-        self.grid_every_epoch = grid_every_epoch
         self.schedule = schedule
         self.stage_epochs = _stage_epochs(schedule)
-        self.seed = seed
-        self.kd_kind = kd_kind
-        self.kd_temperature = kd_temperature
-        self.calib_images = calib_images
+        self.config = config
         self.manage_lr = manage_lr
+        self.grid_every_epoch = grid_every_epoch
         # Always present, so that Lightning checkpoints restore it; refreshed from the supernet when the first
         # distillation stage starts.
         self.teacher = space.supernet.extract('max').eval().requires_grad_(False)
         self._teacher_ready = False
         self._stage_index = -1
         self._sampler: Optional[StepSampler] = None
+        self._scheduler: Any = None
         self._step_in_stage = 0
         self.sampled: List[Tuple[str, Subnet]] = []
         self.last_validation: List[Dict[str, Any]] = []
@@ -122,22 +114,14 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
                 self.teacher.load_state_dict(self.supernet.extract('max').state_dict())
             self._teacher_ready = True
         self._stage_index = index
-        self._sampler = StepSampler(self.supernet.space, stage, self.seed)
+        self._sampler = StepSampler(self.supernet.space, stage, self.config.seed)
         batches = self.trainer.num_training_batches
-        self._step_in_stage = (self.current_epoch - first_epoch) * (batches if math.isfinite(batches) else 0)
-
-    def _set_lr(self, optimizer: Any) -> None:
-        stage = self.stage
-        batches = self.trainer.num_training_batches
-        total = max(1, self.stage_epochs[self._stage_index] * int(batches))
-        warmup = min(total - 1, round(stage.warmup_epochs * self.schedule.epochs_scale * batches))
-        t = self._step_in_stage
-        if t < warmup:
-            lr = stage.lr * (t + 1) / warmup
-        else:
-            lr = 0.5 * stage.lr * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        batches = int(batches) if math.isfinite(batches) else 0
+        self._step_in_stage = (self.current_epoch - first_epoch) * batches
+        if self.manage_lr:
+            self._scheduler, _ = stage_scheduler(
+                self.optimizers(), self.schedule, stage, max(1, batches), self.config,
+                total_steps=max(1, self.stage_epochs[index] * batches))
 
     # --- training -------------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -145,41 +129,28 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         subnets = self._sampler.sample(self._step_in_stage)
         batch = self._resize(batch, subnets[0].resolution)
         optimizer = self.optimizers()
-        if self.manage_lr:
-            self._set_lr(optimizer)
-        teacher_logits = None
-        if stage.kd_ratio > 0 and stage.sampling == 'uniform':
-            with torch.no_grad():
-                teacher_logits = self.teacher(batch[0])
+        if self._scheduler is not None:
+            self._scheduler.step_update(self._step_in_stage)
+        teacher = teacher_logits(self.teacher, batch[0], stage)
         captured: List[torch.Tensor] = []
+
+        def forward(subnet: Subnet) -> Tuple[torch.Tensor, torch.Tensor]:
+            captured.clear()
+            loss = self.training_module.training_step(batch, batch_idx)
+            self.sampled.append((stage.name, subnet))
+            return (loss['loss'] if isinstance(loss, Mapping) else loss), captured[-1]
+
         hook = self.model.register_forward_hook(lambda module, args, output: captured.append(output))
         optimizer.zero_grad()
-        total = 0.
         try:
-            for i, subnet in enumerate(subnets):
-                captured.clear()
-                self.supernet.set_active(subnet)
-                loss = self.training_module.training_step(batch, batch_idx)
-                loss = loss['loss'] if isinstance(loss, Mapping) else loss
-                logits = captured[-1]
-                if stage.sampling == 'sandwich' and i == 0:
-                    teacher_logits = logits.detach()  # in-place distillation from the max subnet
-                elif teacher_logits is not None and stage.kd_ratio > 0:
-                    loss = loss + stage.kd_ratio * distillation_loss(
-                        logits, teacher_logits, self.kd_kind, self.kd_temperature)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(
-                        f"Non-finite loss in stage '{stage.name}' at step {self._step_in_stage} for subnet "
-                        f'{subnet.to_dict()}')
-                self.manual_backward(loss)
-                total += loss.detach()
-                self.sampled.append((stage.name, subnet))
+            loss = shrinking_step(self.supernet, subnets, stage, forward, self.manual_backward, self.config, teacher,
+                                  step=self._step_in_stage)
         finally:
             hook.remove()
         optimizer.step()
         self._step_in_stage += 1
-        self.log('train_ps_loss', total / len(subnets), prog_bar=True)
-        return total / len(subnets)
+        self.log('train_ps_loss', loss, prog_bar=True)
+        return torch.tensor(loss)
 
     @staticmethod
     def _resize(batch: Any, resolution: Optional[int]) -> Any:
@@ -202,7 +173,9 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         if not self.grid_every_epoch and self.current_epoch != stage_end:
             return
         results = []
-        for label, subnet in StepSampler(self.supernet.space, self.stage, self.seed).validation_grid():
+        grid = StepSampler(self.supernet.space, self.stage, self.config.seed).validation_grid(
+            self.config.val_resolutions)
+        for label, subnet in grid:
             top1 = self.evaluate_subnet(subnet)
             results.append({'subnet': label, 'spec': subnet, 'top1': top1})
             self.log(f'ps_val_top1/{label}', top1)
@@ -213,7 +186,7 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         """Top-1 (%) of ``subnet`` on the validation data, after BN recalibration on training images."""
         loaders = self.trainer.val_dataloaders
         val = itertools.chain.from_iterable(loaders if isinstance(loaders, (list, tuple)) else [loaders])
-        return evaluate_subnet(self.supernet, subnet, self.trainer.train_dataloader, val, self.calib_images,
+        return evaluate_subnet(self.supernet, subnet, self.trainer.train_dataloader, val, self.config.calib_images,
                                self.device)['top1']
 
     def export(self) -> Dict[str, Any]:
@@ -234,12 +207,10 @@ class OFAProgressiveShrinking(OneShotStrategy):
         schedule: A preset name ('ofa', 'fast', 'demo'), a YAML file or a ``Schedule``.
         epochs_scale: Rescale the schedule.
         pretrained: The supernet starts from trained weights: skip the ``full`` stage.
-        seed: Seed of the per-step subnet sampling.
-        kd_kind: Distillation loss, 'ce' (OFA) or 'kl'.
-        kd_temperature: Distillation temperature.
-        calib_images: Training images for BN recalibration of each validated subnet.
-        manage_lr: Set each stage's learning rate on the evaluator's optimizer (cosine with warmup).
+        config: Seed, distillation, BN-recalibration and learning-rate settings (the same as ``ofa-timm train``'s).
+        manage_lr: Drive the evaluator's optimizer with each stage's learning-rate schedule (warmup then cosine).
         grid_every_epoch: Evaluate the subnet grid after every epoch (default: at the end of each stage).
+        **settings: Fields of :class:`ShrinkingConfig` overriding ``config`` (e.g. ``calib_images=500``).
     """
 
     def __init__(
@@ -247,20 +218,21 @@ class OFAProgressiveShrinking(OneShotStrategy):
             schedule: Union[str, Schedule] = 'ofa',
             epochs_scale: Optional[float] = None,
             pretrained: bool = False,
-            seed: int = 0,
-            kd_kind: str = 'ce',
-            kd_temperature: float = 1.0,
-            calib_images: int = 500,
+            config: Optional[ShrinkingConfig] = None,
             manage_lr: bool = True,
             grid_every_epoch: bool = False,
-            **kwargs: Any,
+            **settings: Any,
     ):
-        super().__init__(**kwargs)
+        unknown = set(settings) - {f.name for f in fields(ShrinkingConfig)}
+        if unknown:
+            raise ValueError(f'Unknown settings {sorted(unknown)}; allowed: '
+                             f'{[f.name for f in fields(ShrinkingConfig)]}')
+        super().__init__()
         self._space: Optional[SupernetSpace] = None
         self.schedule = load_schedule(schedule, epochs_scale)
         self.pretrained = pretrained
-        self.module_kwargs = dict(seed=seed, kd_kind=kd_kind, kd_temperature=kd_temperature,
-                                  calib_images=calib_images, manage_lr=manage_lr, grid_every_epoch=grid_every_epoch)
+        self.config = replace(config or ShrinkingConfig(), **settings)
+        self.module_kwargs = dict(manage_lr=manage_lr, grid_every_epoch=grid_every_epoch)
 
     def stages_for(self, space: SupernetSpace) -> Schedule:
         """The schedule reduced to the stages that train something for ``space``."""
@@ -280,7 +252,7 @@ class OFAProgressiveShrinking(OneShotStrategy):
         return super().mutate_model(model)
 
     def configure_oneshot_module(self, training_module: Any) -> ProgressiveShrinkingModule:
-        return ProgressiveShrinkingModule(training_module, self._space, self.stages_for(self._space),
+        return ProgressiveShrinkingModule(training_module, self._space, self.stages_for(self._space), self.config,
                                           **self.module_kwargs)
 
     def mutate_evaluator(self, evaluator: Any) -> Any:

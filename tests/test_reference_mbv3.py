@@ -1,12 +1,13 @@
-"""Numerical parity with the reference implementation (PyPI ``ofa``) given the same weights."""
+"""OFA MobileNetV3: numerical parity with the reference implementation (PyPI ``ofa``) given the same weights."""
 import pytest
-import torch
-
-from ofa_timm.elastic import convert_ofa_state_dict, ofa_mobilenetv3
-
-from conftest import assert_close, randomize_bn
 
 ofa_networks = pytest.importorskip('ofa.imagenet_classification.elastic_nn.networks')
+
+import torch  # noqa: E402
+
+from ofa_timm.elastic import convert_ofa_state_dict, ofa_mobilenetv3  # noqa: E402
+
+from helpers import assert_close, randomize_bn  # noqa: E402
 
 
 def reference_mbv3(width_mult: float, seed: int = 0):

@@ -1,0 +1,14 @@
+"""The timm names that timm does not export publicly, imported in one place.
+
+Everything else comes from ``timm.models`` / ``timm.layers``. If a timm release moves one of these, this is the only
+file to change.
+"""
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
+from timm.models._efficientnet_builder import decode_arch_def, round_channels
+from timm.models._features import FeatureGetterNet, feature_take_indices
+
+__all__ = [
+    'ConvBnAct', 'DepthwiseSeparableConv', 'FeatureGetterNet', 'InvertedResidual', 'SqueezeExcite', 'decode_arch_def',
+    'feature_take_indices', 'pretrained_cfg_for_features', 'round_channels',
+]

@@ -1,0 +1,207 @@
+"""The family contract, checked on every supernet family the package registers (canonical and converted spaces).
+
+A new family is tested by adding one line to ``CASES``.
+"""
+import random
+
+import pytest
+import timm
+import torch
+from timm.models import MobileNetV3, ResNet, save_for_hf
+from torch.utils.flop_counter import FlopCounterMode
+
+import ofa_timm
+from ofa_timm.elastic import ElasticSupernet, OFAResNet
+from ofa_timm.search import count_params
+from ofa_timm.training import calibrate_bn, sort_channels
+
+from helpers import assert_close, randomize_bn, timm_model
+
+RES = 64
+
+# (registered name, timm source model or None for a canonical space, the timm class its subnets come out as)
+CASES = [
+    ('ofa_mobilenetv3_large_100', 'mobilenetv3_large_100', MobileNetV3),
+    ('ofa_mobilenetv3_small_100', 'mobilenetv3_small_100', MobileNetV3),
+    ('ofa_mbv3_w12', None, MobileNetV3),
+    ('ofa_resnet50d', 'resnet50d', ResNet),
+    ('ofa_resnet34', 'resnet34', ResNet),
+    ('ofa_resnet50', None, OFAResNet),
+]
+NAMES = [c[0] for c in CASES]
+SOURCES = {name: source for name, source, _ in CASES}
+CLASSES = {name: cls for name, _, cls in CASES}
+
+
+@pytest.fixture(scope='module')
+def _supernets():
+    return {}
+
+
+@pytest.fixture(params=NAMES)
+def supernet(request, _supernets) -> ElasticSupernet:
+    """The registered supernet (10 classes, randomized BN), built once per module; reset after each test."""
+    name = request.param
+    if name not in _supernets:
+        torch.manual_seed(0)
+        _supernets[name] = randomize_bn(timm.create_model(name, num_classes=10))
+    model = _supernets[name].eval()
+    yield model
+    model.set_active(None)
+    model.eval()
+
+
+def subnets(space, n: int = 4):
+    return [space.max(), space.min()] + [space.sample(i) for i in range(n)]
+
+
+@pytest.mark.parametrize('name', [n for n, source, _ in CASES if source is not None])
+def test_max_subnet_is_the_source_model(name):
+    source = timm_model(SOURCES[name])
+    sn = ofa_timm.elasticize(source).eval()
+    x = torch.randn(2, 3, RES, RES)
+    with torch.no_grad():
+        expected = source(x)
+        assert torch.equal(sn(x), expected)
+        ext = sn.extract('max')
+        assert torch.equal(ext(x), expected)
+    assert list(ext.state_dict()) == list(source.state_dict())  # the source architecture, key for key
+
+
+def test_extract_equals_supernet_and_is_a_stock_timm_model(supernet):
+    x = torch.randn(2, 3, RES, RES)
+    for subnet in subnets(supernet.space):
+        supernet.set_active(subnet)
+        ext = supernet.extract()
+        assert type(ext) is CLASSES[supernet.pretrained_cfg['architecture']]
+        assert not ext.training
+        assert ext.pretrained_cfg['input_size'] == (3, subnet.resolution, subnet.resolution)
+        with torch.no_grad():
+            assert_close(ext(x), supernet(x))
+
+
+def test_extract_is_independent_and_keeps_the_active_subnet(supernet):
+    subnet = supernet.space.sample(1)
+    supernet.train()
+    ext = supernet.extract(subnet)
+    assert ext.training and supernet.active_subnet == supernet.space.max()
+    ptrs = {p.data_ptr() for p in supernet.parameters()}
+    assert not any(p.data_ptr() in ptrs for p in ext.parameters())
+    assert all(not t.is_meta for t in ext.state_dict().values())
+
+
+def test_save_for_hf_round_trip(supernet, tmp_path):
+    name = supernet.pretrained_cfg['architecture']
+    subnet = supernet.space.sample(3)
+    torch.manual_seed(0)
+    model = timm.create_model(name, subnet=subnet.to_dict(), num_classes=10).eval()
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    again = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert type(again) is type(model) is CLASSES[name]
+    x = torch.randn(2, 3, RES, RES)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    assert again.pretrained_cfg['input_size'] == model.pretrained_cfg['input_size']
+
+
+def test_features_only(supernet):
+    name = supernet.pretrained_cfg['architecture']
+    x = torch.randn(1, 3, RES, RES)
+    features = timm.create_model(name, features_only=True).eval()
+    feats = features(x)
+    assert len(feats) == 5 and feats[-1].shape[-1] == RES // 32
+    assert features.feature_info.channels() == [f.shape[1] for f in feats]
+    small = timm.create_model(name, features_only=True, subnet='min', out_indices=(1, 3)).eval()
+    out = small(x)
+    assert len(out) == 2 and small.feature_info.channels() == [f.shape[1] for f in out]
+
+
+def test_forward_intermediates_match_extracted_features(supernet):
+    subnet = supernet.set_active(supernet.space.sample(2))
+    x = torch.randn(1, 3, RES, RES)
+    with torch.no_grad():
+        final, feats = supernet.forward_intermediates(x)
+        assert torch.equal(final, supernet.forward_features(x))
+        ext = supernet.extract(subnet)
+        expected = ext.forward_intermediates(x, intermediates_only=True)
+    assert len(feats) == len(expected) == 5
+    for a, b in zip(feats, expected):
+        assert_close(a, b)
+
+
+def test_channel_sorting_keeps_trained_subnets(supernet):
+    space = supernet.space
+    x = torch.randn(2, 3, RES, RES)
+    second = space.max().replace(expands=tuple(c[-2] if len(c) > 1 else c[-1] for c in space.expand_slots))
+    state = {k: v.clone() for k, v in supernet.state_dict().items()}
+    try:
+        with torch.no_grad():
+            before = supernet(x)
+            sort_channels(supernet, trained=1)
+            assert_close(supernet(x), before)  # the max subnet computes the same function
+            supernet.set_active(second)
+            band_before = supernet(x)
+            sort_channels(supernet, trained=2)  # the 2nd-largest expand was trained: its channels stay its channels
+            assert_close(supernet(x), band_before)
+            supernet.set_active(None)
+            assert_close(supernet(x), before)
+    finally:
+        supernet.load_state_dict(state)
+
+
+def test_bn_calibration_of_supernet_and_extracted_subnet_agree(supernet):
+    subnet = supernet.space.min()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, RES, RES, generator=g) for _ in range(3)]
+    static = supernet.extract(subnet)
+    calibrate_bn(static, batches, 12)
+    state = {k: v.clone() for k, v in supernet.state_dict().items()}
+    try:
+        supernet.set_active(subnet)
+        calibrate_bn(supernet, batches, 12)
+        with torch.no_grad():
+            assert_close(static.eval()(batches[0]), supernet.eval()(batches[0]))
+    finally:
+        supernet.load_state_dict(state)
+
+
+def test_describe_counts_what_the_extracted_model_runs(supernet):
+    rng = random.Random(0)
+    for subnet in subnets(supernet.space, 3):
+        res = rng.choice((RES, RES + 8, 97))  # odd sizes exercise the ceil of strided layers
+        specs = supernet.describe(subnet)
+        assert [s.name for s in specs][0] == 'stem' and specs[-1].name == 'head'
+        model = supernet.extract(subnet).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.zeros(1, 3, res, res))
+        assert sum(s.flops(res) for s in specs) == counter.get_total_flops()
+        assert sum(s.params() for s in specs) == count_params(model)
+        names = dict(model.named_modules())
+        assert all(m in names for s in specs for m in s.modules)
+
+
+def test_describe_genes_name_what_a_block_depends_on(supernet):
+    """Changing a gene a block does not list leaves its description unchanged."""
+    space = supernet.space
+    base = space.encode(space.max())
+    by_name = {s.name: s for s in supernet.describe(space.max())}
+    rng = random.Random(0)
+    for gene in rng.sample(range(len(space.genes)), min(8, len(space.genes))):
+        if space.genes[gene].field == 'resolution' or len(space.genes[gene].choices) == 1:
+            continue
+        codes = base.copy()
+        codes[gene] = 0
+        changed = {s.name: s for s in supernet.describe(space.decode(codes))}
+        for name, spec in by_name.items():
+            if gene not in spec.genes:
+                assert changed.get(name) == spec, (name, space.genes[gene].name)
+
+
+def test_contract_hooks(supernet):
+    space = supernet.space
+    for slot, choices in enumerate(space.expand_slots):
+        mids = [supernet.mid_channels(slot, e) for e in choices]
+        assert mids == sorted(mids) and mids[0] > 0
+    assert supernet.resolve('min') == space.min() and supernet.resolve(None) == space.max()
+    assert supernet.resolve(space.sample(0).to_dict()) == space.sample(0)
