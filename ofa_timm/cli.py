@@ -1,7 +1,7 @@
 """The ``ofa-timm`` command line: ``train`` (progressive shrinking, also under ``torchrun``) and ``demo``."""
 import argparse
-import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -59,13 +59,9 @@ def _write_report(trainer: Any, output: Path) -> str:
 
 
 def _save_supernet(supernet: torch.nn.Module, output: Path) -> Path:
-    from safetensors.torch import save_file
-    from ._io import atomic_path
-    path = output / 'supernet.safetensors'
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in supernet.state_dict().items()}, str(tmp),
-                  metadata={'space': json.dumps(supernet.space.to_dict())})
-    return path
+    """``supernet.safetensors``: the weights and what rebuilds their model (``ofa_timm._io.checkpoint_metadata``)."""
+    from ._io import checkpoint_metadata, save_safetensors
+    return save_safetensors(supernet.state_dict(), output / 'supernet.safetensors', checkpoint_metadata(supernet))
 
 
 def _config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
@@ -105,6 +101,8 @@ def _train(args: argparse.Namespace) -> int:
                       pretrained=args.pretrained or bool(args.pretrained_file))
     if args.resume:
         trainer.resume()
+        if rank == 0:
+            print(f"Resuming {output / 'last.pth'} at {trainer.where()}", flush=True)
     elif (output / 'last.pth').is_file():
         raise ValueError(f'{output} already holds a run (last.pth); pass --resume to continue it or pick another '
                          f'--output')
@@ -115,8 +113,11 @@ def _train(args: argparse.Namespace) -> int:
     if rank == 0:
         path = _save_supernet(trainer.supernet, output)
         print(_write_report(trainer, output))
-        print(f'Supernet weights: {path}  (timm.create_model({args.model!r}, checkpoint_path=...) or '
-              f'pretrained_cfg_overlay=dict(file=...))')
+        print(f"Supernet weights: {path}. Load them (model kwargs come from the file) with\n"
+              f"  timm.create_model({args.model!r}, pretrained=True, pretrained_cfg_overlay=dict(file='{path}'), "
+              f"subnet='min')\n"
+              f"or timm.create_model({args.model!r}, num_classes={trainer.supernet.num_classes}, "
+              f"resolutions={list(trainer.supernet.space.resolutions)}, checkpoint_path='{path}')")
     return 0
 
 
@@ -201,10 +202,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------------------------
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where there is none to show (None, off switches) or the help already says it."""
+    """Shows defaults, except where there is none to show (None, '', switches) or the help already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or 'default' in (action.help or ''):
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if switch or action.default in (None, '') or 'default' in (action.help or ''):
             return action.help or ''
         return super()._get_help_string(action)
 
@@ -221,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='ofa_mobilenetv3_large_100', help="registered ofa_* name")
     g.add_argument('--pretrained', action='store_true', help="load the name's pretrained weights (skips 'full')")
     g.add_argument('--pretrained-file', default=None, help='local weights file (.pth/.safetensors) to start from')
-    g.add_argument('--resolutions', type=int, nargs='+', default=None, help="elastic resolutions (default: OFA's 128..224 and the source's)")
+    g.add_argument('--resolutions', type=int, nargs='+', default=None,
+                   help="elastic resolutions (default: OFA's 128..224 and the source's)")
     g = t.add_argument_group('data')
     g.add_argument('--data-dir', default=None, help='dataset root')
     g.add_argument('--dataset', default='', help="timm dataset name ('' = ImageFolder)")
@@ -263,9 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-every', type=int, default=default.val_every, help='epochs between validations')
     g.add_argument('--checkpoint-every', type=int, default=default.checkpoint_every,
                    help='steps between extra checkpoints (0: epoch ends only)')
-    g.add_argument('--log-every', type=int, default=default.log_every)
+    g.add_argument('--checkpoint-minutes', type=float, default=default.checkpoint_minutes,
+                   help='also checkpoint when this many minutes passed since the last checkpoint (0: never)')
+    g.add_argument('--log-every', type=int, default=default.log_every, help='steps between metrics.jsonl records')
+    g.add_argument('--progress-seconds', type=float, default=default.progress_seconds,
+                   help='seconds between progress lines when stdout is not a terminal')
     g.add_argument('--seed', type=int, default=default.seed)
-    g.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars')
+    g.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar or lines')
     t.set_defaults(func=_train)
 
     d = sub.add_parser('demo', help='train, search and export on a generated dataset (no downloads)',
@@ -285,12 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run a command. Errors the user can fix (bad arguments, files, data, no network) print one line and exit 2;
+    SIGINT/SIGTERM exit 130/143 without a traceback, after a checkpoint and the command that resumes."""
+    from .training import TrainingInterrupted
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, ConnectionError) as e:
         print(f'ofa-timm {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f'ofa-timm {args.command}: {e}', file=sys.stderr)
+        if args.command == 'train' and int(os.environ.get('RANK', '0')) == 0:
+            resume = argv if '--resume' in argv else [*argv, '--resume']
+            print(f'Resume with: {shlex.join(["ofa-timm", *resume])}', file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # outside training (data, model, search, export): nothing to checkpoint
+        print(f'ofa-timm {args.command}: interrupted', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

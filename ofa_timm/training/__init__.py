@@ -8,7 +8,7 @@ from .schedule import DIMENSIONS, PRESETS, Schedule, Stage, load_schedule
 from .sorting import band_permutation, sort_channels
 from .synthetic import SHAPES, make_shapes_dataset
 from .step import NonFiniteLossError, ShrinkingConfig, shrinking_step, stage_scheduler, teacher_logits
-from .trainer import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from .trainer import TrainConfig, Trainer, TrainingInterrupted, load_checkpoint, save_checkpoint
 
 __all__ = [
     'calibrate_bn', 'DataConfig', 'EpochSampler', 'SeededDataset', 'build_datasets', 'classification_loss',
@@ -16,5 +16,5 @@ __all__ = [
     'PRESETS', 'Schedule', 'Stage', 'load_schedule', 'band_permutation', 'sort_channels', 'SHAPES',
     'make_shapes_dataset',
     'NonFiniteLossError', 'ShrinkingConfig', 'shrinking_step', 'stage_scheduler', 'teacher_logits', 'TrainConfig',
-    'Trainer', 'load_checkpoint', 'save_checkpoint',
+    'Trainer', 'TrainingInterrupted', 'load_checkpoint', 'save_checkpoint',
 ]

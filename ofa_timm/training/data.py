@@ -5,7 +5,9 @@ sharded across ranks, and each sample's augmentation is seeded by (seed, epoch, 
 therefore skips the batches already seen without loading them and sees the same pixels the uninterrupted run saw,
 whatever the number of loader workers.
 """
+import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
@@ -137,7 +139,9 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> Tuple[SeededDataset, Datas
         calib = create_dataset(cfg.dataset, root=cfg.data_dir, split=cfg.train_split, is_training=False,
                                download=cfg.dataset_download, transform=eval_tf)
     except (FileNotFoundError, RuntimeError, AssertionError) as e:
-        raise ValueError(f'Cannot read dataset {cfg.dataset or "ImageFolder"!r} at {cfg.data_dir!r}: {e}') from None
+        reason = str(e).strip() or ('no such folder' if not os.path.exists(cfg.data_dir) else type(e).__name__)
+        name = cfg.dataset or 'ImageFolder'
+        raise ValueError(f'Cannot read dataset {name!r} at {cfg.data_dir!r}: {reason}') from None
     num_classes = _num_classes(train)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f'Empty split in {cfg.data_dir!r}: {len(train)} training, {len(val)} validation samples')
@@ -164,15 +168,25 @@ def resize_to(images: torch.Tensor, resolution: Optional[int]) -> torch.Tensor:
     return F.interpolate(images, size=(resolution, resolution), mode='bilinear', align_corners=False, antialias=True)
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore SIGINT/SIGTERM: a terminal's Ctrl-C (or a scheduler's SIGTERM) reaches every process of
+    the group, and a worker that died of it would fail the step the trainer finishes before checkpointing. The
+    trainer shuts its workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_loader(dataset: SeededDataset, sampler: EpochSampler, workers: int, pin_memory: bool) -> DataLoader:
     # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
     return DataLoader(
         dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-        drop_last=True, generator=torch.Generator().manual_seed(0), persistent_workers=False)
+        drop_last=True, generator=torch.Generator().manual_seed(0), persistent_workers=False,
+        worker_init_fn=_leave_signals_to_the_trainer)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool,
                 indices: Optional[Sequence[int]] = None) -> DataLoader:
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, list(indices))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                      worker_init_fn=_leave_signals_to_the_trainer)

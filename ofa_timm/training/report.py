@@ -12,12 +12,12 @@ def read_metrics(path: Union[str, Path]) -> List[Dict[str, Any]]:
 
 
 def summary_table(summaries: Sequence[Dict[str, Any]]) -> str:
-    """A Markdown table: one row per stage, with its last validation."""
-    rows = ['| stage | epochs | mean top-1 | min top-1 | max top-1 | mean top-5 | time (s) |',
-            '|---|---:|---:|---:|---:|---:|---:|']
+    """A Markdown table: one row per stage, with its last validation (epochs and optimizer steps done by then)."""
+    rows = ['| stage | epochs | steps | mean top-1 | min top-1 | max top-1 | mean top-5 | time (s) |',
+            '|---|---:|---:|---:|---:|---:|---:|---:|']
     for s in summaries:
-        rows.append(f"| {s['stage']} | {s['epoch']} | {s['top1']:.2f} | {s['min_top1']:.2f} | {s['max_top1']:.2f} | "
-                    f"{s['top5']:.2f} | {s['seconds']:.0f} |")
+        rows.append(f"| {s['stage']} | {s['epoch']} | {s.get('step', '')} | {s['top1']:.2f} | {s['min_top1']:.2f} | "
+                    f"{s['max_top1']:.2f} | {s['top5']:.2f} | {s['seconds']:.0f} |")
     return '\n'.join(rows)
 
 

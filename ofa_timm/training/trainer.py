@@ -10,17 +10,23 @@ evaluation of the validation grid), logs and writes checkpoints, and the other r
 
 Checkpoints hold the model, teacher, EMA, optimizer, scheduler, grad scaler, position (stage, step) and every RNG,
 are written atomically and load with ``torch.load(weights_only=True)``. ``resume`` continues exactly: on CPU the
-weights after N/2 steps + resume + N/2 steps are bitwise those of N steps in one go.
+weights after N/2 steps + resume + N/2 steps are bitwise those of N steps in one go. They are written at epoch ends,
+on a wall-clock cadence, and when SIGINT/SIGTERM stops a run: the step in progress finishes, is checkpointed, and
+``run`` raises :class:`TrainingInterrupted`; under DDP every rank learns of a signal at the same step (one small
+all-reduce per step), so all stop together.
 """
 import contextlib
 import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,7 +36,7 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
-from .._io import atomic_path
+from .._io import atomic_path, checkpoint_metadata, load_weights
 from ..space import Subnet
 from .data import EpochSampler, SeededDataset, eval_loader, resize_to, train_loader
 from .distill import classification_loss
@@ -40,7 +46,7 @@ from .schedule import Schedule, Stage
 from .sorting import sort_before_stage
 from .step import NonFiniteLossError, ShrinkingConfig, shrinking_step, stage_scheduler, teacher_logits
 
-__all__ = ['TrainConfig', 'Trainer', 'save_checkpoint', 'load_checkpoint']
+__all__ = ['TrainConfig', 'Trainer', 'TrainingInterrupted', 'save_checkpoint', 'load_checkpoint']
 
 CHECKPOINT = 'last.pth'
 
@@ -66,8 +72,11 @@ class TrainConfig(ShrinkingConfig):
         cutmix: CutMix alpha (0 disables).
         val_every: Validate every this many epochs (and always at the end of a stage).
         checkpoint_every: Also checkpoint every this many steps (0: only at epoch ends).
+        checkpoint_minutes: Also checkpoint when this many minutes passed since the last checkpoint (0: never).
         log_every: Write a training record to metrics.jsonl every this many steps.
-        progress: Show tqdm progress bars on rank 0.
+        progress: Show progress on rank 0: a tqdm bar on a terminal; without one (output to a file), a line at most
+            every ``progress_seconds``.
+        progress_seconds: Seconds between progress lines when stdout is not a terminal.
     """
     output: str = 'output'
     batch_size: int = 64
@@ -84,8 +93,10 @@ class TrainConfig(ShrinkingConfig):
     cutmix: float = 0.
     val_every: int = 1
     checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.
     log_every: int = 10
     progress: bool = True
+    progress_seconds: float = 30.
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +104,29 @@ class TrainConfig(ShrinkingConfig):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {self.batch_size}')
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """:meth:`Trainer.run` was stopped by SIGINT or SIGTERM.
+
+    On the first signal the step in progress finishes and is checkpointed (``saved``); on a second one the run stops
+    at once and the last checkpoint is kept. A command line exits with ``128 + signum`` (130, 143).
+
+    Args:
+        signum: The signal.
+        where: Where the run stopped (``Trainer.where()``).
+        checkpoint: The checkpoint ``Trainer.resume`` continues from.
+        saved: Whether it was written at the stopping step.
+    """
+
+    def __init__(self, signum: int, where: str, checkpoint: Path, saved: bool = True):
+        self.signum, self.where, self.checkpoint, self.saved = signum, where, checkpoint, saved
+        name = signal.Signals(signum).name
+        if saved:
+            message = f'{name}: stopped at {where}; checkpoint written to {checkpoint}'
+        else:
+            message = f'{name} again: stopped at once, in {where}; the last checkpoint is kept at {checkpoint}'
+        super().__init__(message)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
@@ -103,8 +137,12 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects."""
-    return torch.load(path, map_location='cpu', weights_only=True)
+    """Load a checkpoint without unpickling arbitrary objects.
+
+    Raises:
+        ValueError: Naming the file and what is wrong with it (see ``ofa_timm._io.load_weights``).
+    """
+    return load_weights(path)[0]
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -222,6 +260,9 @@ class Trainer:
         self._scaler = torch.amp.GradScaler(device.type, enabled=config.amp == 'fp16')
         self._resume_state: Optional[Dict[str, Any]] = None
         self._stop_after: Optional[int] = None
+        self._signal: Optional[int] = None  # a stop signal this process received
+        self._stopped_by: Optional[int] = None  # the signal every rank stopped for
+        self._last_save = time.monotonic()
 
     # --- properties -----------------------------------------------------------------------------------------
     @property
@@ -234,6 +275,18 @@ class Trainer:
 
     def stage_steps(self, stage: Stage) -> int:
         return max(1, round(self.schedule.stage_epochs(stage) * self.steps_per_epoch))
+
+    def where(self) -> str:
+        """Where the run stands: stage, epoch and step in the stage (steps done), and global step."""
+        stages = self.schedule.stages
+        if self.position.stage >= len(stages):
+            return f'the end of the schedule (global step {self.position.global_step})'
+        stage = stages[self.position.stage]
+        total, spe = self.stage_steps(stage), self.steps_per_epoch
+        epochs = math.ceil(total / spe)
+        epoch = min(self.position.step // spe + 1, epochs)
+        return (f"stage '{stage.name}' ({self.position.stage + 1}/{len(stages)}), epoch {epoch}/{epochs}, "
+                f'step {self.position.step}/{total} (global step {self.position.global_step})')
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.amp == 'none':
@@ -255,11 +308,13 @@ class Trainer:
             'schedule': self.schedule.to_dict(),
             'subnet_space': self.supernet.space.to_dict(),
             'history': json.dumps(self.history),
+            'metadata': checkpoint_metadata(self.supernet),
         }
 
     def save(self, path: Optional[Path] = None) -> None:
         if self.is_main:
             save_checkpoint(self.state_dict(), path or self.output / CHECKPOINT)
+        self._last_save = time.monotonic()
         _barrier()
 
     def resume(self, path: Optional[Path] = None) -> None:
@@ -291,16 +346,58 @@ class Trainer:
         """
         self.output.mkdir(parents=True, exist_ok=True)
         self._stop_after = stop_after
+        self._signal = self._stopped_by = None
+        self._last_save = time.monotonic()
         stages = self.schedule.stages
-        while self.position.stage < len(stages):
-            stage = stages[self.position.stage]
-            if not self._run_stage(stage):
+        with self._stop_on_signals():
+            while self.position.stage < len(stages):
+                stage = stages[self.position.stage]
+                if not self._run_stage(stage):
+                    self.save()
+                    if self._stopped_by is not None:
+                        raise TrainingInterrupted(self._stopped_by, self.where(), self.output / CHECKPOINT)
+                    return self.summaries()
+                self.position = _Position(self.position.stage + 1, 0, self.position.global_step)
+                self._optimizer = self._scheduler = None
                 self.save()
-                return self.summaries()
-            self.position = _Position(self.position.stage + 1, 0, self.position.global_step)
-            self._optimizer = self._scheduler = None
-            self.save()
         return self.summaries()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training, SIGINT/SIGTERM ask the loop to stop after the step in progress (see :meth:`_poll`); a
+        second signal stops at once, keeping the last checkpoint. Previous handlers come back afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal is not None:
+                raise TrainingInterrupted(signum, self.where(), self.output / CHECKPOINT, saved=False)
+            self._signal = signum
+            if self.is_main:  # os.write: print() is not safe inside a signal handler
+                os.write(2, f'\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (once more '
+                            f'stops at once, keeping the last checkpoint)\n'.encode())
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+    def _poll(self) -> Tuple[Optional[int], bool]:
+        """After each step: the stop signal any rank received (or None), and whether a wall-clock checkpoint is due.
+
+        Every rank gets the same answer (a max all-reduce), so all ranks stop, or checkpoint, at the same step.
+        """
+        minutes = self.config.checkpoint_minutes
+        due = bool(minutes) and time.monotonic() - self._last_save >= minutes * 60
+        flags = [self._signal or 0, int(due)]
+        if self.world_size > 1:
+            agreed = torch.tensor(flags, device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flags = agreed.tolist()
+        return (flags[0] or None), bool(flags[1])
 
     def _make_teacher(self) -> nn.Module:
         teacher = self.supernet.extract('max').to(self.device).eval().requires_grad_(False)
@@ -333,17 +430,20 @@ class Trainer:
         self._scheduler.step_update(self.position.step)
 
     def _run_stage(self, stage: Stage) -> bool:
-        """Train the stage to its end (True) or until ``stop_after`` steps (False)."""
+        """Train the stage to its end (True), or until ``stop_after`` steps or a stop signal (False)."""
         self._prepare_stage(stage)
         sampler = StepSampler(self.supernet.space, stage, self.config.seed)
         total = self.stage_steps(stage)
         spe = self.steps_per_epoch
         epochs = math.ceil(total / spe)
         bar = None
-        if self.is_main and self.config.progress:
+        show = self.is_main and self.config.progress
+        if show:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, initial=self.position.step, desc=f'{stage.name}', unit='step', dynamic_ncols=True,
                        disable=None)  # None: no bar when the output is not a terminal (CI logs)
+        lines = show and not sys.stdout.isatty()  # output to a file: a progress line now and then
+        last_line = -math.inf
         stage_start = time.time()
         try:
             while self.position.step < total:
@@ -361,23 +461,32 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix_str(f'ep {epoch + 1}/{epochs} loss {loss:.3f} {rate:.0f} img/s')
                         bar.update(1)
+                    if lines and (time.monotonic() - last_line >= self.config.progress_seconds
+                                  or self.position.step == total):
+                        last_line = time.monotonic()
+                        print(f'{stage.name} ep {epoch + 1}/{epochs} step {self.position.step}/{total} loss {loss:.3f} '
+                              f"lr {self._optimizer.param_groups[0]['lr']:.3g} {rate:.0f} img/s", flush=True)
                     if self.is_main and self.position.step % self.config.log_every == 0:
                         self._log({'type': 'train', 'stage': stage.name, 'epoch': epoch, 'step': self.position.step,
                                    'global_step': self.position.global_step, 'loss': loss,
                                    'lr': self._optimizer.param_groups[0]['lr'], 'img_per_s': rate})
+                    stop_signal, checkpoint_due = self._poll()  # the same answer on every rank
                     end_of_epoch = self.position.step % spe == 0 or self.position.step == total
                     stopping = self._stop_after is not None and self.position.global_step >= self._stop_after
+                    if stop_signal is not None:
+                        self._stopped_by, stopping = stop_signal, True
                     if end_of_epoch:
                         done_epochs = math.ceil(self.position.step / spe)
                         if self.position.step == total or done_epochs % self.config.val_every == 0:
-                            self._validate(stage, sampler, done_epochs, time.time() - stage_start)
+                            self._validate(stage, sampler, done_epochs, time.time() - stage_start, lines)
                     if stopping:
                         return False  # run() writes the checkpoint
                     if end_of_epoch:
                         if self.position.step < total:
                             self.save()
                         break
-                    if self.config.checkpoint_every and self.position.step % self.config.checkpoint_every == 0:
+                    every = self.config.checkpoint_every
+                    if checkpoint_due or every and self.position.step % every == 0:
                         self.save()
         finally:
             if bar is not None:
@@ -431,7 +540,7 @@ class Trainer:
         val = eval_loader(self.val_set, cfg.batch_size, cfg.workers, False)
         return evaluate_subnet(self.supernet, subnet, calib, val, n_calib, self.device, self._autocast)
 
-    def _validate(self, stage: Stage, sampler: StepSampler, epoch: int, elapsed: float) -> None:
+    def _validate(self, stage: Stage, sampler: StepSampler, epoch: int, elapsed: float, show: bool = False) -> None:
         if self.is_main:
             results = []
             for label, subnet in sampler.validation_grid(self.config.val_resolutions):
@@ -441,11 +550,15 @@ class Trainer:
                            'subnet': label, 'spec': subnet.to_dict(), **metrics})
             mean1 = sum(r['top1'] for r in results) / len(results)
             mean5 = sum(r['top5'] for r in results) / len(results)
-            record = {'type': 'val_mean', 'stage': stage.name, 'epoch': epoch, 'global_step': self.position.global_step,
-                      'top1': mean1, 'top5': mean5, 'min_top1': min(r['top1'] for r in results),
-                      'max_top1': max(r['top1'] for r in results), 'seconds': elapsed}
+            record = {'type': 'val_mean', 'stage': stage.name, 'epoch': epoch, 'step': self.position.step,
+                      'global_step': self.position.global_step, 'top1': mean1, 'top5': mean5,
+                      'min_top1': min(r['top1'] for r in results), 'max_top1': max(r['top1'] for r in results),
+                      'seconds': elapsed}
             self._log(record)
             self.history.append(record)
+            if show:
+                print(f"{stage.name} ep {epoch} validation: mean top-1 {mean1:.2f} (min {record['min_top1']:.2f}, "
+                      f"max {record['max_top1']:.2f}) over {len(results)} subnets", flush=True)
         _barrier()
 
     def _log(self, record: Dict[str, Any]) -> None:
