@@ -5,14 +5,16 @@ Two modes:
   * ``--supernet``: fine-tune the elastic supernet with the subnet active (weights stay shared with all subnets).
 
 Runs offline on a generated shapes dataset unless ``--data-dir`` points at an ImageFolder (``train/`` and
-``validation/`` subfolders). Example::
+``validation/`` subfolders). ``--pretrained-file`` takes a run of ``ofa-timm train`` (its ``supernet.safetensors``):
+the subnet starts from the trained supernet, classifier included. Example::
 
     python examples/finetune_subnet.py --model ofa_mobilenetv3_large_100 --subnet min --epochs 2
+    python examples/finetune_subnet.py --data-dir DIR --pretrained-file runs/mbv3/supernet.safetensors --subnet min
 
-The equivalent with timm's own ``train.py``::
+The equivalent with timm's own ``train.py`` (add ``--device cpu`` on a machine without a GPU: its default is cuda)::
 
     python train.py --data-dir DIR --device-modules ofa_timm --model ofa_mobilenetv3_large_100 \
-        --model-kwargs subnet=min --pretrained
+        --model-kwargs subnet=min --pretrained --pretrained-path runs/mbv3/supernet.safetensors
 """
 import argparse
 import tempfile
@@ -65,7 +67,8 @@ def main() -> None:
         model.set_active(args.subnet)
     else:
         model = timm.create_model(args.model, num_classes=num_classes, subnet=args.subnet, **pretrained)
-    print(f'{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
+    print(f'{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, '
+          f'{model.num_classes} classes')
 
     data_config = resolve_model_data_config(model)
     data_config['input_size'] = (3, args.img_size, args.img_size)
@@ -75,6 +78,7 @@ def main() -> None:
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size)
 
+    print(f'start: val top-1 {evaluate(model, val_loader):.1f}%')
     optimizer = create_optimizer_v2(model, 'sgd', lr=args.lr, weight_decay=4e-5, momentum=0.9)
     scheduler, num_epochs = create_scheduler_v2(optimizer, 'cosine', num_epochs=args.epochs, warmup_epochs=0)
     ema = ModelEmaV3(model, decay=0.9)

@@ -11,6 +11,7 @@ Runs offline on a generated shapes dataset, in-process (no nnictl, no web server
     python examples/nni_experiment.py --output /tmp/ofa_nni
 """
 import argparse
+import logging
 from pathlib import Path
 
 import timm
@@ -40,6 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output)
     torch.manual_seed(0)
+    # Lightning's banners at every Trainer it builds (GPU/TPU availability, a cloud-logger tip) are not this example's
+    logging.getLogger('pytorch_lightning').setLevel(logging.WARNING)
 
     root = make_shapes_dataset(out / 'data', num_classes=4, train_per_class=32, val_per_class=16,
                                image_size=args.image_size)

@@ -11,8 +11,8 @@ import pickle
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
-__all__ = ['atomic_path', 'write_text_atomic', 'load_weights', 'save_safetensors', 'checkpoint_metadata',
-           'model_args_from_metadata']
+__all__ = ['atomic_path', 'respect_umask', 'write_text_atomic', 'load_weights', 'save_safetensors',
+           'checkpoint_metadata', 'model_args_from_metadata']
 
 PathLike = Union[str, os.PathLike]
 
@@ -46,6 +46,18 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def respect_umask(*paths: PathLike) -> None:
+    """Give files another writer created (e.g. ``timm.models.save_for_hf``, whose safetensors file is 0600) the
+    permissions ``open()`` gives a new file: 0666 less the umask."""
+    for path in map(Path, paths):
+        probe = path.with_name(f'.{path.name}.{os.getpid()}.mode')
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            os.chmod(path, os.stat(probe).st_mode & 0o777)
+        finally:
+            probe.unlink()
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:

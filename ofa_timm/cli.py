@@ -126,8 +126,9 @@ def _demo(args: argparse.Namespace) -> int:
     import random
 
     import timm
-    from safetensors.torch import save_file
     from timm.models import save_for_hf
+
+    from ._io import respect_umask, save_safetensors
 
     import ofa_timm  # noqa: F401  registers the ofa_* models
     from .search import count_flops
@@ -190,11 +191,13 @@ def _demo(args: argparse.Namespace) -> int:
     export.mkdir(exist_ok=True)
     model = supernet.extract(best).eval()
     best.to_json(export / 'subnet.json')
-    save_file(model.state_dict(), str(export / 'model.safetensors'))
+    save_safetensors(model.state_dict(), export / 'model.safetensors')
     model_args = dict(subnet=best.to_dict(), num_classes=num_classes, resolutions=list(resolutions))
     save_for_hf(model, str(export / 'timm'), model_args=model_args, safe_serialization=True)
-    print(f"Exported to {export}: subnet.json, model.safetensors, and timm/ "
-          f"(timm.create_model('local-dir:{export / 'timm'}', pretrained=True))")
+    respect_umask(*(export / 'timm').iterdir())
+    print(f"Exported to {export}: subnet.json, model.safetensors, and timm/, which loads after `import ofa_timm` "
+          f"(with timm's train.py: --device-modules ofa_timm) as timm.create_model('local-dir:{export / 'timm'}', "
+          f"pretrained=True)")
     print(f'Done in {time.time() - start:.0f} s. Metrics: {run_dir / "metrics.jsonl"}, '
           f'plot: {run_dir / "val_accuracy.png"}')
     return 0

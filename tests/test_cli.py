@@ -1,5 +1,6 @@
 """The ofa-timm command line, run in process on tiny generated data."""
 import json
+import os
 
 import pytest
 import timm
@@ -66,8 +67,13 @@ def test_demo_end_to_end(tmp_path, capsys):
                  '--search-evaluate', '2', '--image-size', '32', '--no-progress']) == 0
     printed = capsys.readouterr().out
     assert 'min' in printed and 'mid' in printed and 'max' in printed and 'best:' in printed
+    assert 'loads after `import ofa_timm` (with timm\'s train.py: --device-modules ofa_timm)' in printed
     export = out / 'export'
     assert (export / 'subnet.json').is_file() and (export / 'model.safetensors').is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (export / 'model.safetensors', export / 'timm' / 'model.safetensors', export / 'subnet.json'):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
     reloaded = timm.create_model(f'local-dir:{export / "timm"}', pretrained=True).eval()
     assert type(reloaded).__name__ == 'MobileNetV3'
     assert reloaded(torch.randn(1, 3, 32, 32)).shape == (1, 4)

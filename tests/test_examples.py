@@ -26,3 +26,6 @@ def test_nni_experiment_example(tmp_path):
          '--trials', '4'], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert '[3/3] Best subnet' in result.stdout and (tmp_path / 'results' / 'subnet_top1.json').is_file()
+    output = result.stdout + result.stderr  # not a terminal: no colour codes, no noise the package causes
+    assert '\x1b[' not in output and 'litlogger' not in output
+    assert 'Checkpoint callback is found to be None' not in output

@@ -267,3 +267,29 @@ def test_written_files_respect_the_umask(run, tmp_path, umask):
         os.umask(old)
     for f in ('a.safetensors', 'last.pth', 'subnet.json'):
         assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+# --- the README's registry snippet runs as written --------------------------------------------------------------------
+def test_readme_registry_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The snippet, with each download served by a random model of the right kind (published OFA weights in this
+    project's keys, timm's weights of the source model)."""
+    from pathlib import Path
+
+    from ofa_timm.plugins import ofa_models
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    section = readme.split("### Through timm's registry", 1)[1]
+    snippet = section.split('```python\n', 1)[1].split('```', 1)[0]
+    sources = {'ofa_mbv3': lambda: timm.create_model('ofa_mbv3'),
+               'ofa_resnet50d': lambda: timm.create_model('resnet50d')}
+    served = []
+
+    def download(variant, cfg, cache_dir=None):
+        assert cfg.get('url') or cfg.get('hf_hub_id'), cfg  # it would have downloaded
+        served.append(variant)
+        return sources[variant]().state_dict(), {}
+    monkeypatch.setattr(ofa_models, '_pretrained_state', download)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(snippet, 'README.md', 'exec'), namespace)
+    assert served == ['ofa_mbv3', 'ofa_mbv3', 'ofa_mbv3', 'ofa_resnet50d']
+    assert namespace['mine'].num_classes == 10 and type(namespace['r50']).__name__ == 'ResNet'

@@ -3,13 +3,16 @@
 Tested with nni 3.0 and pytorch-lightning 2.4-2.6 (see the README).
 """
 import contextlib
+import logging
 import os
+import sys
 import types
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-__all__ = ['quiet_nni_import', 'fresh_trainer', 'experiment_directory', 'nni_home', 'run_experiment']
+__all__ = ['quiet_nni_import', 'fresh_trainer', 'experiment_directory', 'nni_home', 'quiet_experiment',
+           'run_experiment']
 
 
 @contextlib.contextmanager
@@ -24,7 +27,14 @@ def quiet_nni_import() -> Iterator[None]:
 
 
 def _evaluate_with_fresh_trainer(self: Any, model: Any) -> Any:
-    self.trainer = self.trainer.trace_copy().get()
+    # Lightning advertises a cloud logger whenever it builds a Trainer: once per model here, so not at all
+    lightning_log = logging.getLogger('pytorch_lightning.utilities.rank_zero')
+    tip = _DropMessages('\N{ELECTRIC LIGHT BULB} Tip:')
+    lightning_log.addFilter(tip)
+    try:
+        self.trainer = self.trainer.trace_copy().get()
+    finally:
+        lightning_log.removeFilter(tip)
     return type(self).evaluate(self, model)
 
 
@@ -65,10 +75,48 @@ def nni_home(root: Union[str, os.PathLike, None]) -> Iterator[str]:
         Experiments.__init__.__defaults__ = previous
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def quiet_experiment() -> Iterator[None]:
+    """What NNI 3.0 prints while an experiment runs, less its noise.
+
+    * NNI's one-shot strategies warn "Checkpoint callback is found to be None" each time the experiment is
+      checkpointed if the evaluator's trainer does not checkpoint (``enable_checkpointing=False``, the user's choice):
+      dropped.
+    * NNI colours its console log even when stdout is a file: the escape codes go when stdout is not a terminal.
+    * Lightning warns of modules in eval mode when training starts: the progressive-shrinking teacher is frozen in
+      eval mode by design.
+    """
+    from nni.runtime import log as nni_log
+    strategy_log = logging.getLogger('nni.nas.oneshot.pytorch.strategy')
+    no_callback = _DropMessages('Checkpoint callback is found to be None')
+    strategy_log.addFilter(no_callback)
+    handler = getattr(nni_log, '_handlers', {}).get('_stdout_')
+    colourful = handler.formatter if handler is not None else None
+    if handler is not None and not sys.stdout.isatty() and hasattr(nni_log, '_LogFileFormatter'):
+        handler.setFormatter(nni_log._LogFileFormatter())  # the format of NNI's own log files
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message=r'Found \d+ module\(s\) in eval mode at the start of training')
+            yield
+    finally:
+        strategy_log.removeFilter(no_callback)
+        if handler is not None:
+            handler.setFormatter(colourful)
+
+
 def run_experiment(exp: Any, root: Union[str, os.PathLike, None] = None) -> Any:
-    """Run an NNI experiment in process with every file it writes under ``root`` (see :func:`nni_home`), stop it,
-    and return it (its results stay readable)."""
-    with nni_home(root) as directory:
+    """Run an NNI experiment in process with every file it writes under ``root`` (see :func:`nni_home`) and its
+    console output quieted (see :func:`quiet_experiment`), stop it, and return it (its results stay readable)."""
+    with nni_home(root) as directory, quiet_experiment():
         exp.config.experiment_working_directory = directory
         try:
             exp.run()
