@@ -210,7 +210,8 @@ class _LoadSupernetState:
                for name, key in local.items()):
             return
         try:
-            supernet = self.build_supernet()
+            with torch.random.fork_rng(devices=[]):  # loading weights leaves the caller's random state alone
+                supernet = self.build_supernet()
             supernet.load_state_dict(checkpoint_filter_fn({n: state_dict[k] for n, k in local.items()}, supernet))
             converted = supernet.extract(self.subnet).state_dict()
         except (RuntimeError, ValueError) as e:

@@ -97,9 +97,11 @@ def test_every_route_loads_the_trained_run_exactly(run, tmp_path):
         supernet = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         assert supernet.space == trained.space
         assert_same_state(supernet, trained)
-    # timm.models.load_checkpoint into a subnet (what train.py --initial-checkpoint does)
+    # timm.models.load_checkpoint into a subnet (what train.py --initial-checkpoint does); the random state is kept
     model = timm.create_model(name, num_classes=NUM_CLASSES, resolutions=RES, subnet=subnet.to_dict())
+    rng = torch.get_rng_state()
     load_checkpoint(model, path)
+    assert torch.equal(torch.get_rng_state(), rng)
     assert_same_state(model, expected)
     # the local-dir export of that subnet, and of the supernet
     save_for_hf(model, str(tmp_path / 'subnet_dir'), safe_serialization=True)
