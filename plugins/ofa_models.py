@@ -212,8 +212,8 @@ class _LoadSupernetState:
         try:
             with torch.random.fork_rng(devices=[]):  # loading weights leaves the caller's random state alone
                 supernet = self.build_supernet()
-            supernet.load_state_dict(checkpoint_filter_fn({n: state_dict[k] for n, k in local.items()}, supernet))
-            converted = supernet.extract(self.subnet).state_dict()
+                supernet.load_state_dict(checkpoint_filter_fn({n: state_dict[k] for n, k in local.items()}, supernet))
+                converted = supernet.extract(self.subnet).state_dict()
         except (RuntimeError, ValueError) as e:
             # ``strict`` always reads True here (torch passes it so to every module), so tell a whole checkpoint,
             # which must fit, from a partial one, which load_state_dict(strict=False) takes as far as it fits.
