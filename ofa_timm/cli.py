@@ -123,11 +123,7 @@ def _train(args: argparse.Namespace) -> int:
 
 # --- demo -----------------------------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
-    import random
-
     import timm
-    from safetensors.torch import save_file
-    from timm.models import save_for_hf
 
     import ofa_timm  # noqa: F401  registers the ofa_* models
     from .search import count_flops
@@ -168,31 +164,38 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"      {row['subnet']:4s} {row['top1']:6.2f}%  {flops / 1e6:7.1f} MFLOPs  "
               f"depths {list(row['spec'].depths)}")
 
-    flops_min = count_flops(supernet.extract(space.min()), space.min().resolution)
-    flops_max = count_flops(supernet.extract(space.max()), space.max().resolution)
+    from .search import FitConfig, build_accuracy_dataset, export_subnet, fit_predictor, flops_model, specialize
+    from .search.report import plot_pareto
+    flops = flops_model(supernet)
+    flops_min, flops_max = flops.minimum()[0], flops.maximum()[0]
     budget = args.flops_budget or (flops_min + flops_max) / 2
-    print(f'[5/5] Searching a subnet under {budget / 1e6:.1f} MFLOPs (random search, {args.search_samples} samples)')
-    rng = random.Random(args.seed)
-    feasible = []
-    for _ in range(args.search_samples):
-        subnet = space.sample(rng)
-        flops = count_flops(supernet.extract(subnet), subnet.resolution)
-        if flops <= budget:
-            feasible.append((flops, subnet))
-    if not feasible:
-        raise ValueError(f'No sampled subnet fits {budget / 1e6:.1f} MFLOPs; the smallest has {flops_min / 1e6:.1f}')
-    candidates = sorted(feasible, key=lambda fs: -fs[0])[:args.search_evaluate]
-    scored = [(trainer.evaluate_subnet(s)['top1'], f, s) for f, s in candidates]
-    top1, flops, best = max(scored, key=lambda t: (t[0], t[1]))
-    print(f'      best: {top1:.2f}% at {flops / 1e6:.1f} MFLOPs, {best.to_dict()}')
+    search_dir = output / 'search'
+    print(f'[5/5] Searching the best subnet under {budget / 1e6:.1f} MFLOPs: an accuracy predictor fitted on '
+          f'{args.search_samples} evaluated subnets, then evolution on it')
+    dataset = search_dir / 'accuracy.jsonl'
+    if dataset.exists():
+        dataset.unlink()  # evaluations of an earlier run's weights
+    rows = build_accuracy_dataset(supernet, None, None, dataset, n=args.search_samples, seed=args.seed,
+                                  progress=not args.no_progress, model=args.model, evaluate=trainer.evaluate_subnet)
+    codes = space.encode([ofa_timm.Subnet.from_dict(r['subnet']) for r in rows])
+    predictor, fit = fit_predictor(space, codes, [r['top1'] for r in rows], FitConfig(steps=500, seed=args.seed))
+    predictor.save(search_dir / 'predictor.safetensors', model=args.model)
+    print(f"      predictor: held-out RMSE {fit['rmse']:.2f} % points, Spearman {fit['spearman']:.2f} "
+          f"({fit['n_val']} of {len(rows)} subnets held out)")
+    budgets = [flops_min + (budget - flops_min) * (i + 1) / args.search_evaluate for i in range(args.search_evaluate)]
+    results = specialize(supernet, predictor, 'flops', budgets, seed=args.seed)
+    plot_pareto(results, 'flops', search_dir / 'pareto.png', title=f'{args.model} on the demo data')
+    for r in results:
+        measured = trainer.evaluate_subnet(r.subnet)['top1']
+        print(f"      <= {r.budgets['flops'] / 1e6:6.1f} MFLOPs: {r.costs['flops'] / 1e6:6.1f} MFLOPs, predicted "
+              f"{r.accuracy:6.2f}%, measured {measured:6.2f}%")
+    best, top1 = results[-1].subnet, measured
+    print(f"      best: {top1:.2f}% at {results[-1].costs['flops'] / 1e6:.1f} MFLOPs, {best.to_dict()} "
+          f"(plot: {search_dir / 'pareto.png'})")
 
     export = output / 'export'
-    export.mkdir(exist_ok=True)
-    model = supernet.extract(best).eval()
-    best.to_json(export / 'subnet.json')
-    save_file(model.state_dict(), str(export / 'model.safetensors'))
-    model_args = dict(subnet=best.to_dict(), num_classes=num_classes, resolutions=list(resolutions))
-    save_for_hf(model, str(export / 'timm'), model_args=model_args, safe_serialization=True)
+    export_subnet(supernet, best, export, formats=('safetensors',), model_name=args.model)
+    export_subnet(supernet, best, export / 'timm', formats=('timm',), model_name=args.model)
     print(f"Exported to {export}: subnet.json, model.safetensors, and timm/ "
           f"(timm.create_model('local-dir:{export / 'timm'}', pretrained=True))")
     print(f'Done in {time.time() - start:.0f} s. Metrics: {run_dir / "metrics.jsonl"}, '
@@ -532,8 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--image-size', type=int, default=64)
     d.add_argument('--epochs-scale', type=float, default=1.0)
     d.add_argument('--flops-budget', type=float, default=None, help='FLOPs (default: halfway between min and max)')
-    d.add_argument('--search-samples', type=int, default=40)
-    d.add_argument('--search-evaluate', type=int, default=4, help='feasible candidates to evaluate')
+    d.add_argument('--search-samples', type=int, default=40, help='subnets evaluated to fit the accuracy predictor')
+    d.add_argument('--search-evaluate', type=int, default=4,
+                   help='FLOPs budgets searched (up to --flops-budget) and their best subnets evaluated')
     d.add_argument('--seed', type=int, default=0)
     d.add_argument('--no-progress', action='store_true')
     d.set_defaults(func=_demo)

@@ -30,8 +30,11 @@ def supernet(checkpoint):
     return load_supernet('ofa_mobilenetv3_small_100', checkpoint)
 
 
-def test_load_supernet_reads_classes_and_space(supernet):
+def test_load_supernet_reads_classes_space_and_every_weight(supernet, checkpoint):
+    from safetensors.torch import load_file
     assert supernet.num_classes == 5 and supernet.space.resolutions == (32, RES)
+    stored = load_file(str(checkpoint))
+    assert all(torch.equal(v, stored[k]) for k, v in supernet.state_dict().items())  # the classifier too
 
 
 def test_timm_folder_round_trip(supernet, tmp_path):
@@ -44,9 +47,10 @@ def test_timm_folder_round_trip(supernet, tmp_path):
     x = torch.randn(2, 3, RES, RES)
     with torch.no_grad():
         assert torch.equal(again(x), supernet.extract(subnet).eval()(x))
+    weights = str(tmp_path / 'out' / 'model.safetensors')
     plain = timm.create_model('ofa_mobilenetv3_small_100', num_classes=5, resolutions=(32, RES),
                               subnet=str(tmp_path / 'out' / 'subnet.json'), pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'out' / 'model.safetensors'))).eval()
+                              pretrained_cfg_overlay=dict(file=weights, num_classes=5)).eval()
     with torch.no_grad():
         assert torch.equal(plain(x), again(x))
 

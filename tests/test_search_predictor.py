@@ -96,7 +96,7 @@ def test_predictor_learns_a_synthetic_target(w12, tmp_path):
     assert np.array_equal(again.predict(codes), predictor.predict(codes))
     assert again.metrics['spearman'] == metrics['spearman']
     with pytest.raises(ValueError, match='another space'):
-        AccuracyPredictor.load(tmp_path / 'p.safetensors', space=timm.create_model('ofa_mbv3_w10').space)
+        AccuracyPredictor.load(tmp_path / 'p.safetensors', space=space.replace_resolutions((160, 224)))
     with pytest.raises(ValueError, match='not an ofa_timm accuracy predictor'):
         from safetensors.torch import save_file
         save_file({'x': torch.zeros(1)}, str(tmp_path / 'other.safetensors'))
@@ -118,11 +118,11 @@ def test_dataset_builder_appends_resumes_and_keeps_its_space(tmp_path, monkeypat
     torch.manual_seed(0)
     supernet = timm.create_model('ofa_mobilenetv3_small_100', num_classes=3, resolutions=(24, 32)).eval()
     path = tmp_path / 'acc.jsonl'
-    real, calls = ofa_timm.training.evaluate_subnet, []
+    real, calls, resumed = ofa_timm.training.evaluate_subnet, [], []
 
     def interrupted(*args, **kwargs):
         calls.append(args[1])
-        if len(calls) == 4:
+        if len(calls) == 4 and not resumed:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(ofa_timm.training, 'evaluate_subnet', interrupted)
@@ -132,6 +132,7 @@ def test_dataset_builder_appends_resumes_and_keeps_its_space(tmp_path, monkeypat
     with open(path, 'a') as f:
         f.write('{"subnet": {"depths"')  # a line torn by a hard kill
     calls.clear()
+    resumed.append(True)
     rows = build_accuracy_dataset(supernet, path=path, n=6, calib_images=6, progress=False, **loader)
     assert len(calls) == 3 and len(rows) == 6  # only the missing subnets were evaluated
     assert len({json.dumps(r['subnet'], sort_keys=True) for r in rows}) == 6

@@ -92,6 +92,8 @@ def load_supernet(
         kwargs['pretrained'] = pretrained
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
+        if checkpoint is not None:  # else timm's loader drops a classifier whose class count differs from the cfg's
+            kwargs['pretrained_cfg_overlay']['num_classes'] = num_classes
     if resolutions:
         kwargs['resolutions'] = tuple(resolutions)
     try:
@@ -148,7 +150,8 @@ def export_subnet(
     * ``timm``: a ``save_for_hf`` folder (``config.json``, ``model.safetensors``) that
       ``timm.create_model('local-dir:OUT', pretrained=True)`` rebuilds after ``import ofa_timm``;
     * ``safetensors``: ``model.safetensors`` (subnet and model name in its metadata) for
-      ``timm.create_model(name, subnet=..., pretrained_cfg_overlay=dict(file=...))``;
+      ``timm.create_model(name, subnet=..., num_classes=N, pretrained=True,
+      pretrained_cfg_overlay=dict(file=..., num_classes=N))``;
     * ``onnx``: ``model.onnx`` (dynamic batch), checked against ONNX Runtime;
     * ``pt2``: ``model.pt2`` from ``torch.export``, checked against eager PyTorch.
 

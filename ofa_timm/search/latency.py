@@ -165,14 +165,19 @@ def _quiet_export() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _backend_context(settings: LatencySettings) -> Iterator[None]:
-    """Check that the backend can run here, and set PyTorch's threads for the duration."""
+def _check_backend(settings: LatencySettings) -> None:
+    """Raise a ValueError if the backend cannot run on this machine."""
     if settings.backend == 'torch-cuda' and not torch.cuda.is_available():
         raise ValueError('The torch-cuda backend needs a CUDA device, and torch.cuda.is_available() is False here; '
                          'use --backend torch-cpu or onnxruntime')
     if settings.backend == 'onnxruntime':
         _import_onnxruntime()
+
+
+@contextlib.contextmanager
+def _backend_context(settings: LatencySettings) -> Iterator[None]:
+    """Check that the backend can run here, and set PyTorch's threads for the duration."""
+    _check_backend(settings)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads or threads)
     try:
@@ -412,6 +417,7 @@ def build_latency_table(
             ``path`` cannot be written.
     """
     from tqdm import tqdm
+    _check_backend(settings)
     space = supernet.space
     layout = block_layout(supernet)
     meta = _table_meta(supernet, settings, model)

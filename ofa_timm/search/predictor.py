@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -295,8 +295,8 @@ def _short(value: Any, limit: int = 80) -> str:
 # --- dataset -------------------------------------------------------------------------------------------------------
 def build_accuracy_dataset(
         supernet: nn.Module,
-        calib_loader: Iterable,
-        val_loader: Iterable,
+        calib_loader: Optional[Iterable],
+        val_loader: Optional[Iterable],
         path: Union[str, os.PathLike],
         n: int = 1000,
         seed: int = 0,
@@ -305,6 +305,7 @@ def build_accuracy_dataset(
         progress: bool = True,
         model: str = '',
         subnets: Optional[Sequence[SubnetLike]] = None,
+        evaluate: Optional[Callable[[Subnet], Dict[str, float]]] = None,
 ) -> List[Dict[str, Any]]:
     """Evaluate ``n`` random subnets (BN-recalibrated) and append each result to a JSON-lines file as it comes.
 
@@ -323,6 +324,8 @@ def build_accuracy_dataset(
         progress: Show a progress bar.
         model: Model name, recorded in the header.
         subnets: Evaluate these subnets instead of a random draw.
+        evaluate: Returns ``{'top1', 'top5'}`` of a subnet, in place of ``evaluate_subnet`` on the loaders (e.g.
+            ``Trainer.evaluate_subnet``, which recalibrates and evaluates exactly as the trainer validates).
 
     Returns:
         Every row of the dataset (``subnet``, ``top1``, ``top5``, ``seconds``).
@@ -351,7 +354,10 @@ def build_accuracy_dataset(
                                      unit='subnet') as bar:
         for subnet in todo:
             start = time.perf_counter()
-            metrics = evaluate_subnet(supernet, subnet, calib_loader, val_loader, calib_images, device)
+            if evaluate is not None:
+                metrics = evaluate(subnet)
+            else:
+                metrics = evaluate_subnet(supernet, subnet, calib_loader, val_loader, calib_images, device)
             row = dict(subnet=subnet.to_dict(), top1=metrics['top1'], top5=metrics['top5'],
                        seconds=round(time.perf_counter() - start, 3))
             f.write(json.dumps(row) + '\n')
