@@ -88,7 +88,7 @@ def bench_search(args: argparse.Namespace) -> None:
 def bench_flops(args: argparse.Namespace) -> None:
     from torch.utils.flop_counter import FlopCounterMode
     names = sorted(set(timm.list_models('ofa_*')) - {'ofa_mbv3'})
-    print(f'| space | subnets | resolutions | FLOPs exact | params exact | max rel. FLOPs error |')
+    print('| space | subnets | resolutions | FLOPs exact | params exact | max rel. FLOPs error |')
     print('|---|---:|---|---:|---:|---:|')
     for name in names:
         supernet = timm.create_model(name, num_classes=1000).eval()

@@ -1,5 +1,5 @@
-"""The ``ofa-timm`` command line: ``train`` (progressive shrinking, also under ``torchrun``), ``latency``, ``predictor``,
-``search``, ``export`` and ``demo``."""
+"""The ``ofa-timm`` command line: ``train`` (progressive shrinking, also under ``torchrun``), ``latency``,
+``predictor``, ``search``, ``export`` and ``demo``."""
 import argparse
 import json
 import os

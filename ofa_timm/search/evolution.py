@@ -9,7 +9,7 @@ second on a laptop CPU. A budget below the smallest achievable cost fails at onc
                          budgets=[{'latency': 20, 'params': 5e6}])
 """
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import torch.nn as nn

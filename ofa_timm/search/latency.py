@@ -20,11 +20,10 @@ import json
 import math
 import os
 import platform
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ import torch.nn as nn
 
 from .._io import write_text_atomic
 from ..space import SearchSpace, Subnet, SubnetLike, read_json
-from .cost import AdditiveCost, BlockLayout, _disjoint_groups, as_codes, block_layout
+from .cost import AdditiveCost, BlockLayout, _disjoint_groups, block_layout
 
 __all__ = ['BACKENDS', 'LatencySettings', 'LatencyTable', 'build_latency_table', 'validate_latency_table',
            'measure_subnets']
@@ -225,9 +224,13 @@ def measure_subnets(
 # --- the table -----------------------------------------------------------------------------------------------------
 def _versions(settings: LatencySettings) -> Dict[str, str]:
     import timm
-    from .. import __version__
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ours = version('ofa-timm')
+    except PackageNotFoundError:
+        ours = 'unknown'
     versions = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-                    ofa_timm=__version__, numpy=np.__version__)
+                    ofa_timm=ours, numpy=np.__version__)
     if settings.backend == 'onnxruntime':
         versions['onnxruntime'] = _import_onnxruntime().__version__
     return versions
@@ -431,8 +434,9 @@ def build_latency_table(
                              f'pass another --out')
         differ = [k for k in _RESUME_KEYS if old.meta.get(k) != meta.get(k)]
         if differ:
-            raise ValueError(f'{path} was measured with other settings ({", ".join(f"{k}: {old.meta.get(k)!r}" for k in differ)}); '
-                             f'pass another --out or the same settings to resume it')
+            settings_text = ', '.join(f'{k}: {old.meta.get(k)!r}' for k in differ)
+            raise ValueError(f'{path} was measured with other settings ({settings_text}); pass another --out or the '
+                             f'same settings to resume it')
         measured = {e['id']: e for e in old.entries if e.get('ms') is not None}
         for e in entries:
             if e['id'] in measured:

@@ -29,8 +29,8 @@ from ..space import SearchSpace, Subnet, SubnetLike
 from .cost import SubnetsOrCodes, as_codes
 
 __all__ = [
-    'ArchEncoder', 'AccuracyPredictor', 'build_accuracy_dataset', 'read_accuracy_dataset', 'dataset_space', 'fit_predictor',
-    'spearman', 'FitConfig', 'EncoderConfig', 'PREDICTOR_FORMAT',
+    'ArchEncoder', 'AccuracyPredictor', 'build_accuracy_dataset', 'read_accuracy_dataset', 'dataset_space',
+    'fit_predictor', 'spearman', 'FitConfig', 'EncoderConfig', 'PREDICTOR_FORMAT',
 ]
 
 PREDICTOR_FORMAT = 'ofa_timm.accuracy_predictor.v1'
@@ -223,7 +223,8 @@ class AccuracyPredictor(nn.Module):
                              f'metadata); reference checkpoints load with AccuracyPredictor.from_reference')
         own_space = SearchSpace.from_dict(json.loads(metadata['space']))
         if space is not None and own_space != space:
-            raise ValueError(f'The predictor {os.fspath(path)} was made for another space: {_space_diff(own_space, space)}')
+            raise ValueError(f'The predictor {os.fspath(path)} was made for another space: '
+                             f'{_space_diff(own_space, space)}')
         config = json.loads(metadata['config'])
         config['encoder'] = EncoderConfig(**{k: tuple(v) if isinstance(v, list) else v
                                              for k, v in config['encoder'].items()})
