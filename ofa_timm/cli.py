@@ -212,12 +212,12 @@ def _load_supernet(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def _latency(args: argparse.Namespace) -> int:
-    from .search.latency import LatencySettings, build_latency_table, validate_latency_table
+    from .search.latency import LatencySettings, build_latency_table
     settings = LatencySettings(args.backend, args.batch_size, args.threads, args.amp, args.channels_last,
                                args.warmup, args.repeats)
     supernet = _load_supernet(args)
     table = build_latency_table(supernet, args.out, settings, calibrate=args.calibrate, seed=args.seed,
-                                model=args.model, progress=not args.no_progress)
+                                model=args.model, progress=not args.no_progress, validate=args.validate)
     print(f'Latency table: {args.out} ({len(table.entries)} block entries; {table.describe()})')
     cal = table.calibration
     if cal:
@@ -225,9 +225,8 @@ def _latency(args: argparse.Namespace) -> int:
               f"{cal['offset']:+.3f} ms")
     smallest, largest = table.minimum()[0], table.maximum()[0]
     print(f'Predicted latency of the space: {smallest:.3f} .. {largest:.3f} ms')
-    if args.validate:
-        result = validate_latency_table(table, supernet, args.validate, seed=args.seed, progress=not args.no_progress)
-        table.save(args.out)
+    result = table.validation
+    if args.validate and result:
         print(f"Validation on {result['n']} held-out subnets: median |error| {result['median_abs_pct']:.2f}%, "
               f"max {result['max_abs_pct']:.2f}% (plain sum of blocks: median {result['plain_median_abs_pct']:.2f}%, "
               f"max {result['plain_max_abs_pct']:.2f}%)")

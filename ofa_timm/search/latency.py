@@ -401,6 +401,7 @@ def build_latency_table(
         seed: int = 0,
         model: str = '',
         progress: bool = True,
+        validate: int = 0,
 ) -> LatencyTable:
     """Measure (or finish measuring) the latency table of ``supernet``'s space on this machine.
 
@@ -414,6 +415,9 @@ def build_latency_table(
         seed: Seed of the calibration subnets.
         model: Model name recorded in the table (default: the supernet's architecture).
         progress: Show progress bars.
+        validate: Also measure this many held-out random subnets, in the same interleaved rounds as the calibration
+            subnets (so both see the machine in the same state), and store the error of the prediction in
+            ``table.validation``.
 
     Raises:
         ValueError: If ``path`` holds a table of another space or other settings, the backend cannot run here, or
@@ -480,8 +484,11 @@ def build_latency_table(
     finally:
         table = LatencyTable(space, blocks, entries, meta, calibration)
         table.save(path)
-    if calibrate and table.calibration is None:
-        table = calibrate_latency_table(table, supernet, calibrate, seed, progress)
+    if calibrate and (table.calibration is None or validate):
+        table = calibrate_latency_table(table, supernet, calibrate, seed, progress, validate=validate)
+        table.save(path)
+    elif validate:
+        validate_latency_table(table, supernet, validate, seed, progress)
         table.save(path)
     return table
 
@@ -500,29 +507,58 @@ def _subnets(space: SearchSpace, n: int, seed: int, exclude: Sequence[Subnet] = 
 
 
 def calibrate_latency_table(table: LatencyTable, supernet: nn.Module, n: int = 10, seed: int = 0,
-                            progress: bool = True, rounds: int = 5) -> LatencyTable:
-    """Fit ``latency = scale * sum + offset`` on ``n`` subnets measured end to end (the min, the max, random ones)."""
+                            progress: bool = True, rounds: int = 5, validate: int = 0) -> LatencyTable:
+    """Fit ``latency = scale * sum + offset`` on ``n`` subnets measured end to end (the min, the max, random ones).
+
+    The fit is Theil-Sen (median of pairwise slopes, then median offset), so one subnet measured during a slow spell
+    of the machine does not tilt it. With ``validate``, that many other random subnets are measured in the same
+    interleaved rounds and scored against the fitted prediction (``table.validation``); they never enter the fit.
+    """
     space = table.space
     subnets = list(dict.fromkeys([space.min(), space.max()] + _subnets(space, max(0, n - 2), seed)))[:max(n, 1)]
-    settings = _settings_of(table)
-    measured = measure_subnets(supernet, subnets, settings, rounds, progress, desc='calibration')
+    held_out = _subnets(space, validate, seed + 1_000_003, exclude=subnets) if validate else []
+    measured = measure_subnets(supernet, subnets + held_out, _settings_of(table), rounds, progress,
+                               desc='calibration' + (' + validation' if validate else ''))
+    cal, val = measured[:len(subnets)], measured[len(subnets):]
     raw = table.raw(space.encode(subnets)).astype(np.float64)
-    if len(subnets) >= 2 and np.ptp(raw) > 0:
-        scale, offset = np.polyfit(raw, measured, 1)
-    else:
-        scale, offset = float(np.median(measured / raw)), 0.0
-    if not scale > 0:  # a degenerate fit (noise on near-equal subnets): fall back to a ratio
-        scale, offset = float(np.median(measured / raw)), 0.0
-    calibration = dict(scale=float(scale), offset=float(offset), subnets=[s.to_dict() for s in subnets],
-                       measured_ms=measured.round(4).tolist(), sum_ms=raw.round(4).tolist(), seed=seed)
+    scale, offset = _theil_sen(raw, cal)
+    calibration = dict(scale=scale, offset=offset, subnets=[s.to_dict() for s in subnets],
+                       measured_ms=cal.round(4).tolist(), sum_ms=raw.round(4).tolist(), seed=seed)
     blocks = list(zip(table.block_names, table.genes, table.entry_index))
-    return LatencyTable(space, blocks, table.entries, table.meta, calibration, table.validation)
+    table = LatencyTable(space, blocks, table.entries, table.meta, calibration, table.validation)
+    if validate:
+        table.validation = _score(table, held_out, val)
+    return table
+
+
+def _theil_sen(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
+    """Robust line fit ``y ~ scale * x + offset``; a ratio when the points cannot define a positive slope."""
+    i, j = np.triu_indices(len(x), 1)
+    keep = x[j] != x[i]
+    slopes = (y[j] - y[i])[keep] / (x[j] - x[i])[keep]
+    scale = float(np.median(slopes)) if len(slopes) else 0.0
+    if not scale > 0:
+        return float(np.median(y / x)), 0.0
+    return scale, float(np.median(y - scale * x))
 
 
 def _settings_of(table: LatencyTable) -> LatencySettings:
     m = table.meta
     return LatencySettings(m['backend'], m['batch_size'], m['threads'], 'bf16' if 'bfloat16' in m['dtype'] else None,
                            m['channels_last'], m['warmup'], m['repeats'], m['min_sample_ms'])
+
+
+def _score(table: LatencyTable, subnets: Sequence[Subnet], measured: np.ndarray) -> Dict[str, Any]:
+    """Errors of the table's prediction (and of the plain sum) against end-to-end measurements."""
+    codes = table.space.encode(subnets)
+    predicted, plain = table(codes), table.raw(codes)
+    err = 100 * (predicted - measured) / measured
+    plain_err = 100 * (plain - measured) / measured
+    return dict(
+        n=len(subnets), median_abs_pct=float(np.median(np.abs(err))), max_abs_pct=float(np.max(np.abs(err))),
+        plain_median_abs_pct=float(np.median(np.abs(plain_err))), plain_max_abs_pct=float(np.max(np.abs(plain_err))),
+        rows=[dict(subnet=s.to_dict(), measured_ms=round(float(m), 4), predicted_ms=round(float(p), 4),
+                   error_pct=round(float(e), 2)) for s, m, p, e in zip(subnets, measured, predicted, err)])
 
 
 def validate_latency_table(
@@ -540,15 +576,6 @@ def validate_latency_table(
     calibration = [Subnet.from_dict(d) for d in (table.calibration or {}).get('subnets', [])]
     subnets = _subnets(table.space, n, seed + 1_000_003, exclude=calibration)
     measured = measure_subnets(supernet, subnets, _settings_of(table), rounds, progress, desc='validation')
-    codes = table.space.encode(subnets)
-    predicted = table(codes)
-    plain = table.raw(codes)
-    err = 100 * (predicted - measured) / measured
-    plain_err = 100 * (plain - measured) / measured
-    result = dict(
-        n=len(subnets), median_abs_pct=float(np.median(np.abs(err))), max_abs_pct=float(np.max(np.abs(err))),
-        plain_median_abs_pct=float(np.median(np.abs(plain_err))), plain_max_abs_pct=float(np.max(np.abs(plain_err))),
-        rows=[dict(subnet=s.to_dict(), measured_ms=round(float(m), 4), predicted_ms=round(float(p), 4),
-                   error_pct=round(float(e), 2)) for s, m, p, e in zip(subnets, measured, predicted, err)])
+    result = _score(table, subnets, measured)
     table.validation = result
     return result
