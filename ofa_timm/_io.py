@@ -49,15 +49,23 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 
 def respect_umask(*paths: PathLike) -> None:
-    """Give files another writer created (e.g. ``timm.models.save_for_hf``, whose safetensors file is 0600) the
-    permissions ``open()`` gives a new file: 0666 less the umask."""
+    """Give files and folders another writer created the permissions ``open()`` / ``mkdir()`` give new ones (0666 /
+    0777 less the umask): ``safetensors`` and ``timm.models.save_for_hf`` write 0600 files, ``tempfile.mkdtemp``
+    0700 folders."""
     for path in map(Path, paths):
         probe = path.with_name(f'.{path.name}.{os.getpid()}.mode')
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        folder = path.is_dir()
+        if folder:
+            probe.mkdir()
+        else:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         try:
             os.chmod(path, os.stat(probe).st_mode & 0o777)
         finally:
-            probe.unlink()
+            if folder:
+                probe.rmdir()
+            else:
+                probe.unlink()
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:

@@ -1,4 +1,5 @@
-"""The ``ofa-timm`` command line: ``train`` (progressive shrinking, also under ``torchrun``) and ``demo``."""
+"""The ``ofa-timm`` command line: ``train`` (progressive shrinking, also under ``torchrun``), ``latency``,
+``predictor``, ``search``, ``export`` and ``demo``."""
 import argparse
 import os
 import shlex
@@ -123,12 +124,7 @@ def _train(args: argparse.Namespace) -> int:
 
 # --- demo -----------------------------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
-    import random
-
     import timm
-    from timm.models import save_for_hf
-
-    from ._io import respect_umask, save_safetensors
 
     import ofa_timm  # noqa: F401  registers the ofa_* models
     from .search import count_flops
@@ -169,38 +165,298 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"      {row['subnet']:4s} {row['top1']:6.2f}%  {flops / 1e6:7.1f} MFLOPs  "
               f"depths {list(row['spec'].depths)}")
 
-    flops_min = count_flops(supernet.extract(space.min()), space.min().resolution)
-    flops_max = count_flops(supernet.extract(space.max()), space.max().resolution)
+    from .search import FitConfig, build_accuracy_dataset, export_subnet, fit_predictor, flops_model, specialize
+    from .search.report import plot_pareto
+    flops = flops_model(supernet)
+    flops_min, flops_max = flops.minimum()[0], flops.maximum()[0]
     budget = args.flops_budget or (flops_min + flops_max) / 2
-    print(f'[5/5] Searching a subnet under {budget / 1e6:.1f} MFLOPs (random search, {args.search_samples} samples)')
-    rng = random.Random(args.seed)
-    feasible = []
-    for _ in range(args.search_samples):
-        subnet = space.sample(rng)
-        flops = count_flops(supernet.extract(subnet), subnet.resolution)
-        if flops <= budget:
-            feasible.append((flops, subnet))
-    if not feasible:
-        raise ValueError(f'No sampled subnet fits {budget / 1e6:.1f} MFLOPs; the smallest has {flops_min / 1e6:.1f}')
-    candidates = sorted(feasible, key=lambda fs: -fs[0])[:args.search_evaluate]
-    scored = [(trainer.evaluate_subnet(s)['top1'], f, s) for f, s in candidates]
-    top1, flops, best = max(scored, key=lambda t: (t[0], t[1]))
-    print(f'      best: {top1:.2f}% at {flops / 1e6:.1f} MFLOPs, {best.to_dict()}')
+    search_dir = output / 'search'
+    print(f'[5/5] Searching the best subnet under {budget / 1e6:.1f} MFLOPs: an accuracy predictor fitted on '
+          f'{args.search_samples} evaluated subnets, then evolution on it')
+    dataset = search_dir / 'accuracy.jsonl'
+    if dataset.exists():
+        dataset.unlink()  # evaluations of an earlier run's weights
+    rows = build_accuracy_dataset(supernet, None, None, dataset, n=args.search_samples, seed=args.seed,
+                                  progress=not args.no_progress, model=args.model, evaluate=trainer.evaluate_subnet)
+    codes = space.encode([ofa_timm.Subnet.from_dict(r['subnet']) for r in rows])
+    predictor, fit = fit_predictor(space, codes, [r['top1'] for r in rows], FitConfig(steps=500, seed=args.seed))
+    predictor.save(search_dir / 'predictor.safetensors', model=args.model)
+    print(f"      predictor: held-out RMSE {fit['rmse']:.2f} % points, Spearman {fit['spearman']:.2f} "
+          f"({fit['n_val']} of {len(rows)} subnets held out)")
+    budgets = [flops_min + (budget - flops_min) * (i + 1) / args.search_evaluate for i in range(args.search_evaluate)]
+    results = specialize(supernet, predictor, 'flops', budgets, seed=args.seed)
+    plot_pareto(results, 'flops', search_dir / 'pareto.png', title=f'{args.model} on the demo data')
+    for r in results:
+        measured = trainer.evaluate_subnet(r.subnet)['top1']
+        print(f"      <= {r.budgets['flops'] / 1e6:6.1f} MFLOPs: {r.costs['flops'] / 1e6:6.1f} MFLOPs, predicted "
+              f"{r.accuracy:6.2f}%, measured {measured:6.2f}%")
+    best, top1 = results[-1].subnet, measured
+    print(f"      best: {top1:.2f}% at {results[-1].costs['flops'] / 1e6:.1f} MFLOPs, {best.to_dict()} "
+          f"(plot: {search_dir / 'pareto.png'})")
 
     export = output / 'export'
-    export.mkdir(exist_ok=True)
-    model = supernet.extract(best).eval()
-    best.to_json(export / 'subnet.json')
-    save_safetensors(model.state_dict(), export / 'model.safetensors')
-    model_args = dict(subnet=best.to_dict(), num_classes=num_classes, resolutions=list(resolutions))
-    save_for_hf(model, str(export / 'timm'), model_args=model_args, safe_serialization=True)
-    respect_umask(*(export / 'timm').iterdir())
+    export_subnet(supernet, best, export, formats=('safetensors',), model_name=args.model)
+    export_subnet(supernet, best, export / 'timm', formats=('timm',), model_name=args.model)
     print(f"Exported to {export}: subnet.json, model.safetensors, and timm/, which loads after `import ofa_timm` "
           f"(with timm's train.py: --device-modules ofa_timm) as timm.create_model('local-dir:{export / 'timm'}', "
           f"pretrained=True)")
     print(f'Done in {time.time() - start:.0f} s. Metrics: {run_dir / "metrics.jsonl"}, '
           f'plot: {run_dir / "val_accuracy.png"}')
     return 0
+
+
+# --- specialization: latency | predictor | search | export ----------------------------------------------------------
+def _load_supernet(args: argparse.Namespace) -> torch.nn.Module:
+    import ofa_timm  # noqa: F401  registers the ofa_* models
+    from .search.export import load_supernet
+    return load_supernet(args.model, args.checkpoint, num_classes=getattr(args, 'num_classes', None),
+                         resolutions=getattr(args, 'resolutions', None))
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from .search.latency import LatencySettings, build_latency_table
+    settings = LatencySettings(args.backend, args.batch_size, args.threads, args.amp, args.channels_last,
+                               args.warmup, args.repeats)
+    supernet = _load_supernet(args)
+    table = build_latency_table(supernet, args.out, settings, calibrate=args.calibrate, seed=args.seed,
+                                model=args.model, progress=not args.no_progress, validate=args.validate)
+    print(f'Latency table: {args.out} ({len(table.entries)} block entries; {table.describe()})')
+    cal = table.calibration
+    if cal:
+        print(f"Calibration on {len(cal['subnets'])} subnets: latency = {cal['scale']:.4f} x sum of blocks "
+              f"{cal['offset']:+.3f} ms")
+    smallest, largest = table.minimum()[0], table.maximum()[0]
+    print(f'Predicted latency of the space: {smallest:.3f} .. {largest:.3f} ms')
+    result = table.validation
+    if args.validate and result:
+        print(f"Validation on {result['n']} held-out subnets: median |error| {result['median_abs_pct']:.2f}%, "
+              f"max {result['max_abs_pct']:.2f}% (plain sum of blocks: median {result['plain_median_abs_pct']:.2f}%, "
+              f"max {result['plain_max_abs_pct']:.2f}%)")
+    return 0
+
+
+def _data_loaders(data_dir: str, image_size: int, batch_size: int, workers: int, seed: int = 0):
+    """(calibration loader over training images, validation loader) of an ImageFolder-style dataset."""
+    from torch.utils.data import DataLoader
+    from .training import DataConfig, build_datasets
+    _, val_set, calib_set, _ = build_datasets(DataConfig(data_dir, image_size=image_size), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    calib = DataLoader(calib_set, batch_size=batch_size, shuffle=True, num_workers=workers, generator=g)
+    val = DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return calib, val
+
+
+def _predictor_dataset(args: argparse.Namespace) -> int:
+    from .search.predictor import build_accuracy_dataset
+    supernet = _load_supernet(args)
+    space = supernet.space
+    image_size = args.img_size or max(space.resolutions or (int(supernet.pretrained_cfg['input_size'][-1]),))
+    calib, val = _data_loaders(args.data_dir, image_size, args.batch_size, args.workers, args.seed)
+    rows = build_accuracy_dataset(supernet, calib, val, args.out, n=args.n, seed=args.seed,
+                                  calib_images=args.calib_images, device=args.device, progress=not args.no_progress,
+                                  model=args.model)
+    top1 = [r['top1'] for r in rows]
+    print(f'Accuracy dataset: {args.out} ({len(rows)} subnets, top-1 {min(top1):.2f} .. {max(top1):.2f}%)')
+    return 0
+
+
+def _predictor_fit(args: argparse.Namespace) -> int:
+    from .search.predictor import FitConfig, dataset_space, fit_predictor, read_accuracy_dataset
+    space, model = dataset_space(args.data)
+    codes, targets = read_accuracy_dataset(args.data, space, metric=args.metric)
+    config = FitConfig(hidden_size=args.hidden_size, n_layers=args.layers, steps=args.steps, lr=args.lr,
+                       val_fraction=args.val_fraction, seed=args.seed)
+    predictor, metrics = fit_predictor(space, codes, targets, config, progress=not args.no_progress)
+    predictor.save(args.out, model=model)
+    scores = (f"held-out RMSE {metrics['rmse']:.3f} % points, Spearman {metrics['spearman']:.3f} "
+              f"({metrics['n_val']} subnets)") if metrics.get('n_val') else 'no held-out rows'
+    print(f"Predictor: {args.out} (trained on {metrics['n_train']} subnets; {scores})")
+    return 0
+
+
+def _parse_budgets(text: str, unit: str) -> List[float]:
+    """'10ms,20ms' (latency) or '150M,300M' (FLOPs / parameters; k, M, G suffixes) -> numbers in the cost's unit."""
+    budgets = []
+    for item in (t.strip() for t in text.split(',') if t.strip()):
+        value, suffix = item, ''
+        for s in ('ms', 'k', 'K', 'M', 'G'):
+            if item.endswith(s):
+                value, suffix = item[:-len(s)], s
+                break
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f'Cannot read budget {item!r}: expected e.g. 20ms (latency) or 300M (FLOPs)') from None
+        if suffix == 'ms' and unit != 'ms' or suffix in ('k', 'K', 'M', 'G') and unit == 'ms':
+            raise ValueError(f'Budget {item!r} does not fit the constraint: use ms with --latency-table, and a plain '
+                             f'number or k/M/G with --flops / --params')
+        budgets.append(number * {'k': 1e3, 'K': 1e3, 'M': 1e6, 'G': 1e9}.get(suffix, 1.0))
+    if not budgets:
+        raise ValueError('--budgets is empty; give e.g. 10ms,20ms or 150M,300M')
+    return budgets
+
+
+def _budget_label(value: float, name: str, unit: str) -> str:
+    from .search.cost import format_cost
+    return f'{name}_' + format_cost(value, name, unit).replace(' ', '')
+
+
+def _search(args: argparse.Namespace) -> int:
+    import numpy as np
+    from .search import AccuracyPredictor, EvolutionConfig, flops_model, params_model, specialize
+    from .search.export import export_subnet
+    from .search.latency import LatencyTable
+    from .search.report import plot_pareto, write_results
+
+    supernet = _load_supernet(args)
+    space = supernet.space
+    predictor = AccuracyPredictor.load(args.predictor, space=space)
+    if args.latency_table:
+        model = LatencyTable.load(args.latency_table, space=space)
+    else:
+        model = params_model(supernet) if args.params else flops_model(supernet)
+    budgets = _parse_budgets(args.budgets, model.unit)
+    config = EvolutionConfig(population_size=args.population, generations=args.generations)
+    start = time.time()
+    results = specialize(supernet, predictor, {model.name: model}, budgets, config, seed=args.seed,
+                         progress=not args.no_progress)
+    elapsed = time.time() - start
+    out = Path(args.out)
+    calib = None
+    if args.calibrate_bn:
+        calib, _ = _data_loaders(args.calibrate_bn, max(space.resolutions), 32, 0, args.seed)
+    rows = []
+    for r in results:
+        label = _budget_label(r.budgets[model.name], model.name, model.unit)
+        folder = out / label
+        if args.export_format == 'none':
+            r.subnet.to_json(folder / 'subnet.json')
+        else:
+            export_subnet(supernet, r.subnet, folder, formats=args.export_format.split(','), calib_loader=calib,
+                          model_name=args.model)
+        rows.append(label)
+        print(f"  {label}: predicted top-1 {r.accuracy:.2f}%, {model.name} {r.costs[model.name]:.4g} "
+              f"-> {folder}")
+    rng = np.random.default_rng(args.seed)
+    sample = rng.integers(0, space.choice_counts, size=(2000, len(space.genes)))
+    plot_pareto(results, model.name, out / 'pareto.png', unit=model.unit,
+                background=(model(sample), predictor.predict(sample)), title=f'{args.model}: best subnet per budget')
+    header = (f'# Search results: {args.model}\n\n{len(results)} budgets, population {config.population_size}, '
+              f'{config.generations} generations, {elapsed:.2f} s. Predictor: `{args.predictor}`'
+              + (f' (held-out RMSE {predictor.metrics["rmse"]:.2f}, Spearman {predictor.metrics["spearman"]:.3f})'
+                 if 'rmse' in predictor.metrics else '') + '. Cost: '
+              + (f'latency table `{args.latency_table}` ({model.describe()})' if args.latency_table else model.name)
+              + '.\n')
+    write_results(results, out / 'results.md', units={model.name: model.unit}, header=header)
+    print(f'Searched {len(results)} budgets in {elapsed:.2f} s. Wrote {out / "results.md"} and {out / "pareto.png"}')
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .search.export import export_subnet
+    supernet = _load_supernet(args)
+    calib = None
+    if args.calibrate_bn:
+        subnet = supernet.resolve(args.subnet)
+        res = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+        calib, _ = _data_loaders(args.calibrate_bn, res, 32, 0, args.seed)
+    result = export_subnet(supernet, args.subnet, args.out, formats=args.format.split(','), calib_loader=calib,
+                           calib_images=args.calib_images, model_name=args.model)
+    for key in ('onnx_max_abs_diff', 'pt2_max_abs_diff'):
+        if key in result:
+            print(f"{key.split('_')[0]} check: max abs difference {result[key]:.3g} vs PyTorch")
+    print(f"Exported {result['subnet'].to_dict()} to {args.out}: {', '.join(Path(f).name for f in result['files'])}")
+    return 0
+
+
+def _add_search_parsers(sub: Any) -> None:
+    """The ``latency``, ``predictor``, ``search`` and ``export`` verbs."""
+    def model_args(p: argparse.ArgumentParser, checkpoint_help: str = 'trained supernet weights') -> None:
+        p.add_argument('--model', required=True, help='registered ofa_* name')
+        p.add_argument('--checkpoint', default=None, help=checkpoint_help + ' (supernet.safetensors of ofa-timm train)')
+        p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
+        p.add_argument('--resolutions', type=int, nargs='+', default=None,
+                       help="elastic resolutions (default: the checkpoint's, else OFA's)")
+
+    from .search.export import EXPORT_FORMATS
+    from .search.latency import BACKENDS
+
+    p = sub.add_parser('latency', help='measure a latency table of a space on this device',
+                       formatter_class=_HelpFormatter)
+    model_args(p, 'weights (only the space and the class count matter)')
+    p.add_argument('--backend', choices=BACKENDS, default='torch-cpu')
+    p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--threads', type=int, default=None, help="intra-op threads (default: PyTorch's)")
+    p.add_argument('--amp', choices=('bf16',), default=None, help='bf16 autocast (PyTorch backends)')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--warmup', type=int, default=10, help='untimed calls per entry')
+    p.add_argument('--repeats', type=int, default=30, help='timed samples per entry (median)')
+    p.add_argument('--calibrate', type=int, default=10, help='subnets measured end to end to fit scale and offset')
+    p.add_argument('--validate', type=int, default=0, help='held-out subnets to measure end to end and report')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', required=True, help='table JSON (resumed if it exists)')
+    p.add_argument('--no-progress', action='store_true')
+    p.set_defaults(func=_latency)
+
+    p = sub.add_parser('predictor', help='accuracy predictor: build its dataset, fit it')
+    verbs = p.add_subparsers(dest='predictor_command', required=True)
+    d = verbs.add_parser('dataset', help='evaluate random BN-recalibrated subnets (resumable)',
+                         formatter_class=_HelpFormatter)
+    model_args(d)
+    d.add_argument('--data-dir', required=True, help='ImageFolder root with train/ and validation/')
+    d.add_argument('--img-size', type=int, default=None, help='loader resolution (default: max resolution)')
+    d.add_argument('--n', type=int, default=1000, help='subnets in the dataset')
+    d.add_argument('--calib-images', type=int, default=2000, help='images for BN recalibration')
+    d.add_argument('--batch-size', type=int, default=64)
+    d.add_argument('--workers', type=int, default=0)
+    d.add_argument('--device', default=None, help='default: cpu')
+    d.add_argument('--seed', type=int, default=0)
+    d.add_argument('--out', required=True, help='dataset JSON-lines file (appended, resumed)')
+    d.add_argument('--no-progress', action='store_true')
+    d.set_defaults(func=_predictor_dataset, command='predictor dataset')
+    f = verbs.add_parser('fit', help='train the MLP predictor; reports held-out RMSE and Spearman',
+                         formatter_class=_HelpFormatter)
+    f.add_argument('--data', required=True, help='dataset of ofa-timm predictor dataset')
+    f.add_argument('--metric', choices=('top1', 'top5'), default='top1')
+    f.add_argument('--hidden-size', type=int, default=400)
+    f.add_argument('--layers', type=int, default=3)
+    f.add_argument('--steps', type=int, default=2000)
+    f.add_argument('--lr', type=float, default=1e-3)
+    f.add_argument('--val-fraction', type=float, default=0.2)
+    f.add_argument('--seed', type=int, default=0)
+    f.add_argument('--out', required=True, help='predictor .safetensors')
+    f.add_argument('--no-progress', action='store_true')
+    f.set_defaults(func=_predictor_fit, command='predictor fit')
+
+    p = sub.add_parser('search', help='best subnet per budget: evolution on a predictor and a cost model',
+                       formatter_class=_HelpFormatter)
+    model_args(p)
+    p.add_argument('--predictor', required=True, help='predictor .safetensors')
+    cost = p.add_mutually_exclusive_group(required=True)
+    cost.add_argument('--latency-table', default=None, help='latency table JSON (budgets in ms)')
+    cost.add_argument('--flops', action='store_true', help='budgets in FLOPs (k/M/G)')
+    cost.add_argument('--params', action='store_true', help='budgets in parameters (k/M/G)')
+    p.add_argument('--budgets', required=True, help='comma-separated: 10ms,20ms or 150M,300M')
+    p.add_argument('--population', type=int, default=100)
+    p.add_argument('--generations', type=int, default=500)
+    p.add_argument('--export-format', default='timm',
+                   help=f"comma-separated of {', '.join(EXPORT_FORMATS)}, or none (subnet JSON only)")
+    p.add_argument('--calibrate-bn', default=None, help='ImageFolder root: recalibrate BN before exporting')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', required=True, help='folder for subnets, exports, pareto.png, results.md')
+    p.add_argument('--no-progress', action='store_true')
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser('export', help='extract a subnet and write it as timm, safetensors, ONNX or pt2',
+                       formatter_class=_HelpFormatter)
+    model_args(p)
+    p.add_argument('--subnet', required=True, help="subnet JSON (or 'max' / 'min')")
+    p.add_argument('--format', default='timm', help=f"comma-separated of {', '.join(EXPORT_FORMATS)}")
+    p.add_argument('--calibrate-bn', default=None, help='ImageFolder root: recalibrate BN on its train/ images')
+    p.add_argument('--calib-images', type=int, default=2000)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', required=True, help='destination folder')
+    p.set_defaults(func=_export)
 
 
 # --- parser ---------------------------------------------------------------------------------------------------------
@@ -286,11 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--image-size', type=int, default=64)
     d.add_argument('--epochs-scale', type=float, default=1.0)
     d.add_argument('--flops-budget', type=float, default=None, help='FLOPs (default: halfway between min and max)')
-    d.add_argument('--search-samples', type=int, default=40)
-    d.add_argument('--search-evaluate', type=int, default=4, help='feasible candidates to evaluate')
+    d.add_argument('--search-samples', type=int, default=40, help='subnets evaluated to fit the accuracy predictor')
+    d.add_argument('--search-evaluate', type=int, default=4,
+                   help='FLOPs budgets searched (up to --flops-budget) and their best subnets evaluated')
     d.add_argument('--seed', type=int, default=0)
     d.add_argument('--no-progress', action='store_true')
     d.set_defaults(func=_demo)
+    _add_search_parsers(sub)
     return parser
 
 

@@ -5,7 +5,6 @@
     exp = run_experiment(NasExperiment(space, evaluator, RegularizedEvolution(...), search_config(max_trials=50)), root)
     save_top_subnets(exp, space, 'results/', top_k=3)   # JSON files for timm.create_model(..., subnet=path)
 """
-import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional, Union
@@ -20,7 +19,7 @@ with quiet_nni_import():
     from nni.nas.evaluator import FunctionalEvaluator
     from nni.nas.experiment import NasExperimentConfig
 
-from ofa_timm.search.flops import count_flops
+from ofa_timm.search.cost import flops_model
 from ofa_timm.space import Subnet
 from ofa_timm.training.evaluate import evaluate_subnet
 
@@ -34,12 +33,15 @@ __all__ = ['INFEASIBLE', 'flops_cost', 'subnet_evaluator', 'evaluate_shared_subn
 
 
 def flops_cost(supernet: nn.Module, cache_size: int = 4096) -> Callable[[Subnet], float]:
-    """FLOPs of a subnet of ``supernet`` (counted on the extracted model at its resolution), memoised per subnet."""
+    """FLOPs of a subnet of ``supernet`` at its resolution, from the analytic cost model (no model is built).
 
-    @functools.lru_cache(maxsize=cache_size)
+    Equal to ``count_flops`` on the extracted model. ``cache_size`` is kept for compatibility; the lookup needs no
+    cache.
+    """
+    model = flops_model(supernet)
+
     def cost(subnet: Subnet) -> float:
-        resolution = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
-        return float(count_flops(supernet.extract(subnet), resolution))
+        return float(model(subnet)[0])
     return cost
 
 

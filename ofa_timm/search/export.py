@@ -1,0 +1,243 @@
+"""Deployable subnets: load a trained supernet, extract a subnet, and write it as timm / safetensors / ONNX / pt2.
+
+Every export is written to a staging folder next to the destination and moved into place only when complete and
+checked (ONNX against ONNX Runtime, pt2 against eager PyTorch), so a failure never leaves a partial model behind.
+
+    supernet = load_supernet('ofa_mobilenetv3_large_100', 'run/supernet.safetensors')
+    export_subnet(supernet, 'subnet.json', 'deploy/', formats=('timm', 'onnx'))
+    timm.create_model('local-dir:deploy/', pretrained=True)      # after `import ofa_timm`
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .._io import load_weights, respect_umask
+from ..space import SearchSpace, SubnetLike
+
+__all__ = ['EXPORT_FORMATS', 'load_supernet', 'export_subnet']
+
+EXPORT_FORMATS = ('timm', 'safetensors', 'onnx', 'pt2')
+
+
+def _checkpoint_facts(checkpoint: str, classifier: str) -> Dict[str, Any]:
+    """The space stored in a checkpoint's metadata and its number of classes, where they can be read."""
+    facts: Dict[str, Any] = {}
+    state, metadata = load_weights(checkpoint)  # a ValueError naming the file on a damaged one
+    if metadata.get('space'):
+        facts['space'] = SearchSpace.from_dict(json.loads(metadata['space']))
+    for wrapper in ('state_dict', 'model'):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    for key in (f'{classifier}.weight', 'classifier.linear.weight', 'classifier.linear.linear.weight'):
+        for k in (key, f'module.{key}'):
+            if k in state and getattr(state[k], 'dim', lambda: 0)() == 2:
+                facts['num_classes'] = int(state[k].shape[0])
+                return facts
+    return facts
+
+
+def load_supernet(
+        model: str,
+        checkpoint: Optional[Union[str, os.PathLike]] = None,
+        num_classes: Optional[int] = None,
+        resolutions: Optional[Sequence[int]] = None,
+        pretrained: bool = False,
+) -> nn.Module:
+    """A registered supernet (``import ofa_timm`` first), with a checkpoint's weights, space and class count.
+
+    Args:
+        model: Registered ``ofa_*`` name.
+        checkpoint: Weights: ``supernet.safetensors`` of ``ofa-timm train`` (its metadata gives the resolutions), a
+            timm checkpoint of the source model, or a reference OFA checkpoint.
+        num_classes: Classes (default: read from the checkpoint's classifier, else the model's default).
+        resolutions: Elastic resolutions (default: the checkpoint's space, else the model's default).
+        pretrained: Load the name's pretrained weights when no checkpoint is given.
+
+    Raises:
+        ValueError: On an unknown name, a missing or unreadable checkpoint, or a checkpoint of another model or
+            space.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+    if not timm.is_model(model) or not model.startswith('ofa_'):
+        raise ValueError(f"--model must be a registered ofa_* name (see timm.list_models('ofa_*')), got {model!r}")
+    kwargs: Dict[str, Any] = {}
+    stored_space = None
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        if not os.path.isfile(checkpoint):
+            raise ValueError(f'Checkpoint {checkpoint!r} does not exist')
+        cfg = get_pretrained_cfg(model)
+        facts = _checkpoint_facts(checkpoint, cfg.classifier if cfg is not None else 'classifier')
+        stored_space = facts.get('space')
+        if num_classes is None and 'num_classes' in facts:
+            num_classes = facts['num_classes']
+        if resolutions is None and stored_space is not None and stored_space.resolutions:
+            resolutions = stored_space.resolutions
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
+    else:
+        kwargs['pretrained'] = pretrained
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+        if checkpoint is not None:  # else timm's loader drops a classifier whose class count differs from the cfg's
+            kwargs['pretrained_cfg_overlay']['num_classes'] = num_classes
+    if resolutions:
+        kwargs['resolutions'] = tuple(resolutions)
+    try:
+        supernet = timm.create_model(model, **kwargs)
+    except RuntimeError as e:  # the registry's checkpoint filter names missing/unexpected/mis-shaped keys
+        raise ValueError(f'Checkpoint {checkpoint!r} does not fit {model}: {e}') from None
+    if stored_space is not None and stored_space != supernet.space:
+        raise ValueError(f'Checkpoint {checkpoint!r} was trained on another space than {model} has '
+                         f'(pass the resolutions it was trained with)')
+    return supernet.eval()
+
+
+def _staging(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'--out {str(out)!r} is a file; give a folder')
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.partial', dir=out.parent))
+    except OSError as e:
+        raise ValueError(f'Cannot write to {str(out)!r}: {e.strerror}') from None
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move a finished staging folder into place (a rename if ``out`` does not exist yet)."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for item in staging.iterdir():
+        target = out / item.name
+        if target.is_dir() and not item.is_dir():
+            raise ValueError(f'{str(target)!r} is a folder; cannot replace it with a file')
+        os.replace(item, target)
+    staging.rmdir()
+
+
+def _max_abs_diff(a: Any, b: torch.Tensor) -> float:
+    return float((torch.as_tensor(a).float() - b.float()).abs().max())
+
+
+@torch.no_grad()
+def export_subnet(
+        supernet: nn.Module,
+        subnet: SubnetLike,
+        out: Union[str, os.PathLike],
+        formats: Iterable[str] = ('timm',),
+        calib_loader: Optional[Iterable] = None,
+        calib_images: int = 2000,
+        model_name: str = '',
+        batch_size: int = 1,
+        tolerance: float = 1e-4,
+) -> Dict[str, Any]:
+    """Extract ``subnet`` and write it to the folder ``out`` in each of ``formats``.
+
+    * ``timm``: a ``save_for_hf`` folder (``config.json``, ``model.safetensors``) that
+      ``timm.create_model('local-dir:OUT', pretrained=True)`` rebuilds after ``import ofa_timm``;
+    * ``safetensors``: ``model.safetensors`` (subnet and model name in its metadata) for
+      ``timm.create_model(name, subnet=..., num_classes=N, pretrained=True,
+      pretrained_cfg_overlay=dict(file=..., num_classes=N))``;
+    * ``onnx``: ``model.onnx`` (dynamic batch), checked against ONNX Runtime;
+    * ``pt2``: ``model.pt2`` from ``torch.export``, checked against eager PyTorch.
+
+    ``subnet.json`` is always written.
+
+    Args:
+        supernet: The trained supernet.
+        subnet: Any form ``supernet.resolve`` reads.
+        out: Destination folder (created; files of the same names are replaced).
+        formats: Subset of :data:`EXPORT_FORMATS`.
+        calib_loader: Training images to recalibrate the subnet's batch norms on first (recommended after
+            progressive shrinking); None keeps the supernet's statistics.
+        calib_images: Images for the recalibration.
+        model_name: Registered name recorded for timm (default: the supernet's architecture).
+        batch_size: Batch of the example input (the pt2 graph is specialised to it).
+        tolerance: Largest max-abs difference, relative to the output scale, the ONNX / pt2 check accepts.
+
+    Returns:
+        ``{'subnet', 'files', 'onnx_max_abs_diff'?, 'pt2_max_abs_diff'?}``.
+
+    Raises:
+        ValueError: On a subnet outside the space, an unknown format, an unwritable folder, or a failed check.
+    """
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise ValueError(f'Unknown export format(s) {unknown}; allowed: {list(EXPORT_FORMATS)}')
+    subnet = supernet.resolve(subnet)
+    model_name = model_name or supernet.pretrained_cfg.get('architecture', '')
+    out = Path(out)
+    if 'onnx' in formats:
+        _require_onnx()
+    model = supernet.extract(subnet).eval()
+    if calib_loader is not None:
+        from ..training import calibrate_bn
+        calibrate_bn(model, calib_loader, calib_images, resolution=subnet.resolution)
+        model.eval()
+    resolution = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+    x = torch.randn(batch_size, supernet.in_chans, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    reference = model(x)
+    scale = max(1.0, float(reference.abs().max()))
+    result: Dict[str, Any] = dict(subnet=subnet, files=[])
+    staging = _staging(out)
+    try:
+        subnet.to_json(staging / 'subnet.json')
+        if 'timm' in formats:
+            from timm.models import save_for_hf
+            space = supernet.space
+            model_args = dict(subnet=subnet.to_dict(), num_classes=supernet.num_classes)
+            if space.resolutions:
+                model_args['resolutions'] = list(space.resolutions)
+            model.pretrained_cfg = dict(model.pretrained_cfg, architecture=model_name)
+            save_for_hf(model, str(staging), model_args=model_args, safe_serialization=True)
+        if 'safetensors' in formats:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / 'model.safetensors'),
+                      metadata=dict(model=model_name, subnet=json.dumps(subnet.to_dict()),
+                                    num_classes=str(supernet.num_classes)))
+        if 'onnx' in formats:
+            ort = _require_onnx()
+            path = staging / 'model.onnx'
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=['input'],
+                                  output_names=['logits'], dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}})
+            session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+            diff = _max_abs_diff(session.run(None, {'input': x.numpy()})[0], reference)
+            result['onnx_max_abs_diff'] = diff
+            if diff > tolerance * scale:
+                raise ValueError(f'The ONNX model differs from PyTorch by {diff:.3g} (max abs) on a random input')
+        if 'pt2' in formats:
+            program = torch.export.export(model, (x,))
+            path = staging / 'model.pt2'
+            torch.export.save(program, str(path))
+            diff = _max_abs_diff(torch.export.load(str(path)).module()(x), reference)
+            result['pt2_max_abs_diff'] = diff
+            if diff > tolerance * scale:
+                raise ValueError(f'The torch.export program differs from eager PyTorch by {diff:.3g} (max abs)')
+        result['files'] = sorted(str(out / p.name) for p in staging.iterdir())
+        respect_umask(staging, *staging.iterdir())  # not mkdtemp's 0700 nor safetensors' 0600
+        _publish(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnx  # noqa: F401  torch.onnx.export writes through it
+        import onnxruntime
+    except ImportError:
+        raise ValueError('ONNX export needs onnx and onnxruntime: pip install "ofa-timm[onnx]"') from None
+    return onnxruntime

@@ -1,0 +1,608 @@
+"""Latency tables measured on the user's own device: time every distinct block once, predict any subnet by a lookup.
+
+``build_latency_table`` times every distinct block configuration a space can produce (the block's computation, given
+by ``BlockSpec.key``, at each input size its resolutions give), with warm-up, repeats and medians, on PyTorch (CPU
+or CUDA, optionally bf16 autocast and channels-last) or ONNX Runtime. The table is written as it is built, so an
+interrupted build resumes where it stopped, and it records what it was measured on.
+
+A block timed alone runs warmer than inside a network (its weights and code stay in cache between repeats), so the
+plain sum of block latencies underestimates a whole network. The table therefore measures a few calibration subnets
+end to end and fits ``latency = scale * sum + offset`` on them; :func:`validate_latency_table` then measures other,
+held-out subnets and reports the error of the prediction.
+
+    table = build_latency_table(supernet, 'cpu_b1.json', LatencySettings('torch-cpu', batch_size=1, threads=2))
+    table(space.encode(population))        # predicted ms of each subnet (numpy, vectorised)
+    validate_latency_table(table, supernet, n=30)
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .._io import write_text_atomic
+from ..space import SearchSpace, Subnet, SubnetLike, read_json
+from .cost import AdditiveCost, BlockLayout, _disjoint_groups, block_layout
+
+__all__ = ['BACKENDS', 'LatencySettings', 'LatencyTable', 'build_latency_table', 'validate_latency_table',
+           'measure_subnets']
+
+BACKENDS = ('torch-cpu', 'torch-cuda', 'onnxruntime')
+TABLE_FORMAT = 'ofa_timm.latency_table.v1'
+_SAVE_EVERY_S = 2.0
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """What a latency is measured on, and how.
+
+    Args:
+        backend: ``'torch-cpu'``, ``'torch-cuda'`` or ``'onnxruntime'`` (CPU execution provider).
+        batch_size: Images per forward pass.
+        threads: Intra-op threads (default: PyTorch's current number).
+        amp: ``'bf16'`` runs under bf16 autocast (PyTorch backends); None runs float32.
+        channels_last: Run PyTorch in channels-last memory format.
+        warmup: Untimed calls before timing.
+        repeats: Timed samples; the latency is their median.
+        min_sample_ms: A sample repeats the call until it lasts this long (fast blocks are timed over many calls).
+    """
+    backend: str = 'torch-cpu'
+    batch_size: int = 1
+    threads: Optional[int] = None
+    amp: Optional[str] = None
+    channels_last: bool = False
+    warmup: int = 10
+    repeats: int = 30
+    min_sample_ms: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f'Unknown latency backend {self.backend!r}; allowed: {list(BACKENDS)}')
+        if self.batch_size < 1 or (self.threads is not None and self.threads < 1):
+            raise ValueError(f'batch_size and threads must be >= 1, got {self.batch_size}, {self.threads}')
+        if self.amp not in (None, 'bf16'):
+            raise ValueError(f"amp must be None or 'bf16', got {self.amp!r}")
+        if self.backend == 'onnxruntime' and (self.amp or self.channels_last):
+            raise ValueError('The onnxruntime backend runs the float32 ONNX graph: --amp and --channels-last apply to '
+                             'the torch-cpu and torch-cuda backends only')
+        if self.warmup < 0 or self.repeats < 1:
+            raise ValueError(f'warmup must be >= 0 and repeats >= 1, got {self.warmup}, {self.repeats}')
+
+    @property
+    def dtype(self) -> str:
+        return 'bfloat16 (autocast)' if self.amp == 'bf16' else 'float32'
+
+
+# --- timing --------------------------------------------------------------------------------------------------------
+class _Runner:
+    """Runs modules in sequence on a fixed input with one backend, and times them."""
+
+    def __init__(self, modules: Sequence[nn.Module], input_shape: Tuple[int, ...], settings: LatencySettings):
+        self.settings = settings
+        backend = settings.backend
+        module = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+        module = module.eval()
+        x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
+        self.cuda = backend == 'torch-cuda'
+        if backend == 'onnxruntime':
+            self._call = _onnx_session(module, x, settings.threads)
+            return
+        device = torch.device('cuda' if self.cuda else 'cpu')
+        memory_format = torch.channels_last if settings.channels_last and x.dim() == 4 else torch.contiguous_format
+        module = module.to(device=device, memory_format=memory_format)
+        x = x.to(device=device).contiguous(memory_format=memory_format)
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if settings.amp == 'bf16' \
+            else contextlib.nullcontext
+
+        def call() -> None:
+            with torch.inference_mode(), autocast():
+                module(x)
+        self._call = call
+
+    def sample(self, number: int) -> float:
+        """Milliseconds per call, over ``number`` back-to-back calls."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(number):
+                self._call()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / number
+        t0 = time.perf_counter_ns()
+        for _ in range(number):
+            self._call()
+        return (time.perf_counter_ns() - t0) / 1e6 / number
+
+    def warm_up(self) -> int:
+        """Run the warm-up calls; returns the calls per sample that make a sample last ``min_sample_ms``."""
+        for _ in range(self.settings.warmup):
+            self._call()
+        if self.cuda:
+            torch.cuda.synchronize()
+        once = self.sample(1)
+        return max(1, int(math.ceil(self.settings.min_sample_ms / max(once, 1e-6))))
+
+
+def _onnx_session(module: nn.Module, x: torch.Tensor, threads: Optional[int]) -> Callable[[], None]:
+    ort = _import_onnxruntime()
+    import io
+    buffer = io.BytesIO()
+    with _quiet_export():
+        torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=['input'], output_names=['output'])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=['CPUExecutionProvider'])
+    feed = {'input': x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ValueError('The onnxruntime backend needs onnxruntime: pip install "ofa-timm[onnx]"') from None
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        yield
+
+
+def _check_backend(settings: LatencySettings) -> None:
+    """Raise a ValueError if the backend cannot run on this machine."""
+    if settings.backend == 'torch-cuda' and not torch.cuda.is_available():
+        raise ValueError('The torch-cuda backend needs a CUDA device, and torch.cuda.is_available() is False here; '
+                         'use --backend torch-cpu or onnxruntime')
+    if settings.backend == 'onnxruntime':
+        _import_onnxruntime()
+
+
+@contextlib.contextmanager
+def _steady_allocator() -> Iterator[None]:
+    """Keep freed activation buffers in the heap (glibc) for the duration of a measurement.
+
+    By default glibc hands large freed buffers back to the OS and trims the heap, so each timed forward pass pays
+    fresh page faults for its activations (most at batch 8 and above). Which calls pay them depends on allocation
+    order, not on the network, and it differs between a block timed alone and the whole network: raising the mmap and
+    trim thresholds makes both steady, as a serving process is after warm-up. Best effort: a no-op off glibc.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 1 << 30)
+    try:
+        yield
+    finally:  # glibc's defaults
+        mallopt(m_mmap_threshold, 128 << 10)
+        mallopt(m_trim_threshold, 128 << 10)
+
+
+@contextlib.contextmanager
+def _backend_context(settings: LatencySettings) -> Iterator[None]:
+    """Check that the backend can run here; set PyTorch's threads and a steady allocator for the duration."""
+    _check_backend(settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads or threads)
+    try:
+        with _steady_allocator():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _median_ms(runner: _Runner, settings: LatencySettings) -> Tuple[float, float]:
+    number = runner.warm_up()
+    samples = np.array([runner.sample(number) for _ in range(settings.repeats)])
+    q1, med, q3 = np.percentile(samples, [25, 50, 75])
+    return float(med), float(q3 - q1)
+
+
+def measure_subnets(
+        supernet: nn.Module, subnets: Sequence[SubnetLike], settings: LatencySettings, rounds: int = 5,
+        progress: bool = False, desc: str = 'end to end',
+) -> np.ndarray:
+    """End-to-end latency (ms, median) of each extracted subnet, measured in interleaved rounds.
+
+    Every round takes ``settings.repeats / rounds`` samples of each subnet in turn, so a slow spell of a shared
+    machine touches all subnets alike instead of spoiling one.
+    """
+    from tqdm import tqdm
+    subnets = [supernet.resolve(s) for s in subnets]
+    in_chans = getattr(supernet, 'in_chans', 3)
+    per_round = max(1, settings.repeats // rounds)
+    samples: List[List[float]] = [[] for _ in subnets]
+    with _backend_context(settings), tqdm(total=len(subnets) * (rounds + 1), desc=desc, disable=not progress) as bar:
+        runners, numbers = [], []
+        for s in subnets:
+            res = s.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+            runner = _Runner([supernet.extract(s).eval()], (settings.batch_size, in_chans, res, res), settings)
+            runners.append(runner)
+            numbers.append(runner.warm_up())
+            bar.update()
+        for _ in range(rounds):
+            for i, runner in enumerate(runners):
+                samples[i].extend(runner.sample(numbers[i]) for _ in range(per_round))
+                bar.update()
+    return np.array([float(np.median(s)) for s in samples])
+
+
+# --- the table -----------------------------------------------------------------------------------------------------
+def _versions(settings: LatencySettings) -> Dict[str, str]:
+    import timm
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ours = version('ofa-timm')
+    except PackageNotFoundError:
+        ours = 'unknown'
+    versions = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
+                    ofa_timm=ours, numpy=np.__version__)
+    if settings.backend == 'onnxruntime':
+        versions['onnxruntime'] = _import_onnxruntime().__version__
+    return versions
+
+
+def _device_name(settings: LatencySettings) -> str:
+    if settings.backend == 'torch-cuda':
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError):
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _entry_id(spec: Any, size: int) -> str:
+    return hashlib.sha1(repr(spec.key).encode()).hexdigest()[:16] + f'@{size}'
+
+
+def _entry_desc(spec: Any, size: int) -> str:
+    extra = ' se' if spec.se else ''
+    return (f'{spec.name} {spec.kind} {spec.in_chs}->{spec.out_chs} mid {spec.mid_chs} k{spec.kernel} '
+            f's{spec.stride}{extra} {spec.act} @{size}px')
+
+
+class LatencyTable(AdditiveCost):
+    """Measured block latencies of a space, and the vectorised prediction of any subnet's latency from them.
+
+    Build one with :func:`build_latency_table`, read one with :meth:`load`. As a cost model it plugs into
+    :func:`~ofa_timm.search.specialize` as a constraint.
+
+    Args:
+        space: The search space.
+        blocks: ``(name, genes, entry index array (combinations, resolutions), -1 where absent)`` per block.
+        entries: One dict per distinct block computation: ``id``, ``desc``, ``input`` (shape), ``ms``, ``iqr``.
+        meta: What the table was measured on (backend, device, threads, batch, dtype, versions, model, ...).
+        calibration: ``scale``, ``offset`` and the calibration subnets' measurements, or None.
+        validation: The last validation's summary, or None.
+    """
+
+    def __init__(
+            self,
+            space: SearchSpace,
+            blocks: Sequence[Tuple[str, Tuple[int, ...], np.ndarray]],
+            entries: Sequence[Dict[str, Any]],
+            meta: Dict[str, Any],
+            calibration: Optional[Dict[str, Any]] = None,
+            validation: Optional[Dict[str, Any]] = None,
+    ):
+        self.block_names = [b[0] for b in blocks]
+        self.entry_index = [np.asarray(b[2], dtype=np.int64) for b in blocks]
+        self.entries = list(entries)
+        self.meta = dict(meta)
+        self.calibration = calibration
+        self.validation = validation
+        ms = np.array([e['ms'] if e.get('ms') is not None else np.nan for e in self.entries] + [0.0])
+        tables = [ms[np.where(idx >= 0, idx, len(self.entries))] for idx in self.entry_index]
+        cal = calibration or {}
+        super().__init__(space, [b[1] for b in blocks], tables, name='latency', unit='ms',
+                         scale=cal.get('scale', 1.0), offset=cal.get('offset', 0.0))
+
+    @property
+    def complete(self) -> bool:
+        """Whether every entry has been measured."""
+        return all(e.get('ms') is not None for e in self.entries)
+
+    @property
+    def missing(self) -> int:
+        return sum(e.get('ms') is None for e in self.entries)
+
+    def __call__(self, subnets: Any) -> np.ndarray:
+        if not self.complete:
+            raise ValueError(f'The latency table is incomplete ({self.missing} of {len(self.entries)} block entries '
+                             f'not measured); finish it with build_latency_table (ofa-timm latency) first')
+        return super().__call__(subnets)
+
+    predict = __call__
+
+    def minimum(self) -> Tuple[float, Subnet]:
+        self(np.zeros((0, len(self.space.genes)), dtype=np.int64))  # raises if incomplete
+        return super().minimum()
+
+    # --- files --------------------------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(
+            format=TABLE_FORMAT, meta=self.meta, space=self.space.to_dict(),
+            blocks=[dict(name=n, genes=list(g), entries=idx.tolist())
+                    for n, g, idx in zip(self.block_names, self.genes, self.entry_index)],
+            entries=self.entries, calibration=self.calibration, validation=self.validation)
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the table as JSON, atomically."""
+        return write_text_atomic(path, json.dumps(self.to_dict(), separators=(',', ':')) + '\n')
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], space: Optional[SearchSpace] = None, where: str = 'table') -> 'LatencyTable':
+        if not isinstance(d, dict) or d.get('format') != TABLE_FORMAT:
+            raise ValueError(f'{where} is not an ofa_timm latency table (format {TABLE_FORMAT!r})')
+        own = SearchSpace.from_dict(d['space'])
+        if space is not None and own != space:
+            raise ValueError(f'{where} was built for another space than this one (model {d["meta"].get("model")!r}, '
+                             f'resolutions {list(own.resolutions)[:4]}...); build a table for this space with '
+                             f'ofa-timm latency')
+        blocks = [(b['name'], tuple(b['genes']), np.array(b['entries'], dtype=np.int64).reshape(
+            -1, max(1, len(own.resolutions)))) for b in d['blocks']]
+        return cls(own, blocks, d['entries'], d['meta'], d.get('calibration'), d.get('validation'))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], space: Optional[SearchSpace] = None) -> 'LatencyTable':
+        """Read a table written by :func:`build_latency_table`.
+
+        Raises:
+            ValueError: If the file is not a latency table, or ``space`` is given and differs from the table's.
+        """
+        return cls.from_dict(read_json(path), space, where=os.fspath(path))
+
+    def describe(self) -> str:
+        """One line on what the table was measured on."""
+        m = self.meta
+        return (f"{m.get('model')} on {m.get('device')} ({m.get('backend')}, batch {m.get('batch_size')}, "
+                f"{m.get('threads')} threads, {m.get('dtype')}{', channels-last' if m.get('channels_last') else ''})")
+
+
+def _table_meta(supernet: nn.Module, settings: LatencySettings, model: str) -> Dict[str, Any]:
+    return dict(
+        model=model or supernet.pretrained_cfg.get('architecture', type(supernet).__name__),
+        num_classes=supernet.num_classes, backend=settings.backend, device=_device_name(settings),
+        batch_size=settings.batch_size, threads=settings.threads or torch.get_num_threads(), dtype=settings.dtype,
+        channels_last=settings.channels_last, warmup=settings.warmup, repeats=settings.repeats,
+        min_sample_ms=settings.min_sample_ms, versions=_versions(settings))
+
+
+# Meta fields a resumed build must share with the file it continues.
+_RESUME_KEYS = ('model', 'num_classes', 'backend', 'device', 'batch_size', 'threads', 'dtype', 'channels_last',
+                'versions')
+
+
+def _plan(layout: BlockLayout, settings: LatencySettings):
+    """Entries (distinct block computations per input size), the (block, combination) that first produces each, and
+    every block's entry index table (-1 where the block is absent)."""
+    positions: Dict[str, int] = {}
+    entries: List[Dict[str, Any]] = []
+    sources: List[Tuple[int, int]] = []
+    blocks = []
+    for b, block in enumerate(layout.blocks):
+        index = np.full((len(block.specs), len(layout.resolutions)), -1, dtype=np.int64)
+        for c, spec in enumerate(block.specs):
+            if spec is None:
+                continue
+            for r, res in enumerate(layout.resolutions):
+                size = spec.input_size(res)
+                eid = _entry_id(spec, size)
+                if eid not in positions:
+                    positions[eid] = len(entries)
+                    entries.append(dict(id=eid, desc=_entry_desc(spec, size),
+                                        input=[settings.batch_size, spec.in_chs, size, size], ms=None, iqr=None))
+                    sources.append((b, c))
+                index[c, r] = positions[eid]
+        blocks.append((block.name, block.genes, index))
+    return entries, sources, blocks
+
+
+def build_latency_table(
+        supernet: nn.Module,
+        path: Union[str, os.PathLike],
+        settings: LatencySettings = LatencySettings(),
+        calibrate: int = 10,
+        seed: int = 0,
+        model: str = '',
+        progress: bool = True,
+        validate: int = 0,
+) -> LatencyTable:
+    """Measure (or finish measuring) the latency table of ``supernet``'s space on this machine.
+
+    Args:
+        supernet: The supernet; only its architecture matters (weights do not change a float32 latency).
+        path: The JSON file. It is rewritten every few seconds while the table is built; if it exists, the build
+            resumes from it.
+        settings: Backend, batch size, threads, dtype and timing.
+        calibrate: Number of calibration subnets (the min, the max and random ones) measured end to end to fit the
+            table's ``scale`` and ``offset``; 0 keeps the plain sum.
+        seed: Seed of the calibration subnets.
+        model: Model name recorded in the table (default: the supernet's architecture).
+        progress: Show progress bars.
+        validate: Also measure this many held-out random subnets, in the same interleaved rounds as the calibration
+            subnets (so both see the machine in the same state), and store the error of the prediction in
+            ``table.validation``.
+
+    Raises:
+        ValueError: If ``path`` holds a table of another space or other settings, the backend cannot run here, or
+            ``path`` cannot be written.
+    """
+    from tqdm import tqdm
+    _check_backend(settings)
+    space = supernet.space
+    layout = block_layout(supernet)
+    meta = _table_meta(supernet, settings, model)
+    entries, sources, blocks = _plan(layout, settings)
+    calibration = None
+    path = Path(path)
+    if path.exists():
+        old = LatencyTable.load(path)
+        if old.space != space:
+            raise ValueError(f'{path} holds a latency table of another space (model {old.meta.get("model")!r}); '
+                             f'pass another --out')
+        differ = [k for k in _RESUME_KEYS if old.meta.get(k) != meta.get(k)]
+        if differ:
+            settings_text = ', '.join(f'{k}: {old.meta.get(k)!r}' for k in differ)
+            raise ValueError(f'{path} was measured with other settings ({settings_text}); pass another --out or the '
+                             f'same settings to resume it')
+        measured = {e['id']: e for e in old.entries if e.get('ms') is not None}
+        for e in entries:
+            if e['id'] in measured:
+                e.update(ms=measured[e['id']]['ms'], iqr=measured[e['id']].get('iqr'))
+        calibration = old.calibration
+    table = LatencyTable(space, blocks, entries, meta, calibration)
+    table.save(path)  # fails early on an unwritable path
+    todo = [i for i, e in enumerate(entries) if e['ms'] is None]
+    # One extracted model serves every entry of a group of blocks whose genes do not overlap (see BlockLayout).
+    names = [b.name for b in layout.blocks]
+    group_of = {name: g for g, group in enumerate(_disjoint_groups(names, {b.name: b.genes for b in layout.blocks}))
+                for name in group}
+    by_model: Dict[Tuple[int, int], List[int]] = {}
+    for i in todo:
+        b, c = sources[i]
+        by_model.setdefault((group_of[names[b]], c), []).append(i)
+    base = space.encode(space.max())
+    last_save = time.monotonic()
+    try:
+        with _backend_context(settings), tqdm(total=len(todo), desc='latency table', unit='entry',
+                                               disable=not progress) as bar:
+            for (group, row), items in sorted(by_model.items()):
+                codes = base.copy()
+                for b, block in enumerate(layout.blocks):
+                    if group_of[block.name] == group:
+                        combo = np.unravel_index(row % len(block.specs), [int(space.choice_counts[g])
+                                                                          for g in block.genes]) if block.genes else ()
+                        codes[list(block.genes)] = combo
+                extracted = supernet.extract(space.decode(codes)).eval()
+                for i in items:
+                    b, c = sources[i]
+                    spec = layout.blocks[b].specs[c]
+                    runner = _Runner([extracted.get_submodule(m) for m in spec.modules], tuple(entries[i]['input']),
+                                     settings)
+                    entries[i]['ms'], entries[i]['iqr'] = _median_ms(runner, settings)
+                    bar.set_postfix_str(entries[i]['desc'][:40])
+                    bar.update()
+                    if time.monotonic() - last_save > _SAVE_EVERY_S:
+                        LatencyTable(space, blocks, entries, meta, calibration).save(path)
+                        last_save = time.monotonic()
+    finally:
+        table = LatencyTable(space, blocks, entries, meta, calibration)
+        table.save(path)
+    if calibrate and (table.calibration is None or validate):
+        table = calibrate_latency_table(table, supernet, calibrate, seed, progress, validate=validate)
+        table.save(path)
+    elif validate:
+        validate_latency_table(table, supernet, validate, seed, progress)
+        table.save(path)
+    return table
+
+
+def _subnets(space: SearchSpace, n: int, seed: int, exclude: Sequence[Subnet] = ()) -> List[Subnet]:
+    rng = np.random.default_rng(seed)
+    out: Dict[Subnet, None] = {}
+    skip = set(exclude)
+    for _ in range(100 * n + 100):
+        if len(out) >= n:
+            break
+        s = space.sample(rng)
+        if s not in skip:
+            out.setdefault(s)
+    return list(out)
+
+
+def calibrate_latency_table(table: LatencyTable, supernet: nn.Module, n: int = 10, seed: int = 0,
+                            progress: bool = True, rounds: int = 5, validate: int = 0) -> LatencyTable:
+    """Fit ``latency = scale * sum + offset`` on ``n`` subnets measured end to end (the min, the max, random ones).
+
+    The fit is Theil-Sen (median of pairwise slopes, then median offset), so one subnet measured during a slow spell
+    of the machine does not tilt it. With ``validate``, that many other random subnets are measured in the same
+    interleaved rounds and scored against the fitted prediction (``table.validation``); they never enter the fit.
+    """
+    space = table.space
+    subnets = list(dict.fromkeys([space.min(), space.max()] + _subnets(space, max(0, n - 2), seed)))[:max(n, 1)]
+    held_out = _subnets(space, validate, seed + 1_000_003, exclude=subnets) if validate else []
+    measured = measure_subnets(supernet, subnets + held_out, _settings_of(table), rounds, progress,
+                               desc='calibration' + (' + validation' if validate else ''))
+    cal, val = measured[:len(subnets)], measured[len(subnets):]
+    raw = table.raw(space.encode(subnets)).astype(np.float64)
+    scale, offset = _theil_sen(raw, cal)
+    calibration = dict(scale=scale, offset=offset, subnets=[s.to_dict() for s in subnets],
+                       measured_ms=cal.round(4).tolist(), sum_ms=raw.round(4).tolist(), seed=seed)
+    blocks = list(zip(table.block_names, table.genes, table.entry_index))
+    table = LatencyTable(space, blocks, table.entries, table.meta, calibration, table.validation)
+    if validate:
+        table.validation = _score(table, held_out, val)
+    return table
+
+
+def _theil_sen(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
+    """Robust line fit ``y ~ scale * x + offset``; a ratio when the points cannot define a positive slope."""
+    i, j = np.triu_indices(len(x), 1)
+    keep = x[j] != x[i]
+    slopes = (y[j] - y[i])[keep] / (x[j] - x[i])[keep]
+    scale = float(np.median(slopes)) if len(slopes) else 0.0
+    if not scale > 0:
+        return float(np.median(y / x)), 0.0
+    return scale, float(np.median(y - scale * x))
+
+
+def _settings_of(table: LatencyTable) -> LatencySettings:
+    m = table.meta
+    return LatencySettings(m['backend'], m['batch_size'], m['threads'], 'bf16' if 'bfloat16' in m['dtype'] else None,
+                           m['channels_last'], m['warmup'], m['repeats'], m['min_sample_ms'])
+
+
+def _score(table: LatencyTable, subnets: Sequence[Subnet], measured: np.ndarray) -> Dict[str, Any]:
+    """Errors of the table's prediction (and of the plain sum) against end-to-end measurements."""
+    codes = table.space.encode(subnets)
+    predicted, plain = table(codes), table.raw(codes)
+    err = 100 * (predicted - measured) / measured
+    plain_err = 100 * (plain - measured) / measured
+    return dict(
+        n=len(subnets), median_abs_pct=float(np.median(np.abs(err))), max_abs_pct=float(np.max(np.abs(err))),
+        plain_median_abs_pct=float(np.median(np.abs(plain_err))), plain_max_abs_pct=float(np.max(np.abs(plain_err))),
+        rows=[dict(subnet=s.to_dict(), measured_ms=round(float(m), 4), predicted_ms=round(float(p), 4),
+                   error_pct=round(float(e), 2)) for s, m, p, e in zip(subnets, measured, predicted, err)])
+
+
+def validate_latency_table(
+        table: LatencyTable, supernet: nn.Module, n: int = 20, seed: int = 1, progress: bool = True,
+        rounds: int = 5,
+) -> Dict[str, Any]:
+    """Measure ``n`` held-out random subnets end to end and compare with the table's prediction.
+
+    The subnets are drawn apart from the calibration subnets. Returns ``{'n', 'median_abs_pct', 'max_abs_pct',
+    'plain_median_abs_pct', 'plain_max_abs_pct', 'rows'}`` (``plain_*``: the uncalibrated sum) and stores it in
+    ``table.validation``.
+    """
+    if table.space != supernet.space:
+        raise ValueError('The latency table was built for another space than the supernet\'s')
+    calibration = [Subnet.from_dict(d) for d in (table.calibration or {}).get('subnets', [])]
+    subnets = _subnets(table.space, n, seed + 1_000_003, exclude=calibration)
+    measured = measure_subnets(supernet, subnets, _settings_of(table), rounds, progress, desc='validation')
+    result = _score(table, subnets, measured)
+    table.validation = result
+    return result
