@@ -144,6 +144,10 @@ def _fit_head(
 ) -> Dict[str, Any]:
     """Keep a checkpoint classifier that fits the model; give the model's own one where there is none, or where the
     caller asked for another class count (``new_head``); anything else is an error."""
+    if new_head:  # num_classes=0: a model without a classifier takes none
+        for key in _head_keys(model):
+            if key not in own:
+                state.pop(key, None)
     keys = [k for k in _head_keys(model) if k in own]
     # Another class count; a classifier over other features is another architecture (_check_fits names it)
     unfit = [k for k in keys if k in state and state[k].shape[:1] != own[k].shape[:1]]
@@ -328,8 +332,12 @@ def create_ofa_model(
         if not features_only:
             arch = {k: v for k, v in kwargs.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay')}
             arch.update(num_classes=supernet.num_classes, in_chans=supernet.in_chans)
-            model.register_load_state_dict_pre_hook(_LoadSupernetState(
-                partial(build_model_with_cfg, build_supernet, variant, pretrained=False, **arch), resolved))
+            hook = _LoadSupernetState(
+                partial(build_model_with_cfg, build_supernet, variant, pretrained=False, **arch), resolved)
+            if hasattr(model, 'register_load_state_dict_pre_hook'):
+                model.register_load_state_dict_pre_hook(hook)
+            else:  # torch < 2.5: the same hook, registered privately
+                model._register_load_state_dict_pre_hook(hook, with_module=True)
     if features_only:
         cfg = pretrained_cfg_for_features(model.pretrained_cfg)
         if subnet is None:

@@ -148,6 +148,11 @@ def test_a_classifier_of_another_size_is_replaced_only_when_asked(run, tmp_path)
     head = set(five.pretrained_cfg['classifier'] + s for s in ('.weight', '.bias'))
     ref = trained.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in five.state_dict().items() if k not in head)
+    # num_classes=0: no classifier, as in timm
+    for subnet in (None, 'min'):
+        headless = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(plain)),
+                                     num_classes=0, subnet=subnet)
+        assert headless.num_classes == 0
     # A plain state dict with the same class count keeps its head
     kept = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(plain)),
                              num_classes=NUM_CLASSES, resolutions=RES)
