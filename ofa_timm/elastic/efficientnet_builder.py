@@ -14,8 +14,8 @@ Elastic blocks, per stage (depth: a stage runs its first ``d`` blocks):
     ``dw_start`` in a block without ``dw_mid`` (ConvNeXt-like); ``dw_start`` beside a ``dw_mid`` and ``dw_end`` stay
     static, as do blocks without any depthwise conv (kernel gene 1);
   * ``DepthwiseSeparableConv``: depthwise kernel only (no expansion), in networks without inverted residuals (LCNet).
-The stem, ``ConvBnAct`` stages, leading depthwise-separable stages of inverted-residual networks and the head stay
-static, as in OFA.
+The stem, ``ConvBnAct`` and ``EdgeResidual`` stages, leading depthwise-separable stages of inverted-residual networks
+and the head stay static, as in OFA.
 """
 import abc
 import copy
@@ -29,8 +29,8 @@ import torch.nn as nn
 from timm.layers import BatchNormAct2d, Conv2dSame, get_act_layer, make_divisible
 
 from .._timm import (
-    ConvBnAct, DepthwiseSeparableConv, InvertedResidual, SqueezeExcite, UniversalInvertedResidual, decode_arch_def,
-    round_channels)
+    ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual, SqueezeExcite, UniversalInvertedResidual,
+    decode_arch_def, round_channels)
 from ..space import StageChoices, Subnet, SubnetLike
 from ._build import build_on_meta
 from .base import (
@@ -46,7 +46,7 @@ OFA_DEPTHS: Tuple[int, ...] = (2, 3, 4)
 # Activation codes understood by timm's arch_def strings ('_nre', '_nhs', ...).
 _ACT_NAMES = dict(re='relu', r6='relu6', hs='hard_swish', sw='swish', mi='mish')
 _SE_RATIO = 0.25  # every timm arch_def of these families writes se0.25
-_SUPPORTED = 'InvertedResidual, UniversalInvertedResidual, DepthwiseSeparableConv, ConvBnAct'
+_SUPPORTED = 'InvertedResidual, UniversalInvertedResidual, DepthwiseSeparableConv, EdgeResidual, ConvBnAct'
 
 
 def _act_code(act: nn.Module, where: str) -> str:
@@ -142,7 +142,7 @@ class _Block:
     ``kernel`` is the kernel the kernel gene sets (the depthwise conv of ``layout``; a ``ConvBnAct``'s own conv;
     1 for a block without depthwise conv). ``uir_kernels`` are a UniversalInvertedResidual's (start, mid, end) kernels.
     """
-    kind: str  # 'ds', 'dsa', 'ir', 'uir' or 'cn'
+    kind: str  # 'ds', 'dsa', 'ir', 'uir', 'er' or 'cn'
     in_chs: int
     out_chs: int
     kernel: int
@@ -193,7 +193,7 @@ class _Block:
         if self.kind == 'uir':
             a, k, p = self._uir_kernels(k)
             return f'uir_r1_a{a}_k{k}_p{p}_s{self.stride}_e{e:g}_c{self.out_chs}{se}_n{self.act}{noskip}'
-        exp = f'_e{e:g}' if self.kind == 'ir' else ''
+        exp = f'_e{e:g}' if self.kind in ('ir', 'er') else ''
         return f'{self.kind}_r1_k{k}_s{self.stride}{exp}_c{self.out_chs}{se}_n{self.act}{noskip}'
 
     def layers(self, kernel: int, mid: int, se_chs: int, reduction: int) -> Tuple[LayerSpec, ...]:
@@ -207,6 +207,8 @@ class _Block:
         if self.kind in ('ds', 'dsa'):
             c = self.in_chs
             return *conv_layers(c, c, kernel, s, c, reduction=r), *se, *conv_layers(c, out, reduction=r * s)
+        if self.kind == 'er':
+            return *conv_layers(self.in_chs, mid, kernel, s, reduction=r), *se, *conv_layers(mid, out, reduction=r * s)
         if self.kind == 'cn':
             return conv_layers(self.in_chs, out, kernel, s, reduction=r)
         a, k, p = self._uir_kernels(kernel)
@@ -226,7 +228,7 @@ class _Block:
 
 
 def _check_conv(conv: nn.Module, where: str, depthwise: bool = False, pointwise: bool = False) -> None:
-    if type(conv) is not nn.Conv2d:
+    if type(conv) not in (nn.Conv2d, Conv2dSame):  # TF padding is refused with its own reason (_check_padding)
         raise ValueError(f'{where}: {type(conv).__name__} convs are not supported (plain nn.Conv2d only)')
     if depthwise and conv.groups != conv.in_channels:
         raise ValueError(f'{where}: grouped convs ({conv.groups} groups) are not supported, only depthwise')
@@ -254,23 +256,27 @@ def _se_chs(block: nn.Module, where: str) -> int:
 def _read_block(block: nn.Module, where: str) -> _Block:
     """Read a source block, or raise a ValueError naming its type and position."""
     kind = type(block)
-    if kind not in (InvertedResidual, DepthwiseSeparableConv, ConvBnAct, UniversalInvertedResidual):
+    if kind not in (InvertedResidual, DepthwiseSeparableConv, ConvBnAct, EdgeResidual, UniversalInvertedResidual):
         raise ValueError(f'{where}: {kind.__name__} blocks are not supported; supported: {_SUPPORTED}')
     if getattr(block, 'conv_s2d', None) is not None or not isinstance(getattr(block, 'aa', nn.Identity()), nn.Identity):
         raise ValueError(f'{where}: {kind.__name__} blocks with space-to-depth or anti-aliasing are not supported')
     _check_norms(block, where)
-    if kind is InvertedResidual:
-        _check_conv(block.conv_pw, f'{where}.conv_pw', pointwise=True)
-        _check_conv(block.conv_dw, f'{where}.conv_dw', depthwise=True)
+    if kind in (InvertedResidual, EdgeResidual):
+        expand, spatial = (block.conv_pw, block.conv_dw) if kind is InvertedResidual else (block.conv_exp,) * 2
+        if kind is InvertedResidual:
+            _check_conv(block.conv_pw, f'{where}.conv_pw', pointwise=True)
+            _check_conv(block.conv_dw, f'{where}.conv_dw', depthwise=True)
+        else:
+            _check_conv(block.conv_exp, f'{where}.conv_exp')
         _check_conv(block.conv_pwl, f'{where}.conv_pwl', pointwise=True)
-        in_chs, mid = block.conv_pw.in_channels, block.conv_pw.out_channels
+        in_chs, mid = expand.in_channels, expand.out_channels
         exp = _arch_ratio(mid / in_chs)
         if _mid_channels(in_chs, exp) != mid:
             raise ValueError(f'{where}: {mid} mid channels are not make_divisible({in_chs} * e) for any e')
         return _Block(
-            'ir', in_chs, block.conv_pwl.out_channels, block.conv_dw.kernel_size[0], block.conv_dw.stride[0],
-            _act_code(block.bn1.act, where), exp_ratio=exp, mid_chs=mid, se_chs=_se_chs(block, where),
-            skip=block.has_skip)
+            'ir' if kind is InvertedResidual else 'er', in_chs, block.conv_pwl.out_channels, spatial.kernel_size[0],
+            spatial.stride[0], _act_code(block.bn1.act, where), exp_ratio=exp, mid_chs=mid,
+            se_chs=_se_chs(block, where), skip=block.has_skip)
     if kind is DepthwiseSeparableConv:
         _check_conv(block.conv_dw, f'{where}.conv_dw', depthwise=True)
         _check_conv(block.conv_pw, f'{where}.conv_pw', pointwise=True)
@@ -374,9 +380,9 @@ class EfficientNetBuilderSupernet(ElasticSupernet):
         if not isinstance(model, self.source_types):
             raise ValueError(f'{type(self).__name__} needs a timm {self.source_types[0].__name__}, '
                              f'got {type(model).__name__}')
-        _check_padding(model)
         self._block_specs: List[List[_Block]] = [
             [_read_block(b, f'blocks.{s}.{i}') for i, b in enumerate(stage)] for s, stage in enumerate(model.blocks)]
+        _check_padding(model)
         self._se_rule = self._find_se_rule(model)
         model = copy.deepcopy(model)
         self._adopt_source_attributes(model)
