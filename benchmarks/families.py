@@ -92,8 +92,9 @@ def main() -> None:
     parser.add_argument('--models', nargs='+', default=MODELS)
     args = parser.parse_args()
     pinned = pin_malloc_thresholds()
-    print(f'malloc thresholds pinned: {pinned}; batch {args.batch}, {args.res}px, CPU ({torch.get_num_threads()} threads, {platform.processor() or "cpu"}),'
-          f' torch {torch.__version__}, timm {timm.__version__}, {args.repeats} interleaved repeats\n')
+    print(f'batch {args.batch}, {args.res}px, CPU ({torch.get_num_threads()} threads, {platform.machine()}), '
+          f'torch {torch.__version__}, timm {timm.__version__}, {args.repeats} interleaved repeats, '
+          f'malloc thresholds pinned: {pinned}\n')
     print('| model | timm class | space (archs x resolutions) | max vs source (abs) | super vs extracted max (rel) '
           '| extract max (ms) | extract min (ms) | overhead max | overhead min | overhead random |')
     print('|---|---|---|---|---|---|---|---|---|---|')

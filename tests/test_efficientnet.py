@@ -6,10 +6,12 @@ import timm
 import torch
 import torch.nn as nn
 from timm.models import EfficientNet, MobileNetV3, save_for_hf
+from torch.utils.flop_counter import FlopCounterMode
 
 import ofa_timm
 from ofa_timm._timm import decode_arch_def
 from ofa_timm.elastic import ElasticEfficientNet, ElasticMobileNetV3, EfficientNetBuilderSupernet
+from ofa_timm.search import count_params
 from ofa_timm.training import (
     DataConfig, Schedule, Stage, TrainConfig, Trainer, build_datasets, load_checkpoint, make_shapes_dataset)
 from ofa_timm.training.sampling import space_dimensions
@@ -41,7 +43,7 @@ def b0_supernet(b0):
 
 
 @pytest.mark.parametrize('name', LISTED + MORE)
-def test_max_is_the_source_and_ten_subnets_extract_exactly(name):
+def test_max_is_the_source_and_ten_subnets_extract_and_describe_exactly(name):
     source = timm_model(name)
     sn = ofa_timm.elasticize(source).eval()
     assert isinstance(sn, ElasticEfficientNet if isinstance(source, EfficientNet) else ElasticMobileNetV3)
@@ -56,6 +58,12 @@ def test_max_is_the_source_and_ten_subnets_extract_exactly(name):
             ext = sn.extract()
             assert type(ext) is type(source)
             assert_close(ext(x), sn(x))
+        specs = sn.describe()  # exact FLOPs and parameters of what the extracted model runs
+        counter = FlopCounterMode(display=False)
+        with counter:
+            ext(x[:1])
+        assert sum(s.flops(RES) for s in specs) == counter.get_total_flops()
+        assert sum(s.params() for s in specs) == count_params(ext)
 
 
 def test_efficientnet_space_and_se_reduced_from_block_input(b0_supernet):

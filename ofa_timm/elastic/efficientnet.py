@@ -1,4 +1,4 @@
-"""Elastic EfficientNet: a timm ``EfficientNet``-class model turned into an OFA supernet, and back into stock timm models.
+"""Elastic EfficientNet: a timm ``EfficientNet``-class model as an OFA supernet, and its subnets as stock timm models.
 
 timm's ``EfficientNet`` class builds EfficientNet, EfficientNet-Lite, MobileNetV2, MNASNet, FBNet-C, SPNASNet and
 TinyNet. What the supernet makes elastic is the same as for MobileNetV3 (see ``efficientnet_builder``); what is

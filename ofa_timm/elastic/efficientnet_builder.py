@@ -410,7 +410,8 @@ class EfficientNetBuilderSupernet(ElasticSupernet):
         ses = [m.se for stage in model.blocks for m in stage if type(getattr(m, 'se', None)) is SqueezeExcite]
         types = {(type(se.gate), type(se.act1)) for se in ses}
         if len(types) > 1:
-            raise ValueError(f'SE blocks with different gates or activations are not supported: {sorted(map(str, types))}')
+            found = ', '.join(sorted(f'{gate.__name__}/{act.__name__}' for gate, act in types))
+            raise ValueError(f'SE blocks with different gates/activations are not supported: {found}')
         (gate, act), = types
         for from_exp, round_fn in self.se_rules:
             rule = SeRule(from_exp, round_fn, gate, act)
