@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='ofa_mobilenetv3_large_100', help="registered ofa_* name")
     g.add_argument('--pretrained', action='store_true', help="load the name's pretrained weights (skips 'full')")
     g.add_argument('--pretrained-file', default=None, help='local weights file (.pth/.safetensors) to start from')
-    g.add_argument('--resolutions', type=int, nargs='+', default=None, help="elastic resolutions (default: OFA's 128..224 and the source's)")
+    g.add_argument('--resolutions', type=int, nargs='+', default=None,
+                   help="elastic resolutions (default: OFA's 128..224 and the source's)")
     g = t.add_argument_group('data')
     g.add_argument('--data-dir', default=None, help='dataset root')
     g.add_argument('--dataset', default='', help="timm dataset name ('' = ImageFolder)")

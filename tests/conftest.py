@@ -9,7 +9,8 @@ from helpers import timm_model
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line('markers', 'slow: multi-process, subprocess or end-to-end runs (deselect with -m "not slow")')
+    config.addinivalue_line(
+        'markers', 'slow: multi-process, subprocess or end-to-end runs (deselect with -m "not slow")')
 
 
 @pytest.fixture(scope='session')

@@ -55,7 +55,8 @@ def test_reference_legacy_checkpoint(tmp_path):
     legacy = {k.replace('.conv.', '.mobile_inverted_conv.', 1) if k.startswith('blocks.') else k: v
               for k, v in ref.state_dict().items()}
     torch.save({'state_dict': legacy}, tmp_path / 'legacy')
-    model = timm.create_model('ofa_mbv3_w10', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'legacy')))
+    overlay = dict(file=str(tmp_path / 'legacy'))
+    model = timm.create_model('ofa_mbv3_w10', pretrained=True, pretrained_cfg_overlay=overlay)
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         assert_close(model.eval()(x), ref(x))

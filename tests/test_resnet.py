@@ -7,7 +7,6 @@ import torch
 from timm.models import ResNet
 
 import ofa_timm
-from ofa_timm import Subnet
 from ofa_timm.elastic import ElasticResNet, ofa_resnet50
 
 from helpers import assert_close, timm_model

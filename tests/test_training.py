@@ -16,7 +16,6 @@ from ofa_timm.training import (
     restrict_space)
 from ofa_timm.training.sampling import applicable_stages
 
-from helpers import assert_close
 
 RES = 32
 

@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from .evaluate import evaluate_subnet
 from .sampling import StepSampler, applicable_stages
 from .schedule import Schedule, Stage
 from .sorting import sort_before_stage
-from .step import NonFiniteLossError, ShrinkingConfig, shrinking_step, stage_scheduler, teacher_logits
+from .step import ShrinkingConfig, shrinking_step, stage_scheduler, teacher_logits
 
 __all__ = ['TrainConfig', 'Trainer', 'save_checkpoint', 'load_checkpoint']
 
@@ -406,7 +406,7 @@ class Trainer:
                 return classification_loss(logits, targets, cfg.label_smoothing, mixed), logits
 
         loss = shrinking_step(
-            self.supernet, subnets, stage, forward, lambda l: self._scaler.scale(l).backward(), cfg, teacher,
+            self.supernet, subnets, stage, forward, lambda loss: self._scaler.scale(loss).backward(), cfg, teacher,
             step=self.position.step, is_finite=_all_finite,
             hint=f'Global step {self.position.global_step}; the last good checkpoint is kept at '
                  f'{self.output / CHECKPOINT}: lower the learning rate or enable --clip-grad, then --resume.')
