@@ -75,6 +75,8 @@ class ElasticEfficientNet(EfficientNetBuilderSupernet):
         self.global_pool, self.classifier = create_classifier(
             self.num_features, num_classes, pool_type=global_pool, device=weight.device, dtype=weight.dtype)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.classifier.train(self.training)
 
     def _exit_stages(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.conv_head(x))

@@ -23,14 +23,13 @@ from timm.models import MobileNetV3
 from .._timm import SqueezeExcite, decode_arch_def, round_channels
 from ..space import OFA_RESOLUTIONS, Subnet
 from .base import BlockSpec, LayerSpec, convert_reference_keys, imagenet_cfg, map_key, reference_resolution
-from .efficientnet_builder import OFA_DEPTHS, OFA_EXPANDS, OFA_KERNELS, EfficientNetBuilderSupernet, classifier_spec
+from .efficientnet_builder import (
+    OFA_DEPTHS, OFA_EXPANDS, OFA_KERNELS, _SE_RATIO, EfficientNetBuilderSupernet, classifier_spec)
 
 __all__ = [
     'ElasticMobileNetV3', 'ofa_mobilenetv3', 'ofa_mobilenetv3_arch_def', 'convert_ofa_state_dict',
     'OFA_KERNELS', 'OFA_EXPANDS', 'OFA_DEPTHS', 'OFA_RESOLUTIONS',
 ]
-
-_SE_RATIO = 0.25
 
 
 class ElasticMobileNetV3(EfficientNetBuilderSupernet):
