@@ -4,11 +4,12 @@ Everything else comes from ``timm.models`` / ``timm.layers``. If a timm release 
 file to change.
 """
 from timm.models._builder import pretrained_cfg_for_features
-from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
+from timm.models._efficientnet_blocks import (
+    ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual, SqueezeExcite, UniversalInvertedResidual)
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
 from timm.models._features import FeatureGetterNet, feature_take_indices
 
 __all__ = [
-    'ConvBnAct', 'DepthwiseSeparableConv', 'FeatureGetterNet', 'InvertedResidual', 'SqueezeExcite', 'decode_arch_def',
-    'feature_take_indices', 'pretrained_cfg_for_features', 'round_channels',
+    'ConvBnAct', 'DepthwiseSeparableConv', 'EdgeResidual', 'FeatureGetterNet', 'InvertedResidual', 'SqueezeExcite', 'decode_arch_def',
+    'feature_take_indices', 'pretrained_cfg_for_features', 'round_channels', 'UniversalInvertedResidual',
 ]
