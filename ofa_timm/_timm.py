@@ -5,13 +5,14 @@ file to change.
 """
 from timm.models._builder import _resolve_pretrained_source as resolve_pretrained_source
 from timm.models._builder import pretrained_cfg_for_features
-from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, InvertedResidual, SqueezeExcite
+from timm.models._efficientnet_blocks import (
+    ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual, SqueezeExcite, UniversalInvertedResidual)
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._hub import download_cached_file
 
 __all__ = [
-    'ConvBnAct', 'DepthwiseSeparableConv', 'FeatureGetterNet', 'InvertedResidual', 'SqueezeExcite', 'decode_arch_def',
-    'download_cached_file', 'feature_take_indices', 'pretrained_cfg_for_features', 'resolve_pretrained_source',
-    'round_channels',
+    'ConvBnAct', 'DepthwiseSeparableConv', 'EdgeResidual', 'FeatureGetterNet', 'InvertedResidual', 'SqueezeExcite',
+    'UniversalInvertedResidual', 'decode_arch_def', 'download_cached_file', 'feature_take_indices',
+    'pretrained_cfg_for_features', 'resolve_pretrained_source', 'round_channels',
 ]

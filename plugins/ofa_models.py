@@ -45,6 +45,20 @@ _CONVERTED = {
     'ofa_mobilenetv3_large_100': 'mobilenetv3_large_100',
     'ofa_mobilenetv3_large_075': 'mobilenetv3_large_075',
     'ofa_mobilenetv3_small_100': 'mobilenetv3_small_100',
+    'ofa_mobilenetv4_conv_small': 'mobilenetv4_conv_small',
+    'ofa_mobilenetv4_conv_medium': 'mobilenetv4_conv_medium',
+    'ofa_lcnet_100': 'lcnet_100',
+    'ofa_efficientnet_b0': 'efficientnet_b0',
+    'ofa_efficientnet_b1': 'efficientnet_b1',
+    'ofa_efficientnet_b2': 'efficientnet_b2',
+    'ofa_efficientnet_b3': 'efficientnet_b3',
+    'ofa_efficientnet_lite0': 'efficientnet_lite0',
+    'ofa_mobilenetv2_100': 'mobilenetv2_100',
+    'ofa_mobilenetv2_140': 'mobilenetv2_140',
+    'ofa_mnasnet_100': 'mnasnet_100',
+    'ofa_fbnetc_100': 'fbnetc_100',
+    'ofa_spnasnet_100': 'spnasnet_100',
+    'ofa_tinynet_a': 'tinynet_a',
     'ofa_resnet50d': 'resnet50d',
     'ofa_resnet26d': 'resnet26d',
     'ofa_resnet101': 'resnet101',
@@ -75,8 +89,8 @@ def _source_cfgs(name: str, source: str) -> Dict[str, Dict[str, Any]]:
             cfg.pop(key, None)
         cfgs[f'{name}.{tag}'] = cfg
     if not cfgs:  # no timm weights: still a registered (randomly initialised) supernet
-        cfgs[name] = _cfg(first_conv='conv_stem' if 'mobilenet' in source else 'conv1.0',
-                          classifier='classifier' if 'mobilenet' in source else 'fc')
+        resnet = 'resnet' in source
+        cfgs[name] = _cfg(first_conv='conv1.0' if resnet else 'conv_stem', classifier='fc' if resnet else 'classifier')
     return cfgs
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import timm
 import torch
-from timm.models import MobileNetV3, ResNet, save_for_hf
+from timm.models import EfficientNet, MobileNetV3, ResNet, save_for_hf
 from torch.utils.flop_counter import FlopCounterMode
 
 import ofa_timm
@@ -24,6 +24,10 @@ CASES = [
     ('ofa_mobilenetv3_large_100', 'mobilenetv3_large_100', MobileNetV3),
     ('ofa_mobilenetv3_small_100', 'mobilenetv3_small_100', MobileNetV3),
     ('ofa_mbv3_w12', None, MobileNetV3),
+    ('ofa_mobilenetv4_conv_small', 'mobilenetv4_conv_small', MobileNetV3),
+    ('ofa_lcnet_100', 'lcnet_100', MobileNetV3),
+    ('ofa_efficientnet_b0', 'efficientnet_b0', EfficientNet),
+    ('ofa_fbnetc_100', 'fbnetc_100', EfficientNet),
     ('ofa_resnet50d', 'resnet50d', ResNet),
     ('ofa_resnet34', 'resnet34', ResNet),
     ('ofa_resnet50', None, OFAResNet),

@@ -13,7 +13,10 @@ from helpers import assert_close, randomize_bn
 RES = 64
 NAMES = ['ofa_mbv3', 'ofa_mbv3_w10', 'ofa_mbv3_w12', 'ofa_resnet50', 'ofa_mobilenetv3_large_100',
          'ofa_mobilenetv3_large_075', 'ofa_mobilenetv3_small_100', 'ofa_resnet50d', 'ofa_resnet26d',
-         'ofa_resnet101', 'ofa_resnet34']
+         'ofa_resnet101', 'ofa_resnet34', 'ofa_mobilenetv4_conv_small', 'ofa_mobilenetv4_conv_medium', 'ofa_lcnet_100',
+         'ofa_efficientnet_b0', 'ofa_efficientnet_b1', 'ofa_efficientnet_b2', 'ofa_efficientnet_b3',
+         'ofa_efficientnet_lite0', 'ofa_mobilenetv2_100', 'ofa_mobilenetv2_140', 'ofa_mnasnet_100', 'ofa_fbnetc_100',
+         'ofa_spnasnet_100', 'ofa_tinynet_a']
 
 
 def test_names_are_listed():

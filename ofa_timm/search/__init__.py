@@ -1,6 +1,6 @@
 """Specialization of a trained supernet: cost models, latency tables, accuracy predictor, evolutionary search, export.
 """
-from .cost import AdditiveCost, BlockLayout, as_codes, block_layout, flops_model, format_cost, params_model
+from .cost import AdditiveCost, BlockLayout, as_codes, flops_model, format_cost, params_model
 from .evolution import EvolutionConfig, SearchResult, evolve, resolve_constraints, specialize
 from .export import EXPORT_FORMATS, export_subnet, load_supernet
 from .flops import count_flops, count_params
@@ -11,7 +11,7 @@ from .predictor import (
     read_accuracy_dataset, spearman)
 
 __all__ = [
-    'count_flops', 'count_params', 'AdditiveCost', 'BlockLayout', 'as_codes', 'block_layout', 'flops_model',
+    'count_flops', 'count_params', 'AdditiveCost', 'BlockLayout', 'as_codes', 'flops_model',
     'params_model', 'format_cost', 'EvolutionConfig', 'SearchResult', 'evolve', 'specialize', 'resolve_constraints',
     'AccuracyPredictor', 'ArchEncoder', 'EncoderConfig', 'FitConfig', 'build_accuracy_dataset', 'fit_predictor',
     'read_accuracy_dataset', 'dataset_space', 'spearman', 'EXPORT_FORMATS', 'export_subnet', 'load_supernet',

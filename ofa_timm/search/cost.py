@@ -13,7 +13,6 @@ becomes one small table per block, and the cost of a population of encoded subne
 import itertools
 import math
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -24,7 +23,7 @@ from ..elastic.base import BlockSpec
 from ..space import SearchSpace, Subnet, SubnetLike
 
 __all__ = [
-    'BlockLayout', 'AdditiveCost', 'as_codes', 'block_layout', 'flops_model', 'params_model', 'format_cost',
+    'BlockLayout', 'AdditiveCost', 'as_codes', 'flops_model', 'params_model', 'format_cost',
     'SubnetsOrCodes',
 ]
 
@@ -140,18 +139,6 @@ def _disjoint_groups(names: Sequence[str], genes: Mapping[str, Tuple[int, ...]])
         else:
             groups.append(([name], set(genes[name])))
     return [members for members, _ in groups]
-
-
-_LAYOUTS: 'weakref.WeakKeyDictionary[nn.Module, Dict[Any, BlockLayout]]' = weakref.WeakKeyDictionary()
-
-
-def block_layout(supernet: nn.Module, resolution: Optional[int] = None) -> BlockLayout:
-    """:meth:`BlockLayout.from_supernet`, computed once per supernet, space and resolution."""
-    cache = _LAYOUTS.setdefault(supernet, {})
-    key = (supernet.space, resolution)
-    if key not in cache:
-        cache[key] = BlockLayout.from_supernet(supernet, resolution)
-    return cache[key]
 
 
 class AdditiveCost:
@@ -306,12 +293,12 @@ def flops_model(supernet: nn.Module, resolution: Optional[int] = None) -> Additi
         resolution: The resolution of a space without a resolution gene (default: the supernet's input size).
     """
     # LayerSpec.flops is written with integer ops that numpy broadcasts over an array of resolutions.
-    return block_layout(supernet, resolution).tabulate(lambda spec, res: spec.flops(res), name='flops')
+    return BlockLayout.from_supernet(supernet, resolution).tabulate(lambda spec, res: spec.flops(res), name='flops')
 
 
 def params_model(supernet: nn.Module) -> AdditiveCost:
     """Parameters of the extracted model, for any population of subnets (equal to ``count_params``)."""
-    return block_layout(supernet).tabulate(lambda spec, res: np.full(len(res), spec.params()), name='params')
+    return BlockLayout.from_supernet(supernet).tabulate(lambda spec, res: np.full(len(res), spec.params()), name='params')
 
 
 def format_cost(value: float, name: str, unit: str = '') -> str:

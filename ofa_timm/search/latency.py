@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .._io import write_text_atomic
 from ..space import SearchSpace, Subnet, SubnetLike, read_json
-from .cost import AdditiveCost, BlockLayout, _disjoint_groups, block_layout
+from .cost import AdditiveCost, BlockLayout, _disjoint_groups
 
 __all__ = ['BACKENDS', 'LatencySettings', 'LatencyTable', 'build_latency_table', 'validate_latency_table',
            'measure_subnets']
@@ -453,7 +453,7 @@ def build_latency_table(
     from tqdm import tqdm
     _check_backend(settings)
     space = supernet.space
-    layout = block_layout(supernet)
+    layout = BlockLayout.from_supernet(supernet)
     meta = _table_meta(supernet, settings, model)
     entries, sources, blocks = _plan(layout, settings)
     calibration = None

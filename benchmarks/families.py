@@ -1,0 +1,106 @@
+"""Evidence for the EfficientNet-builder families: one markdown table row per timm model, measured side by side.
+
+Per model:
+  * space size: architectures (depth x kernel x expand choices) and input resolutions;
+  * max vs source: max absolute difference between the supernet at its max subnet and the source timm model (eval);
+  * super vs extracted: max relative difference between the supernet at its max subnet and that subnet extracted;
+  * extraction time of the max and the min subnet (median);
+  * elastic overhead: supernet set to a subnet / the same subnet extracted as a stock timm model, eval forward, at
+    the max, the min and a random subnet (ratio of medians of interleaved calls).
+
+Models are randomly initialised with random batch-norm statistics (weights do not change the timings, and non-trivial
+statistics make the differences meaningful). Every forward runs at ``--res`` whatever the subnet's resolution.
+
+glibc's malloc moves its mmap and trim thresholds as a process frees large blocks, so whether an activation is served
+from the heap or from fresh (page-faulting) mmapped memory depends on what ran before: on CPU this alone moved
+supernet/static ratios between 0.66 and 1.39 from one run to the next. The thresholds are pinned before measuring.
+
+Usage: python benchmarks/families.py [--batch 8] [--res 160] [--repeats 15] [--models ...]
+"""
+import argparse
+import ctypes
+import ctypes.util
+import platform
+
+import timm
+import torch
+import torch.nn as nn
+
+import ofa_timm
+from bench_elastic import interleaved
+
+MODELS = [
+    'efficientnet_b0', 'efficientnet_b1', 'efficientnet_b3', 'efficientnet_lite0', 'mobilenetv2_100', 'mobilenetv2_140',
+    'mnasnet_100', 'fbnetc_100', 'spnasnet_100', 'tinynet_a', 'lcnet_100', 'mobilenetv4_conv_small',
+    'mobilenetv3_large_100']
+
+
+def pin_malloc_thresholds() -> bool:
+    """Fix glibc's mmap threshold (at its 32 MiB maximum) and disable heap trimming; False where that is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library('c'))
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model
+
+
+@torch.no_grad()
+def row(name: str, batch: int, res: int, repeats: int) -> str:
+    torch.manual_seed(0)
+    source = randomize_bn(timm.create_model(name)).eval()
+    supernet = ofa_timm.elasticize(source).eval()
+    space = supernet.space
+    x = torch.randn(batch, 3, res, res)
+    expected = source(x)
+    max_vs_source = (supernet(x) - expected).abs().max().item()
+    extracted = supernet.extract('max')
+    out = supernet(x)
+    super_vs_extracted = ((out - extracted(x)).abs().max() / out.abs().max()).item()
+    times = interleaved({k: (lambda s=s: supernet.extract(s)) for k, s in (('max', 'max'), ('min', 'min'))}, repeats)
+    overhead = {}
+    for label, subnet in (('max', space.max()), ('min', space.min()), ('random', space.sample(0))):
+        supernet.set_active(subnet)
+        static = supernet.extract(subnet).eval()
+        t = interleaved({'super': lambda: supernet(x), 'static': lambda: static(x)}, repeats)
+        overhead[label] = t['super'] / t['static']
+    supernet.set_active(None)
+    archs = space.size() // max(1, len(space.resolutions))
+    return (f'| {name} | {type(source).__name__} | {archs:.2e} x {len(space.resolutions)} | {max_vs_source:.1g} | '
+            f'{super_vs_extracted:.1g} | {times["max"] * 1e3:.1f} | {times["min"] * 1e3:.1f} | '
+            f'{overhead["max"]:.3f} | {overhead["min"]:.3f} | {overhead["random"]:.3f} |')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--res', type=int, default=160)
+    parser.add_argument('--repeats', type=int, default=15)
+    parser.add_argument('--models', nargs='+', default=MODELS)
+    args = parser.parse_args()
+    pinned = pin_malloc_thresholds()
+    print(f'batch {args.batch}, {args.res}px, CPU ({torch.get_num_threads()} threads, {platform.machine()}), '
+          f'torch {torch.__version__}, timm {timm.__version__}, {args.repeats} interleaved repeats, '
+          f'malloc thresholds pinned: {pinned}\n')
+    print('| model | timm class | space (archs x resolutions) | max vs source (abs) | super vs extracted max (rel) '
+          '| extract max (ms) | extract min (ms) | overhead max | overhead min | overhead random |')
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for name in args.models:
+        print(row(name, args.batch, args.res, args.repeats), flush=True)
+
+
+if __name__ == '__main__':
+    main()
