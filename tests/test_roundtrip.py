@@ -20,7 +20,7 @@ from ofa_timm.training import Schedule, Stage, load_checkpoint as load_run_check
 
 RES = (24, 32)
 NUM_CLASSES = 3
-FAMILIES = ['ofa_mobilenetv3_small_100', 'ofa_resnet26d']
+FAMILIES = ['ofa_mobilenetv3_small_100', 'ofa_resnet26d', 'ofa_efficientnet_b0']
 
 
 @pytest.fixture(scope='module')
