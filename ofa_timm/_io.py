@@ -125,9 +125,12 @@ def load_weights(path: PathLike) -> Tuple[Any, Dict[str, str]]:
         with open(path, 'rb') as f:
             magic = f.read(4)
         # torch.save writes a zip archive (or, before torch 1.6, a pickle): anything else is not a checkpoint
-        torch_file = magic == b'PK\x03\x04' or magic[:1] == b'\x80'
-        what = 'truncated or corrupt' if torch_file else 'not a PyTorch checkpoint'
-        raise ValueError(f"Cannot load weights from '{path}': {what} ({type(e).__name__}: {_first_line(e)})") from None
+        if not (magic == b'PK\x03\x04' or magic[:1] == b'\x80'):
+            # torch's own message would advise weights_only=False, which cannot help with a file that is not one
+            raise ValueError(f"Cannot load weights from '{path}': not a PyTorch checkpoint (neither a zip archive "
+                             f"nor a pickle)") from None
+        raise ValueError(f"Cannot load weights from '{path}': truncated or corrupt "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
     metadata = contents.get('metadata') if isinstance(contents, dict) else None
     return contents, dict(metadata) if isinstance(metadata, Mapping) else {}
 

@@ -201,8 +201,9 @@ def test_bad_files_raise_value_errors_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=re.escape(f"'{path}': {reason}")):
             timm.create_model('ofa_mobilenetv3_small_100', pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(path)))
-        with pytest.raises(ValueError, match=re.escape(f"'{path}': {reason}")):
+        with pytest.raises(ValueError, match=re.escape(f"'{path}': {reason}")) as error:
             load_run_checkpoint(path)
+        assert 'weights_only` set to `False' not in str(error.value)  # no advice to unpickle a file that is not one
     with pytest.raises(ValueError, match="'.*missing.pth': no such file"):
         load_run_checkpoint(tmp_path / 'missing.pth')
     torch.save({'w': torch.zeros(1), 'obj': Custom()}, tmp_path / 'pickled.pth')
