@@ -7,6 +7,7 @@ from ofa_timm._timm import SqueezeExcite
 
 from ofa_timm.elastic import (
     ElasticBatchNorm2d, ElasticBatchNormAct2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite)
+from ofa_timm.elastic import ops
 
 from helpers import assert_close, randomize_bn
 
@@ -171,3 +172,177 @@ def test_inference_cache_follows_parameter_updates():
     y = ec(x)  # with autograd the weight is rebuilt and differentiable
     y.sum().backward()
     assert ec.weight.grad is not None
+
+
+# --- gradients of sliced weights --------------------------------------------------------------------------------------
+@pytest.fixture
+def direct_grads(monkeypatch):
+    """Send every sliced weight, however small, through the in-place gradient path."""
+    monkeypatch.setattr(ops, '_DIRECT_GRAD_MIN_NUMEL', 0)
+
+
+def _plain_slices(monkeypatch):
+    monkeypatch.setattr(ops, 'prefix_slice', lambda w, *sizes: w[tuple(
+        slice(None) if s is None else slice(0, s) for s in sizes)])
+
+
+def _elastic_layers(seed: int = 0) -> nn.ModuleDict:
+    torch.manual_seed(seed)
+    layers = nn.ModuleDict(dict(
+        pw=ElasticConv2d.from_static(nn.Conv2d(12, 24, 1, bias=True)),
+        dw=ElasticConv2d.from_static(nn.Conv2d(24, 24, 7, padding=3, groups=24, bias=False), (3, 5, 7)),
+        se=ElasticSqueezeExcite.from_static(SqueezeExcite(24, rd_channels=8)),
+        pwl=ElasticConv2d.from_static(nn.Conv2d(24, 16, 1, bias=False)),
+        fc=ElasticLinear.from_static(nn.Linear(16, 5)),
+    ))
+    with torch.no_grad():
+        layers.dw.kernel_transform_7to5.add_(torch.randn(25, 25) * 0.1)
+        layers.dw.kernel_transform_5to3.add_(torch.randn(9, 9) * 0.1)
+    return layers
+
+
+def _run(layers: nn.ModuleDict, x: torch.Tensor, mid: int, kernel: int, out: int) -> torch.Tensor:
+    layers.pw.set_active(out_channels=mid)
+    layers.dw.set_active(kernel_size=kernel)
+    layers.pwl.set_active(out_channels=out)
+    y = layers.pwl(layers.se(layers.dw(layers.pw(x))))
+    return layers.fc(y.mean((2, 3)))
+
+
+SUBNETS = ((16, 3, 10), (24, 5, 12), (20, 7, 16))  # (mid channels, kernel, out channels)
+
+
+def _grads(layers: nn.ModuleDict, x: torch.Tensor, subnets=SUBNETS[:2]):
+    layers.zero_grad(set_to_none=True)
+    for mid, kernel, out in subnets:  # several subnets accumulated in one step, as progressive shrinking does
+        _run(layers, x[:, :12], mid, kernel, out).square().sum().backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in layers.named_parameters()}
+
+
+@pytest.mark.parametrize('subnets, channels_last', [
+    (SUBNETS[:2], False), (SUBNETS[::-1], False), (SUBNETS[1:2], False), (SUBNETS[:2], True)])
+def test_sliced_weight_grads_equal_plain_slicing(direct_grads, monkeypatch, subnets, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 12, 9, 9).contiguous(memory_format=fmt)
+    direct = _grads(_elastic_layers().to(memory_format=fmt), x, subnets)
+    with monkeypatch.context() as m:
+        _plain_slices(m)
+        plain = _grads(_elastic_layers().to(memory_format=fmt), x, subnets)
+    assert direct.keys() == plain.keys()
+    for name in direct:
+        assert (direct[name] is None) == (plain[name] is None), name
+        if direct[name] is not None:
+            assert torch.equal(direct[name], plain[name]), name
+    # Zero outside the union of the blocks the subnets used: here the largest mid width and output width.
+    mid = max(s[0] for s in subnets)
+    assert torch.count_nonzero(direct['pw.weight'][mid:]) == 0
+    assert torch.count_nonzero(direct['pwl.weight'][:, mid:]) == 0
+
+
+def test_sliced_weight_grad_memory_is_reused_only_when_free(direct_grads):
+    layers = _elastic_layers()
+    x = torch.randn(2, 12, 9, 9)
+    _grads(layers, x)
+    held = layers.pw.weight.grad  # a caller keeps last step's gradient: it must not be overwritten
+    kept = held.clone()
+    _grads(layers, x, SUBNETS[2:])
+    assert torch.equal(held, kept) and layers.pw.weight.grad.data_ptr() != held.data_ptr()
+    del held
+    first = layers.pw.weight.grad.data_ptr()
+    _grads(layers, x, SUBNETS[:1])
+    assert layers.pw.weight.grad.data_ptr() == first  # free memory comes back, zeroed outside the new block
+    assert torch.count_nonzero(layers.pw.weight.grad[16:]) == 0
+
+
+def test_sliced_weight_autograd_grad_double_backward_and_inputs(direct_grads, monkeypatch):
+    layers = _elastic_layers()
+    x = torch.randn(2, 12, 9, 9)
+    params = [layers.pw.weight, layers.dw.weight, layers.pwl.weight]
+    loss = _run(layers, x, 16, 3, 10).square().sum()
+    got = torch.autograd.grad(loss, params)  # returned, not accumulated: full-size gradients
+    assert all(p.grad is None for p in params)
+    with monkeypatch.context() as m:
+        _plain_slices(m)
+        expected = torch.autograd.grad(_run(layers, x, 16, 3, 10).square().sum(), params)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and torch.equal(g, e)
+
+    _run(layers, x, 16, 3, 10).square().sum().backward(inputs=[layers.fc.weight])  # weights left out stay None
+    assert all(p.grad is None for p in params) and layers.fc.weight.grad is not None
+
+    g, = torch.autograd.grad(_run(layers, x, 16, 3, 10).square().sum(), [layers.pw.weight], create_graph=True)
+    g.square().sum().backward()  # double backward goes through autograd's own slicing
+    assert layers.pw.weight.grad is not None and layers.pw.weight.grad.shape == layers.pw.weight.shape
+
+
+def test_sliced_weight_grads_in_a_supernet(direct_grads, monkeypatch):
+    import ofa_timm
+    import timm
+    torch.manual_seed(0)
+    source = timm.create_model('mobilenetv3_small_050', num_classes=4)
+    x = torch.randn(2, 3, 32, 32)
+
+    def grads():
+        supernet = ofa_timm.elasticize(source, resolutions=(32,)).train()
+        subnet = supernet.set_active(supernet.space.min())
+        supernet(x).logsumexp(1).sum().backward()
+        supernet.set_active(supernet.space.sample(3))
+        supernet(x).logsumexp(1).sum().backward()
+        return supernet, subnet, {n: p.grad for n, p in supernet.named_parameters()}
+
+    supernet, subnet, direct = grads()
+    with monkeypatch.context() as m:
+        _plain_slices(m)
+        _, _, plain = grads()
+    for name, g in direct.items():
+        assert (g is None) == (plain[name] is None), name
+        if g is not None:
+            assert torch.equal(g, plain[name]), name
+    # Blocks that neither subnet runs keep no gradient (DDP's find_unused_parameters relies on it).
+    unused = [n for n, g in direct.items() if g is None]
+    assert unused and all(n.startswith('blocks.') for n in unused)
+
+
+def _ddp_grads_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    ops._DIRECT_GRAD_MIN_NUMEL = 0
+    try:
+        layers = _elastic_layers()
+        ddp = nn.parallel.DistributedDataParallel(_DictModel(layers), find_unused_parameters=True)
+        x = torch.randn(2, 12, 9, 9, generator=torch.Generator().manual_seed(rank))
+        for step in range(2):  # grads are set to None between steps, so the kept memory is used again
+            layers.zero_grad(set_to_none=True)
+            for mid, kernel, out_chs in SUBNETS[:2]:
+                ddp(x, mid, kernel, out_chs).square().sum().backward()
+        torch.save({n: p.grad for n, p in layers.named_parameters()}, os.path.join(out, f'rank{rank}.pt'))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class _DictModel(nn.Module):
+    def __init__(self, layers: nn.ModuleDict):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor, mid: int, kernel: int, out: int) -> torch.Tensor:
+        return _run(self.layers, x, mid, kernel, out)
+
+
+def test_sliced_weight_grads_under_ddp(direct_grads, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_grads_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    per_rank = []
+    for rank in range(2):
+        x = torch.randn(2, 12, 9, 9, generator=torch.Generator().manual_seed(rank))
+        per_rank.append(_grads(_elastic_layers(), x))
+    for name, g in got[0].items():
+        assert torch.equal(g, got[1][name]), name
+        assert_close(g, (per_rank[0][name] + per_rank[1][name]) / 2, 1e-6)

@@ -11,18 +11,22 @@ Conventions, shared by every layer here:
   * Width shrinking keeps leading channels (a prefix slice), as in OFA.
   * When the active setting is the full layer, the parameters are used as they are, so the max subnet costs the
     same as the source model.
+  * In training, a weight's leading block is taken through :func:`prefix_slice`, whose backward adds the gradient
+    straight into that block of ``.grad`` instead of building a full-size gradient per subnet, so a step over several
+    subnets costs what their static models cost.
 """
 from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 from timm.layers import BatchNormAct2d, make_divisible
 from timm.models._efficientnet_blocks import SqueezeExcite
 
 __all__ = [
     'ElasticConv2d', 'ElasticBatchNorm2d', 'ElasticBatchNormAct2d', 'ElasticLinear', 'ElasticSqueezeExcite',
-    'is_elastic',
+    'is_elastic', 'prefix_slice',
 ]
 
 M = TypeVar('M', bound=nn.Module)
@@ -48,6 +52,109 @@ def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def _same_padding(kernel_size: int, stride: int, dilation: int) -> int:
     # timm's symmetric static padding (timm.layers.get_padding), recomputed for every active kernel size.
     return ((stride - 1) + dilation * (kernel_size - 1)) // 2
+
+
+def _engine_writes_grad(node: Any) -> Optional[bool]:
+    """Whether the running backward pass will accumulate into the ``.grad`` of the leaf behind ``node``.
+
+    True for ``Tensor.backward()`` (and ``backward(inputs=...)`` naming the leaf), False for ``backward(inputs=...)``
+    that leaves it out, None when gradients are returned instead (``torch.autograd.grad``) or cannot be told apart.
+    """
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):  # RuntimeError: torch.autograd.grad() running on a leaf
+        return None
+
+
+# On CPU, freed allocations of a weight's size go back to the OS, and faulting in every page of a fresh full-size
+# gradient each step costs several times a pass over that memory: more than a small subnet's whole backward. The
+# memory of each sliced weight's gradient is therefore kept, and handed out again once no tensor refers to it any more
+# (after ``zero_grad(set_to_none=True)``). CUDA's caching allocator already reuses memory.
+_GRAD_MEMORY = WeakIdKeyDictionary()
+
+
+def _zero_grad_like(weight: torch.Tensor) -> torch.Tensor:
+    """A zero tensor with ``weight``'s shape and strides, to become its ``.grad``."""
+    if weight.device.type != 'cpu':
+        return torch.zeros_like(weight, memory_format=torch.preserve_format)
+    kept = _GRAD_MEMORY.get(weight)
+    if kept is not None and kept.shape == weight.shape and kept.stride() == weight.stride() \
+            and kept.dtype == weight.dtype and _sole_user(kept):
+        return kept.detach().zero_()  # a new tensor on the kept memory
+    kept = torch.zeros_like(weight, memory_format=torch.preserve_format)
+    _GRAD_MEMORY[weight] = kept
+    return kept.detach()
+
+
+def _sole_user(t: torch.Tensor) -> bool:
+    # Every tensor on a storage holds a reference to it (views, and tensors held by C++ such as a .grad), and so does
+    # the temporary storage object asked for here: 2 means no other tensor uses the memory.
+    try:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _PrefixSlice(torch.autograd.Function):
+    """A leading block of a parameter, whose gradient goes straight into the same block of the parameter's ``.grad``.
+
+    Autograd's backward of ``weight[:o, :i]`` allocates a zero gradient of the full weight, copies the block into it,
+    and ``AccumulateGrad`` then adds that full tensor into ``.grad``: three passes over the whole weight per subnet.
+    Here the block's gradient is added where it belongs and ``None`` goes on to ``AccumulateGrad``, whose hooks still
+    run (DDP's reducer reads ``.grad`` when they do). Gradients are the same values as plain slicing; ``.grad`` is
+    zero outside every block of the step. ``torch.autograd.grad`` and double backward get autograd's full-size
+    gradient instead, as plain slicing gives.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, index: Tuple[slice, ...]) -> torch.Tensor:
+        ctx.weight = weight  # a leaf parameter: no reference cycle, and no version check on the values
+        ctx.index = index
+        block = weight[index]
+        if weight.dim() != 4 or block.is_contiguous() or block.is_contiguous(memory_format=torch.channels_last):
+            return block  # matmuls take strided operands as they are
+        # A strided conv weight: one dense copy in the layout its strides suggest, the copy the conv would otherwise
+        # make itself, in its forward and again in its backward (and with that layout, the same conv algorithm).
+        return block.clone(memory_format=torch.preserve_format)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None]:
+        weight, index = ctx.weight, ctx.index
+        node = ctx.next_functions[0][0]
+        writes = None
+        if isinstance(node, torch._C._functions.AccumulateGrad) and not torch.is_grad_enabled():
+            writes = _engine_writes_grad(node)
+        if writes is None:
+            full = grad.new_zeros(weight.shape)
+            full[index] = grad
+            return full, None
+        if writes:
+            if weight.grad is None:
+                weight_grad = _zero_grad_like(weight)
+                weight_grad[index] = grad
+                weight.grad = weight_grad
+            else:
+                weight.grad[index] += grad
+        return None, None
+
+
+# Below this many elements autograd's full-size passes over a weight cost less than the Python of a custom autograd
+# function (about 15 us a call, forward and backward); measured on CPU, the two break even near 150k elements.
+_DIRECT_GRAD_MIN_NUMEL = 1 << 17
+
+
+def prefix_slice(weight: torch.Tensor, *sizes: Optional[int]) -> torch.Tensor:
+    """``weight[:sizes[0], :sizes[1], ...]`` (None keeps a dim whole), for use in a forward pass.
+
+    With autograd recording and ``weight`` a large parameter that requires grad, the block comes back dense and its
+    gradient is accumulated in place into the block of ``weight.grad`` (see :class:`_PrefixSlice`). Otherwise it is
+    the plain view.
+    """
+    index = tuple(slice(None) if s is None else slice(0, s) for s in sizes)
+    if weight.numel() < _DIRECT_GRAD_MIN_NUMEL or not (
+            torch.is_grad_enabled() and weight.requires_grad and weight.is_leaf) or torch.compiler.is_compiling():
+        return weight[index]
+    return _PrefixSlice.apply(weight, index)
 
 
 class ElasticConv2d(nn.Conv2d):
@@ -105,10 +212,11 @@ class ElasticConv2d(nn.Conv2d):
         self.active_out_channels: Optional[int] = None
         self.active_kernel_size: int = kernel_size
         self._inference_cache: Optional[Tuple[Tuple[Any, ...], torch.Tensor]] = None
-        for big, small in zip(kernel_sizes[::-1], kernel_sizes[-2::-1]):
-            self.register_parameter(
-                self.transform_name(big, small),
-                nn.Parameter(torch.eye(small * small, device=device, dtype=dtype)))
+        self._transform_names: Tuple[str, ...] = tuple(
+            self.transform_name(big, small) for big, small in zip(kernel_sizes[::-1], kernel_sizes[-2::-1]))
+        for name in self._transform_names:
+            small = int(name.rsplit('to', 1)[1])
+            self.register_parameter(name, nn.Parameter(torch.eye(small * small, device=device, dtype=dtype)))
 
     @staticmethod
     def transform_name(big: int, small: int) -> str:
@@ -174,12 +282,12 @@ class ElasticConv2d(nn.Conv2d):
     ) -> torch.Tensor:
         """The weight of an explicit setting (None means the maximum), without touching the active one."""
         if self.depthwise:
-            weight = self.weight if in_channels == self.out_channels else self.weight[:in_channels]
+            weight = self.weight if in_channels == self.out_channels else prefix_slice(self.weight, in_channels)
             return self._transformed_kernel(weight, kernel_size or self.max_kernel_size)
         out_channels = out_channels or self.out_channels
         if out_channels == self.out_channels and in_channels == self.in_channels:
             return self.weight
-        return self.weight[:out_channels, :in_channels]
+        return prefix_slice(self.weight, out_channels, in_channels)
 
     def _transformed_kernel(self, weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
         channels = weight.shape[0]
@@ -201,9 +309,11 @@ class ElasticConv2d(nn.Conv2d):
         # Without autograd, a sliced or transformed weight is the same tensor until a parameter changes in place
         # (optimizer step, load_state_dict) or the active setting changes: reuse one contiguous copy, so inference
         # (search, BN calibration, evaluation) costs what the static subnet costs.
-        params = [self.weight] + [p for n, p in self._parameters.items() if n.startswith('kernel_transform_')]
+        weight = self.weight
         key = (in_channels, self.active_out_channels, self.active_kernel_size,
-               tuple((id(p), p._version, p.device, p.dtype) for p in params))
+               id(weight), weight._version, weight.device, weight.dtype)
+        if self.active_kernel_size != self.max_kernel_size:  # the transforms only enter a smaller kernel
+            key += tuple((id(p), p._version) for p in (self._parameters[n] for n in self._transform_names))
         cache = self._inference_cache
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -281,21 +391,22 @@ class _ElasticBatchNormMixin:
 
     def _elastic_batch_norm(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
-        full = c == self.num_features
-
-        def part(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return t if t is None or full else t[:c]
-
+        weight, bias, mean, var = self.weight, self.bias, self.running_mean, self.running_var
+        if c != self.num_features:  # views: the running statistics of the active channels update in place
+            weight = None if weight is None else weight[:c]
+            bias = None if bias is None else bias[:c]
+            mean = None if mean is None else mean[:c]
+            var = None if var is None else var[:c]
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if not self.training:
+            return F.batch_norm(x, mean, var, weight, bias, mean is None and var is None, momentum, self.eps)
+        if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return F.batch_norm(
-            x, part(self.running_mean) if track else None, part(self.running_var) if track else None,
-            part(self.weight), part(self.bias), use_batch_stats, momentum, self.eps)
+        if not self.track_running_stats:
+            mean = var = None
+        return F.batch_norm(x, mean, var, weight, bias, True, momentum, self.eps)
 
     def static_state(self, num_features: int) -> Dict[str, torch.Tensor]:
         """Tensors of the static batch norm over the first ``num_features`` channels."""
@@ -356,7 +467,7 @@ class ElasticLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[-1]
-        weight = self.weight if c == self.in_features else self.weight[:, :c]
+        weight = self.weight if c == self.in_features else prefix_slice(self.weight, None, c)
         return F.linear(x, weight, self.bias)
 
     def static_state(self, in_features: int) -> Dict[str, torch.Tensor]:
@@ -409,9 +520,9 @@ class ElasticSqueezeExcite(SqueezeExcite):
             return super().forward(x)
         rd = self.reduced_channels(c)
         x_se = x.mean((2, 3), keepdim=True)
-        x_se = F.conv2d(x_se, self.conv_reduce.weight[:rd, :c], self.conv_reduce.bias[:rd])
+        x_se = F.conv2d(x_se, prefix_slice(self.conv_reduce.weight, rd, c), self.conv_reduce.bias[:rd])
         x_se = self.act1(x_se)
-        x_se = F.conv2d(x_se, self.conv_expand.weight[:c, :rd], self.conv_expand.bias[:c])
+        x_se = F.conv2d(x_se, prefix_slice(self.conv_expand.weight, c, rd), self.conv_expand.bias[:c])
         return x * self.gate(x_se)
 
     def static_state(self, channels: int) -> Dict[str, torch.Tensor]:
