@@ -20,9 +20,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
-from timm.layers import BatchNormAct2d, make_divisible
-from timm.models._efficientnet_blocks import SqueezeExcite
+from timm.layers import BatchNormAct2d, get_padding, make_divisible
+
+from .._timm import SqueezeExcite
 
 __all__ = [
     'ElasticConv2d', 'ElasticBatchNorm2d', 'ElasticBatchNormAct2d', 'ElasticLinear', 'ElasticSqueezeExcite',
@@ -49,11 +49,6 @@ def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().clone(memory_format=torch.contiguous_format)
 
 
-def _same_padding(kernel_size: int, stride: int, dilation: int) -> int:
-    # timm's symmetric static padding (timm.layers.get_padding), recomputed for every active kernel size.
-    return ((stride - 1) + dilation * (kernel_size - 1)) // 2
-
-
 def _engine_writes_grad(node: Any) -> Optional[bool]:
     """Whether the running backward pass will accumulate into the ``.grad`` of the leaf behind ``node``.
 
@@ -64,35 +59,6 @@ def _engine_writes_grad(node: Any) -> Optional[bool]:
         return torch._C._will_engine_execute_node(node)
     except (AttributeError, RuntimeError):  # RuntimeError: torch.autograd.grad() running on a leaf
         return None
-
-
-# On CPU, freed allocations of a weight's size go back to the OS, and faulting in every page of a fresh full-size
-# gradient each step costs several times a pass over that memory: more than a small subnet's whole backward. The
-# memory of each sliced weight's gradient is therefore kept, and handed out again once no tensor refers to it any more
-# (after ``zero_grad(set_to_none=True)``). CUDA's caching allocator already reuses memory.
-_GRAD_MEMORY = WeakIdKeyDictionary()
-
-
-def _zero_grad_like(weight: torch.Tensor) -> torch.Tensor:
-    """A zero tensor with ``weight``'s shape and strides, to become its ``.grad``."""
-    if weight.device.type != 'cpu':
-        return torch.zeros_like(weight, memory_format=torch.preserve_format)
-    kept = _GRAD_MEMORY.get(weight)
-    if kept is not None and kept.shape == weight.shape and kept.stride() == weight.stride() \
-            and kept.dtype == weight.dtype and _sole_user(kept):
-        return kept.detach().zero_()  # a new tensor on the kept memory
-    kept = torch.zeros_like(weight, memory_format=torch.preserve_format)
-    _GRAD_MEMORY[weight] = kept
-    return kept.detach()
-
-
-def _sole_user(t: torch.Tensor) -> bool:
-    # Every tensor on a storage holds a reference to it (views, and tensors held by C++ such as a .grad), and so does
-    # the temporary storage object asked for here: 2 means no other tensor uses the memory.
-    try:
-        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class _PrefixSlice(torch.autograd.Function):
@@ -130,7 +96,7 @@ class _PrefixSlice(torch.autograd.Function):
             return full, None
         if writes:
             if weight.grad is None:
-                weight_grad = _zero_grad_like(weight)
+                weight_grad = torch.zeros_like(weight, memory_format=torch.preserve_format)
                 weight_grad[index] = grad
                 weight.grad = weight_grad
             else:
@@ -205,7 +171,7 @@ class ElasticConv2d(nn.Conv2d):
             raise ValueError('Elastic kernel sizes are only supported for depthwise convs')
         super().__init__(
             in_channels, out_channels, kernel_size, stride=stride,
-            padding=_same_padding(kernel_size, stride, dilation), dilation=dilation, groups=groups, bias=bias,
+            padding=get_padding(kernel_size, stride, dilation), dilation=dilation, groups=groups, bias=bias,
             device=device, dtype=dtype)
         self.kernel_sizes = kernel_sizes
         self.depthwise = groups > 1
@@ -236,7 +202,7 @@ class ElasticConv2d(nn.Conv2d):
         if conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
                 or conv.dilation[0] != conv.dilation[1]:
             raise ValueError(f'ElasticConv2d needs square kernels, strides and dilations, got {conv}')
-        expected_padding = (_same_padding(k, conv.stride[0], conv.dilation[0]),) * 2
+        expected_padding = (get_padding(k, conv.stride[0], conv.dilation[0]),) * 2
         if not isinstance(conv.padding, tuple) or conv.padding != expected_padding:
             raise ValueError(
                 f"ElasticConv2d needs timm's symmetric static padding; {conv} uses padding {conv.padding!r} "
@@ -330,7 +296,7 @@ class ElasticConv2d(nn.Conv2d):
         else:
             weight = self._inference_weight(in_channels)
         k = weight.shape[-1]
-        padding = self.padding if k == self.kernel_size[0] else _same_padding(k, self.stride[0], self.dilation[0])
+        padding = self.padding if k == self.kernel_size[0] else get_padding(k, self.stride[0], self.dilation[0])
         return F.conv2d(
             x, weight, self.active_bias(weight.shape[0]), self.stride, padding, self.dilation,
             in_channels if self.depthwise else 1)
@@ -359,7 +325,7 @@ class ElasticConv2d(nn.Conv2d):
         out_channels, _, k, _ = state['weight'].shape
         conv = nn.Conv2d(
             in_channels, out_channels, k, stride=self.stride,
-            padding=_same_padding(k, self.stride[0], self.dilation[0]),
+            padding=get_padding(k, self.stride[0], self.dilation[0]),
             dilation=self.dilation, groups=in_channels if self.depthwise else 1, bias=self.bias is not None,
             device='meta')
         conv.load_state_dict(state, assign=True)
