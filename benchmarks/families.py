@@ -11,38 +11,27 @@ Per model:
 Models are randomly initialised with random batch-norm statistics (weights do not change the timings, and non-trivial
 statistics make the differences meaningful). Every forward runs at ``--res`` whatever the subnet's resolution.
 
-glibc's malloc moves its mmap and trim thresholds as a process frees large blocks, so whether an activation is served
-from the heap or from fresh (page-faulting) mmapped memory depends on what ran before: on CPU this alone moved
-supernet/static ratios between 0.66 and 1.39 from one run to the next. The thresholds are pinned before measuring.
+Everything runs under ``ofa_timm._malloc.steady_allocator`` (glibc's thresholds pinned, see there), as the CPU suite
+does.
 
 Usage: python benchmarks/families.py [--batch 8] [--res 160] [--repeats 15] [--models ...]
 """
 import argparse
-import ctypes
-import ctypes.util
 import platform
+from typing import Callable, Dict
 
 import timm
 import torch
 import torch.nn as nn
 
 import ofa_timm
-from bench_elastic import interleaved
+from ofa_timm._malloc import steady_allocator
+from harness import Interleaved
 
 MODELS = [
     'efficientnet_b0', 'efficientnet_b1', 'efficientnet_b3', 'efficientnet_lite0', 'mobilenetv2_100', 'mobilenetv2_140',
     'mnasnet_100', 'fbnetc_100', 'spnasnet_100', 'tinynet_a', 'lcnet_100', 'mobilenetv4_conv_small',
     'mobilenetv3_large_100']
-
-
-def pin_malloc_thresholds() -> bool:
-    """Fix glibc's mmap threshold (at its 32 MiB maximum) and disable heap trimming; False where that is not glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library('c'))
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 @torch.no_grad()
@@ -56,6 +45,12 @@ def randomize_bn(model: nn.Module) -> nn.Module:
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
     return model
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    timer = Interleaved(fns)
+    timer.warmup(3)
+    return timer.run(repeats)
 
 
 @torch.no_grad()
@@ -91,7 +86,11 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--models', nargs='+', default=MODELS)
     args = parser.parse_args()
-    pinned = pin_malloc_thresholds()
+    with steady_allocator() as pinned:
+        run(args, pinned)
+
+
+def run(args: argparse.Namespace, pinned: bool) -> None:
     print(f'batch {args.batch}, {args.res}px, CPU ({torch.get_num_threads()} threads, {platform.machine()}), '
           f'torch {torch.__version__}, timm {timm.__version__}, {args.repeats} interleaved repeats, '
           f'malloc thresholds pinned: {pinned}\n')

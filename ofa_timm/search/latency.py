@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .._io import write_text_atomic
+from .._malloc import steady_allocator
 from ..space import SearchSpace, Subnet, SubnetLike, read_json
 from .cost import AdditiveCost, BlockLayout, _disjoint_groups
 
@@ -174,39 +175,13 @@ def _check_backend(settings: LatencySettings) -> None:
 
 
 @contextlib.contextmanager
-def _steady_allocator() -> Iterator[None]:
-    """Keep freed activation buffers in the heap (glibc) for the duration of a measurement.
-
-    By default glibc hands large freed buffers back to the OS and trims the heap, so each timed forward pass pays
-    fresh page faults for its activations (most at batch 8 and above). Which calls pay them depends on allocation
-    order, not on the network, and it differs between a block timed alone and the whole network: raising the mmap and
-    trim thresholds makes both steady, as a serving process is after warm-up. Best effort: a no-op off glibc.
-    """
-    try:
-        import ctypes
-        libc = ctypes.CDLL('libc.so.6')
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        yield
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 1 << 30)
-    try:
-        yield
-    finally:  # glibc's defaults
-        mallopt(m_mmap_threshold, 128 << 10)
-        mallopt(m_trim_threshold, 128 << 10)
-
-
-@contextlib.contextmanager
 def _backend_context(settings: LatencySettings) -> Iterator[None]:
     """Check that the backend can run here; set PyTorch's threads and a steady allocator for the duration."""
     _check_backend(settings)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads or threads)
     try:
-        with _steady_allocator():
+        with steady_allocator():  # a block timed alone and inside a network see the same allocator
             yield
     finally:
         torch.set_num_threads(threads)
