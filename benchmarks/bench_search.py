@@ -18,13 +18,15 @@ import os
 import statistics
 import sys
 import time
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import timm
 import torch
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
-from ofa_timm.search import AccuracyPredictor, EvolutionConfig, count_params, flops_model, params_model, specialize
+from ofa_timm.search import (
+    AccuracyPredictor, EvolutionConfig, SearchResult, count_params, flops_model, params_model, specialize)
 
 
 def _reference_module(name: str):
@@ -37,8 +39,20 @@ def _reference_module(name: str):
     return module
 
 
-def bench_search(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
+def search_side_by_side(budget: float = 400, repeats: int = 3, reference_repeats: Optional[int] = None
+                        ) -> Tuple[Dict[str, List[float]], Dict[str, float], SearchResult]:
+    """Time the reference ``EvolutionFinder`` and ``specialize`` on the same problem, ``repeats`` seeds each.
+
+    Args:
+        budget: MFLOPs budget.
+        repeats: Runs of ours (seeds 0, 1, ...).
+        reference_repeats: Runs of the reference (default ``repeats``).
+
+    Returns:
+        Seconds of each run and the best predicted top-1 (%) of the last run, keyed by ``'reference'`` / ``'ours'``,
+        and our last result.
+    """
+    import random
     supernet = timm.create_model('ofa_mbv3_w12')
     space = supernet.space
     flops = flops_model(supernet)
@@ -55,13 +69,12 @@ def bench_search(args: argparse.Namespace) -> None:
 
     finder_cls = _reference_module('evolution_finder').EvolutionFinder
     config = EvolutionConfig()  # the reference's defaults
-    times = {'reference EvolutionFinder': [], 'ofa_timm specialize': []}
-    best = {}
-    for repeat in range(args.repeats):
-        import random
+    times: Dict[str, List[float]] = {'reference': [], 'ours': []}
+    best: Dict[str, float] = {}
+    for repeat in range(repeats if reference_repeats is None else reference_repeats):
         random.seed(repeat)
         np.random.seed(repeat)
-        finder = finder_cls('flops', args.budget, Efficiency(), tutorial, population_size=config.population_size,
+        finder = finder_cls('flops', budget, Efficiency(), tutorial, population_size=config.population_size,
                             max_time_budget=config.generations, mutate_prob=config.mutate_prob,
                             parent_ratio=config.parent_ratio, mutation_ratio=config.mutation_ratio)
         start = time.perf_counter()
@@ -71,17 +84,25 @@ def bench_search(args: argparse.Namespace) -> None:
                 _, info = finder.run_evolution_search()
             finally:
                 sys.stderr = stderr
-        times['reference EvolutionFinder'].append(time.perf_counter() - start)
-        best['reference EvolutionFinder'] = 100 * info[0]
+        times['reference'].append(time.perf_counter() - start)
+        best['reference'] = 100 * info[0]
+    for repeat in range(repeats):
         start = time.perf_counter()
-        result = specialize(supernet, ours, 'flops', [args.budget * 1e6], config, seed=repeat)[0]
-        times['ofa_timm specialize'].append(time.perf_counter() - start)
-        best['ofa_timm specialize'] = result.accuracy
+        result = specialize(supernet, ours, 'flops', [budget * 1e6], config, seed=repeat)[0]
+        times['ours'].append(time.perf_counter() - start)
+        best['ours'] = result.accuracy
+    return times, best, result
+
+
+def bench_search(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    times, best, _ = search_side_by_side(args.budget, args.repeats)
+    config = EvolutionConfig()
     print(f'Population {config.population_size}, {config.generations} generations, FLOPs <= {args.budget} M, '
           f'{args.threads} threads, median of {args.repeats}:')
-    for name, t in times.items():
-        print(f'  {name:28s} {statistics.median(t):8.3f} s   best predicted top-1 {best[name]:.2f}%')
-    ratio = statistics.median(times['reference EvolutionFinder']) / statistics.median(times['ofa_timm specialize'])
+    for key, name in (('reference', 'reference EvolutionFinder'), ('ours', 'ofa_timm specialize')):
+        print(f'  {name:28s} {statistics.median(times[key]):8.3f} s   best predicted top-1 {best[key]:.2f}%')
+    ratio = statistics.median(times['reference']) / statistics.median(times['ours'])
     print(f'  speed-up: {ratio:.1f}x')
 
 

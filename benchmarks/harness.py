@@ -24,7 +24,8 @@ from timm.optim import create_optimizer_v2
 import ofa_timm
 from ofa_timm.elastic import (
     ElasticSupernet, convert_ofa_resnet_state_dict, convert_ofa_state_dict, ofa_mobilenetv3, ofa_resnet50)
-from ofa_timm.space import OFA_RESNET50_BASE_DEPTHS, OFA_RESNET50_WIDTH_MULTS, Subnet
+from ofa_timm.elastic.resnet import OFA_RESNET50_BASE_DEPTHS, OFA_RESNET_WIDTHS
+from ofa_timm.space import Subnet
 from ofa_timm.training import (
     Schedule, SeededDataset, Stage, StepSampler, TrainConfig, Trainer, classification_loss, distillation_loss)
 
@@ -37,7 +38,7 @@ except ImportError:  # the reference is a dev dependency; without it the referen
 
 __all__ = [
     'SPACES', 'SUBNETS', 'HAS_REFERENCE', 'Space', 'build_space', 'Interleaved', 'Precision', 'train_step',
-    'eval_forward', 'PSStep', 'ps_step', 'assert_close',
+    'eval_forward', 'PSStep', 'ps_step', 'assert_close', 'Row', 'format_row', 'format_table',
 ]
 
 # Canonical OFA spaces (with the reference beside them) and timm models converted to supernets.
@@ -98,7 +99,7 @@ class Space:
         # OFA-ResNet50: stem depth 2 keeps the residual stem conv, stage depths are offsets on the base depths, and
         # widths are indices into the width multipliers.
         d = [2 if subnet.depths[0] else 0] + [n - b for n, b in zip(subnet.depths[1:], OFA_RESNET50_BASE_DEPTHS)]
-        return dict(d=d, e=list(subnet.expands), w=[OFA_RESNET50_WIDTH_MULTS.index(w) for w in subnet.widths])
+        return dict(d=d, e=list(subnet.expands), w=[OFA_RESNET_WIDTHS.index(w) for w in subnet.widths])
 
     def set_reference(self, subnet: Subnet) -> None:
         self.reference.set_active_subnet(**self.reference_kwargs(subnet))
@@ -147,6 +148,49 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4, what: str
     a, b = a.float(), b.float()
     err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
     assert err <= rtol, f'{what}: outputs differ, relative error {err:.3g} > {rtol}'
+
+
+# --- results ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One line of the summary table."""
+    case: str
+    value: Optional[float]  # None: not measured
+    target: Optional[float] = None  # value <= target is met
+    unit: str = 'x'  # 'x' (a ratio) or 'ms'
+    reference: Optional[float] = None  # the reference implementation's figure for the same work
+    note: str = ''
+
+    @property
+    def met(self) -> Optional[bool]:
+        return None if self.value is None or self.target is None else self.value <= self.target
+
+
+def _fmt(value: Optional[float], unit: str) -> str:
+    if value is None:
+        return '-'
+    return f'{value:.3f}' if unit == 'x' else f'{value:.1f} {unit}'
+
+
+def format_row(row: Row) -> str:
+    """One row as a line, printed as its case finishes."""
+    target = '' if row.target is None else f'<= {_fmt(row.target, row.unit)}'
+    met = {None: '', True: 'met', False: 'NOT MET'}[row.met]
+    ref = f'  reference {_fmt(row.reference, row.unit)}' if row.reference is not None else ''
+    note = f'  ({row.note})' if row.note else ''
+    return f'{row.case}: {_fmt(row.value, row.unit)} {target} {met}{ref}{note}'
+
+
+def format_table(rows: Sequence[Row]) -> List[str]:
+    """The summary table: each value next to its target and the reference's figure."""
+    width = max(len(r.case) for r in rows)
+    lines = [f'{"case":{width}s}  {"ours":>10s}  {"target":>10s}  {"met":>7s}  {"reference":>10s}']
+    for r in rows:
+        target = '-' if r.target is None else f'<= {_fmt(r.target, r.unit)}'
+        met = {None: '-', True: 'yes', False: 'NO'}[r.met]
+        lines.append(f'{r.case:{width}s}  {_fmt(r.value, r.unit):>10s}  {target:>10s}  {met:>7s}  '
+                     f'{_fmt(r.reference, r.unit):>10s}' + (f'  {r.note}' if r.note else ''))
+    return lines
 
 
 # --- units of work ----------------------------------------------------------------------------------------------------
@@ -247,7 +291,11 @@ class PSStep:
             output=output, batch_size=batch, workers=0, amp=amp, channels_last=p.channels_last, progress=False)
         self.trainer = Trainer(supernet, Schedule((self.stage,)), SeededDataset(fake), fake, fake, cfg,
                                pretrained=True, device=p.device)
+        weights = {k: v.clone() for k, v in supernet.state_dict().items()}
         self.trainer._prepare_stage(self.stage)  # teacher, optimizer and scheduler, as a run creates them
+        # Entering an expand stage sorts channels (once per stage, not per step): undo it, so that the reference's step
+        # trains the same subnets of the same weights.
+        supernet.load_state_dict(weights)
         self.subnets = StepSampler(supernet.space, self.stage, seed=0).sample(0)
         self.images, self.targets = p.inputs(batch, res)
 

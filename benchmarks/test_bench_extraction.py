@@ -3,8 +3,7 @@ implementation's ``set_active_subnet`` + ``get_active_subnet(preserve_weight=Tru
 import pytest
 import torch
 
-from conftest import Row
-from harness import SPACES, assert_close
+from harness import SPACES, Row, assert_close
 
 TARGET_MS = 30.0
 ROUNDS = 15

@@ -1,7 +1,6 @@
 """One progressive-shrinking step (teacher + 4 subnets of the OFA MobileNetV3 w1.2 space) against its ideal, and
 against the reference implementation's step for the same subnets, batch and weights."""
-from conftest import Row
-from harness import PSStep, build_space
+from harness import Row, PSStep, build_space
 
 IDEAL_TARGET = 1.02
 REFERENCE_TARGET = 1.0  # faster than the reference
