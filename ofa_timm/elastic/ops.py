@@ -291,6 +291,10 @@ class ElasticConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_channels = x.shape[1]
+        if in_channels == self.in_channels and self.active_out_channels in (None, self.out_channels) \
+                and self.active_kernel_size == self.kernel_size[0]:
+            # The full layer, as the source conv runs it: no per-call work, so the max subnet costs the source model.
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             weight = self.active_weight(in_channels)
         else:
