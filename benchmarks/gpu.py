@@ -88,18 +88,23 @@ def overhead(bench: Bench, space: Space) -> None:
     if space.reference is not None:
         p.place(space.reference)
     x, y = p.inputs(args.batch, args.res)
-    for which in args.subnets:
-        subnet = supernet.set_active(space.subnet('random0' if which == 'random' else which))
+    subnets = {which: space.subnet('random0' if which == 'random' else which) for which in args.subnets}
+    # Every subnet is checked before any is timed: bf16 train steps move the two supernets' BN statistics apart.
+    for which, subnet in subnets.items():
+        supernet.set_active(subnet)
+        with torch.no_grad():
+            ours = supernet.eval()(x)
+            assert_close(ours, p.place(supernet.extract(subnet)).eval()(x), bench.rtol,
+                         f'{space.name} {which}: supernet vs extracted')
+            if space.reference is not None:
+                space.set_reference(subnet)
+                assert_close(ours, space.reference.eval()(x), bench.rtol, f'{space.name} {which}: ours vs reference')
+    for which, subnet in subnets.items():
+        supernet.set_active(subnet)
         models = {'ours': supernet, 'ours_static': p.place(supernet.extract(subnet))}
         if space.reference is not None:
             models['reference_static'] = p.place(space.extract_reference(subnet))
             models['reference'] = space.reference
-        with torch.no_grad():
-            out = {k: m.eval()(x) for k, m in models.items()}
-        assert_close(out['ours'], out['ours_static'], bench.rtol, f'{space.name} {which}: supernet vs extracted')
-        if space.reference is not None:
-            assert_close(out['ours'], out['reference'], bench.rtol, f'{space.name} {which}: ours vs reference')
-        del out
         for mode in args.modes:
             t = bench.time({k: _work(mode, m, x, y, p) for k, m in models.items()}, 10 if mode == 'train' else 20)
             ref = t['reference'] / t['reference_static'] if 'reference' in t else None
