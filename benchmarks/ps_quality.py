@@ -16,8 +16,7 @@ seed:
   together then cost what PS cost in steps).
 
 Each subnet is BN-recalibrated on 500 training images, then evaluated on the 1,000 validation images (one image is
-0.1 points). The table and the
-targets go into ``docs/results.md`` between the ``ps_quality`` markers.
+0.1 points). The table and the targets go into ``docs/results.md`` between the ``ps_quality`` markers.
 
 Usage: python benchmarks/ps_quality.py [--output /tmp/ps_quality] [--results docs/results.md] [--epochs-scale 1.0]
        [--all] [--seed 0]
@@ -164,7 +163,7 @@ def _report(rows: Dict[str, Dict[str, float]], stage_max: Dict[str, List[Tuple[s
         f'`python benchmarks/ps_quality.py{" --all" if args.all else ""}'
         f'{f" --epochs-scale {args.epochs_scale}" if args.epochs_scale != 1 else ""}` '
         f'({seconds / 60:.1f} minutes on this machine) — scikit-learn\'s handwritten digits, 10 classes, '
-        f'{n_train} training / {n_val} validation images of 32 px (stratified); `ofa_mobilenetv3_large_100` at '
+        f'{n_train:,} training / {n_val:,} validation images of 32 px (stratified); `ofa_mobilenetv3_large_100` at '
         f'resolutions {"/".join(map(str, RESOLUTIONS))}, all runs from the same random initial weights, SGD-Nesterov, '
         f'batch 32, seed {args.seed}. PS is the `demo` schedule (full, then kernel, depth and expand stages with '
         'sandwich sampling); No PS and Sandwich run the same full stage, then the same optimizer steps, learning '
