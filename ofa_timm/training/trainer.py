@@ -71,8 +71,9 @@ class TrainConfig(ShrinkingConfig):
         label_smoothing: Label smoothing of the classification loss.
         mixup: Mixup alpha (0 disables).
         cutmix: CutMix alpha (0 disables).
-        zero_init_residual: A run from scratch (its first stage is ``full``) starts by zeroing the last BN scale of
-            every residual block (``training.zero_init_residual``), as BigNAS and timm's ResNets do.
+        zero_init_residual: A run from scratch (not ``pretrained``, first stage ``full``) starts by zeroing the last
+            BN scale of every residual block (``training.zero_init_residual``), as the reference's
+            ``zero_last_gamma``, BigNAS and timm's ResNets do.
         val_every: Validate every this many epochs (and always at the end of a stage).
         checkpoint_every: Also checkpoint every this many steps (0: only at epoch ends).
         checkpoint_minutes: Also checkpoint when this many minutes passed since the last checkpoint (0: never).
