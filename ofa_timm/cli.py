@@ -159,7 +159,7 @@ def _demo(args: argparse.Namespace) -> int:
     space = supernet.space
     full_max = [r['top1'] for r in read_metrics(run_dir / 'metrics.jsonl')
                 if r['type'] == 'val' and r['stage'] == 'full' and r['subnet'] == f'max@{resolutions[-1]}'][-1]
-    print(f'[4/5] Top-1 of BN-recalibrated subnets on the {len(val_set)} validation images:')
+    print(f'[4/5] Top-1 of BN-recalibrated subnets on the {len(val_set):,} validation images:')
     print(f'      {"max at the end of the full stage":34s} {full_max:6.2f}%')
     for label, subnet in (('max', space.max()), ('mid', space.mid()), ('min', space.min())):
         top1 = trainer.evaluate_subnet(subnet)['top1']

@@ -92,6 +92,10 @@ def validation_figure(metrics: Sequence[Dict[str, Any]]) -> Any:
         ax.axvline(start, color='grey', linewidth=0.5, linestyle=':')
         ax.annotate(stage, ((start + end) / 2, 0.02), xycoords=('data', 'axes fraction'), rotation=90, fontsize=8,
                     ha='center', va='bottom', color='dimgrey')
+    tops = [y for xy in points.values() for _, y in xy]
+    if tops:  # at least 10 points of range, so that a 1-point wobble does not look like a collapse
+        lo, hi = min(tops), max(tops)
+        ax.set_ylim(max(0., min(lo, hi - 10) - 1), min(100., hi + 1))
     ax.set_xlabel('optimizer step')
     ax.set_ylabel('top-1 (%)')
     ax.set_title('Validation top-1 of BN-recalibrated subnets across progressive-shrinking stages')
