@@ -422,7 +422,11 @@ class Trainer:
         return (flags[0] or None), bool(flags[1])
 
     def _make_teacher(self) -> nn.Module:
-        teacher = self.supernet.extract('max').to(self.device).eval().requires_grad_(False)
+        # Building the copy draws random init weights: keep the run's RNG out of it, so that a run resumed at the
+        # boundary of the stage that builds the teacher draws the same numbers as the uninterrupted run.
+        cuda = [self.device.index or 0] if self.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=cuda):
+            teacher = self.supernet.extract('max').to(self.device).eval().requires_grad_(False)
         if self.config.channels_last:
             teacher.to(memory_format=torch.channels_last)
         return teacher
