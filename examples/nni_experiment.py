@@ -32,6 +32,13 @@ with quiet_nni_import():
 MODEL = 'ofa_mobilenetv3_small_100'
 
 
+class NesterovSGD(torch.optim.SGD):
+    """SGD with Nesterov momentum: the optimizer the 'demo' schedule's learning rates are sized for."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.):
+        super().__init__(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output', default='ofa_nni_example')
@@ -60,7 +67,7 @@ def main() -> None:
     evaluator = Classification(
         train_dataloaders=DataLoader(train_set, batch_size=32, shuffle=True),
         val_dataloaders=DataLoader(val_set, batch_size=64), max_epochs=epochs, num_classes=len(train_set.classes),
-        learning_rate=3e-3, optimizer=torch.optim.AdamW, export_onnx=False, logger=False, enable_checkpointing=False,
+        learning_rate=5e-2, optimizer=NesterovSGD, export_onnx=False, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out / 'lightning'))
     run_experiment(NasExperiment(space, evaluator, strategy, NasExperimentConfig('sequential', 'raw')),
                    out / 'nni-experiments')

@@ -6,7 +6,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -39,14 +39,6 @@ def _build_supernet(args: argparse.Namespace, num_classes: int) -> torch.nn.Modu
         raise ValueError(f"--model must be a registered ofa_* name (see timm.list_models('ofa_*')), got "
                          f'{args.model!r}')
     return timm.create_model(args.model, pretrained=args.pretrained or bool(args.pretrained_file), **kwargs)
-
-
-def _evaluate_named(trainer: Any, named: Sequence) -> List[Dict[str, Any]]:
-    rows = []
-    for label, subnet in named:
-        metrics = trainer.evaluate_subnet(subnet)
-        rows.append(dict(subnet=label, spec=subnet, **metrics))
-    return rows
 
 
 def _write_report(trainer: Any, output: Path) -> str:
@@ -128,42 +120,52 @@ def _demo(args: argparse.Namespace) -> int:
 
     import ofa_timm  # noqa: F401  registers the ofa_* models
     from .search import count_flops
-    from .training import DataConfig, TrainConfig, Trainer, build_datasets, load_schedule, make_shapes_dataset
+    from .training import DataConfig, TrainConfig, Trainer, build_datasets, load_schedule, make_digits_dataset
+    from .training.report import read_metrics
+    from .training.sampling import applicable_stages
 
     start = time.time()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    print(f'[1/5] Drawing a {args.num_classes}-class shapes dataset in {output / "data"}')
-    root = make_shapes_dataset(output / 'data', num_classes=args.num_classes, image_size=args.image_size)
-    resolutions = tuple(range(args.image_size - 16, args.image_size + 1, 8))
+    size = args.image_size
+    root = make_digits_dataset(output / 'data', val_per_class=args.val_per_class, image_size=size, seed=args.seed)
+    # Digits are not mirror-symmetric: no flips.
     train_set, val_set, calib_set, num_classes = build_datasets(
-        DataConfig(str(root), image_size=args.image_size, scale=(0.6, 1.0)), seed=args.seed)
+        DataConfig(str(root), image_size=size, scale=(0.6, 1.0), hflip=0.), seed=args.seed)
+    print(f'[1/5] Handwritten digits (scikit-learn): {len(train_set)} training / {len(val_set)} validation images of '
+          f'{size} px, 10 classes, in {root}')
+    resolutions = (size * 3 // 4, size * 7 // 8, size)
 
     print(f'[2/5] Converting timm {args.model} (random init) into an elastic supernet')
     torch.manual_seed(args.seed)
     supernet = timm.create_model(args.model, num_classes=num_classes, resolutions=resolutions)
     print(f'      {supernet.space.size():.3e} subnets, resolutions {list(resolutions)}')
 
-    print('[3/5] Progressive shrinking: full -> kernel -> depth -> expand')
+    schedule = load_schedule('demo', args.epochs_scale)
+    print(f"[3/5] Progressive shrinking ('demo' schedule, SGD): "
+          f"{' -> '.join(s.name for s in applicable_stages(schedule, supernet.space, False).stages)}")
     run_dir = output / 'run'
-    if (run_dir / 'last.pth').exists():
-        (run_dir / 'last.pth').unlink()  # the demo always starts afresh
-    if (run_dir / 'metrics.jsonl').exists():
-        (run_dir / 'metrics.jsonl').unlink()
-    config = TrainConfig(output=str(run_dir), batch_size=32, workers=0, opt='adamw', weight_decay=0.01,
-                         calib_images=128, seed=args.seed, progress=not args.no_progress, log_every=5)
-    trainer = Trainer(supernet, load_schedule('demo', args.epochs_scale), train_set, val_set, calib_set, config)
+    for name in ('last.pth', 'metrics.jsonl'):
+        (run_dir / name).unlink(missing_ok=True)  # the demo always starts afresh
+    # Validation (every corner of the stage, at the max resolution) at the end of each stage only: each subnet costs
+    # a BN recalibration and 1,000 images, so a denser grid would cost more than the training.
+    config = TrainConfig(output=str(run_dir), batch_size=32, workers=0, calib_images=256,
+                         val_resolutions=[resolutions[-1]], val_every=1000, seed=args.seed,
+                         progress=not args.no_progress, log_every=5)
+    trainer = Trainer(supernet, schedule, train_set, val_set, calib_set, config)
     trainer.run()
     print(_write_report(trainer, run_dir))
 
     space = supernet.space
-    named = [('min', space.min()), ('mid', space.mid()), ('max', space.max())]
-    print('[4/5] Top-1 of BN-recalibrated subnets on the validation split:')
-    for row in _evaluate_named(trainer, named):
-        model = supernet.extract(row['spec'])
-        flops = count_flops(model, row['spec'].resolution)
-        print(f"      {row['subnet']:4s} {row['top1']:6.2f}%  {flops / 1e6:7.1f} MFLOPs  "
-              f"depths {list(row['spec'].depths)}")
+    full_max = [r['top1'] for r in read_metrics(run_dir / 'metrics.jsonl')
+                if r['type'] == 'val' and r['stage'] == 'full' and r['subnet'] == f'max@{resolutions[-1]}'][-1]
+    print(f'[4/5] Top-1 of BN-recalibrated subnets on the {len(val_set):,} validation images:')
+    print(f'      {"max at the end of the full stage":34s} {full_max:6.2f}%')
+    for label, subnet in (('max', space.max()), ('mid', space.mid()), ('min', space.min())):
+        top1 = trainer.evaluate_subnet(subnet)['top1']
+        flops = count_flops(supernet.extract(subnet), subnet.resolution)
+        print(f'      {label + " after progressive shrinking":34s} {top1:6.2f}%  {flops / 1e6:6.1f} MFLOPs  '
+              f'{subnet.resolution} px, depths {list(subnet.depths)}')
 
     from .search import FitConfig, build_accuracy_dataset, export_subnet, fit_predictor, flops_model, specialize
     from .search.report import plot_pareto
@@ -514,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--kd-temperature', type=float, default=default.kd_temperature)
     g.add_argument('--warmup-lr', type=float, default=default.warmup_lr, help='lr at the start of a warmup')
     g.add_argument('--min-lr', type=float, default=default.min_lr, help="lr at the end of each stage's cosine")
+    g.add_argument('--no-zero-init-residual', dest='zero_init_residual', action='store_false',
+                   help="from scratch, keep timm's init of the last BN scale of residual blocks (default: zero)")
     g.add_argument('--amp', choices=('none', 'bf16', 'fp16'), default=default.amp)
     g.add_argument('--channels-last', action='store_true')
     g = t.add_argument_group('run')
@@ -534,15 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar or lines')
     t.set_defaults(func=_train)
 
-    d = sub.add_parser('demo', help='train, search and export on a generated dataset (no downloads)',
+    d = sub.add_parser('demo', help='train, search and export on handwritten digits (no downloads)',
                        formatter_class=_HelpFormatter)
     d.add_argument('--model', default='ofa_mobilenetv3_large_100', help="registered ofa_* name")
     d.add_argument('--output', default='ofa_timm_demo', help='folder for data, run and export')
-    d.add_argument('--num-classes', type=int, default=4)
-    d.add_argument('--image-size', type=int, default=64)
+    d.add_argument('--image-size', type=int, default=32, help='digits are upscaled from 8x8 to this size')
+    d.add_argument('--val-per-class', type=int, default=100, help='validation images per digit (the rest train)')
     d.add_argument('--epochs-scale', type=float, default=1.0)
     d.add_argument('--flops-budget', type=float, default=None, help='FLOPs (default: halfway between min and max)')
-    d.add_argument('--search-samples', type=int, default=40, help='subnets evaluated to fit the accuracy predictor')
+    d.add_argument('--search-samples', type=int, default=24, help='subnets evaluated to fit the accuracy predictor')
     d.add_argument('--search-evaluate', type=int, default=4,
                    help='FLOPs budgets searched (up to --flops-budget) and their best subnets evaluated')
     d.add_argument('--seed', type=int, default=0)

@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import timm
@@ -15,6 +16,7 @@ from ofa_timm.training import (
     build_datasets, calibrate_bn, distillation_loss, load_checkpoint, load_schedule, make_shapes_dataset,
     restrict_space)
 from ofa_timm.training.sampling import applicable_stages
+from ofa_timm.training.trainer import _Position
 
 
 RES = 32
@@ -209,6 +211,65 @@ def test_resume_is_bitwise_exact(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     assert all(torch.equal(x, y) for x, y in zip(straight.teacher.state_dict().values(),
                                                   second.teacher.state_dict().values()))
+
+
+CARRIED = Schedule(tuple(s if not s.unlock else replace(s, carry_optimizer=True, warmup_epochs=0.5)
+                         for s in TINY.stages))
+
+
+def _stop_at_stage_boundary(trainer: Trainer, steps: int) -> None:
+    """Run ``steps`` steps (a stage's end), then write the checkpoint run() writes when it enters the next stage: what
+    a process killed at the transition leaves behind."""
+    trainer.run(stop_after=steps)
+    trainer.position = _Position(trainer.position.stage + 1, 0, trainer.position.global_step)
+    trainer._scheduler = None
+    trainer.save()
+
+
+@pytest.mark.parametrize('stop,boundary', [(4, True), (8, True), (10, False)],
+                         ids=['kernel-start', 'expand-start', 'mid-expand'])
+def test_carried_optimizer_resumes_bitwise(data, tmp_path, stop, boundary):
+    """Optimizer state carried across stages survives a checkpoint at, or after, a stage boundary."""
+    train, val, calib, _ = data
+    straight = Trainer(tiny_supernet(), CARRIED, train, val, calib, config(tmp_path / 'a'))
+    straight.run()
+    first = Trainer(tiny_supernet(), CARRIED, train, val, calib, config(tmp_path / 'b'))
+    _stop_at_stage_boundary(first, stop) if boundary else first.run(stop_after=stop)
+    assert load_checkpoint(tmp_path / 'b' / 'last.pth')['position']['step'] == (0 if boundary else 2)
+    second = Trainer(tiny_supernet(seed=123), CARRIED, train, val, calib, config(tmp_path / 'b'))
+    second.resume()
+    second.run()
+    a, b = straight.supernet.state_dict(), second.supernet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    fresh_each_stage = Schedule(tuple(replace(s, carry_optimizer=False) for s in CARRIED.stages))
+    fresh = Trainer(tiny_supernet(), fresh_each_stage, train, val, calib, config(tmp_path / 'c'))
+    fresh.run()
+    c = fresh.supernet.state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # carrying the state changed the training
+
+
+@pytest.mark.parametrize('resumed', [False, True], ids=['in-process', 'resumed'])
+def test_carried_optimizer_state_skips_weights_that_channel_sorting_moved(data, tmp_path, resumed):
+    train, val, calib, _ = data
+    trainer = Trainer(tiny_supernet(), CARRIED, train, val, calib, config(tmp_path))
+    _stop_at_stage_boundary(trainer, 8)  # the end of the kernel stage: expand_1 sorts channels on entry
+    previous = trainer._optimizer.state_dict()['state']
+    if resumed:
+        trainer = Trainer(tiny_supernet(seed=123), CARRIED, train, val, calib, config(tmp_path))
+        trainer.resume()
+    before = {n: p.detach().clone() for n, p in trainer.supernet.named_parameters()}
+    trainer._prepare_stage(trainer.schedule.stages[2])
+    named = dict(trainer.supernet.named_parameters())
+    moved = {n for n, p in named.items() if not torch.equal(p, before[n])}
+    assert moved, 'sorting permuted no channel'
+    optimizer = trainer._optimizer
+    index = {id(p): i for g, saved in zip(optimizer.param_groups, optimizer.state_dict()['param_groups'])
+             for p, i in zip(g['params'], saved['params'])}
+    state = optimizer.state_dict()['state']
+    assert any(index[id(p)] in state for p in named.values())  # the rest is carried
+    for n, p in named.items():
+        i = index[id(p)]
+        assert (i in state) == (i in previous and n not in moved), n
 
 
 def test_resume_refuses_another_schedule(data, tmp_path):

@@ -32,6 +32,7 @@ class DataConfig:
         image_size: Side the loaders produce; batches are resized to each step's resolution on the fly.
         auto_augment: timm auto-augment policy, e.g. 'rand-m9-mstd0.5' (RandAugment); None disables it.
         scale: Area range of the random-resized crop.
+        hflip: Probability of a horizontal flip (0 for data that is not mirror-symmetric, such as digits).
         interpolation: Resize interpolation.
         mean: Normalisation mean.
         std: Normalisation std.
@@ -44,6 +45,7 @@ class DataConfig:
     image_size: int = 224
     auto_augment: Optional[str] = None
     scale: Tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
     interpolation: str = 'bilinear'
     mean: Sequence[float] = (0.485, 0.456, 0.406)
     std: Sequence[float] = (0.229, 0.224, 0.225)
@@ -126,7 +128,7 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> Tuple[SeededDataset, Datas
         number of classes).
     """
     train_tf = create_transform(
-        cfg.image_size, is_training=True, auto_augment=cfg.auto_augment, scale=tuple(cfg.scale),
+        cfg.image_size, is_training=True, auto_augment=cfg.auto_augment, scale=tuple(cfg.scale), hflip=cfg.hflip,
         interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std)
     eval_tf = create_transform(
         cfg.image_size, is_training=False, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,

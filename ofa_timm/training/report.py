@@ -1,9 +1,9 @@
 """Run reports: the per-stage summary table and the validation-accuracy plot, from metrics.jsonl."""
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
-__all__ = ['read_metrics', 'summary_table', 'plot_validation']
+__all__ = ['read_metrics', 'summary_table', 'plot_validation', 'validation_figure']
 
 
 def read_metrics(path: Union[str, Path]) -> List[Dict[str, Any]]:
@@ -21,32 +21,86 @@ def summary_table(summaries: Sequence[Dict[str, Any]]) -> str:
     return '\n'.join(rows)
 
 
+def _corner_name(label: str, dims: Sequence[str]) -> str:
+    """'k=min,d=max@32' -> 'k=min d=max e=max @ 32 px' over every dimension of the run ('max'/'min' when uniform)."""
+    corner, _, res = label.partition('@')
+    picks = dict(p.split('=') for p in corner.split(',') if '=' in p)
+    values = [picks.get(d, 'max') for d in dims]  # a dimension a stage does not unlock stays at its max
+    name = values[0] if values and len(set(values)) == 1 else ' '.join(f'{d}={v}' for d, v in zip(dims, values))
+    return f'{name or "max"} @ {res} px' if res else name or 'max'
+
+
 def plot_validation(metrics: Sequence[Dict[str, Any]], path: Union[str, Path]) -> Path:
-    """Plot each validated subnet's top-1 across stages and epochs (one line per subnet label) to a PNG."""
+    """Write :func:`validation_figure` to a PNG."""
+    fig = validation_figure(metrics)
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def validation_figure(metrics: Sequence[Dict[str, Any]]) -> Any:
+    """A matplotlib figure of the top-1 of each validated subnet across stages, and of their mean in bold.
+
+    Each thin line is one subnet, named by its corner (k/d/e/w: kernel, depth, expand, width at their min or max) and
+    resolution, and followed across stages: a dimension a stage does not unlock is at its max, so the max subnet is one
+    line from the full stage on. Solid lines are at the largest validated resolution, dashed at the others.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     vals = [m for m in metrics if m.get('type') == 'val']
-    points: Dict[str, List[tuple]] = {}
+    dims: List[str] = []
+    for m in vals:
+        for part in m['subnet'].partition('@')[0].split(','):
+            if '=' in part and part.split('=')[0] not in dims:
+                dims.append(part.split('=')[0])
+    points: Dict[str, List[Tuple[int, float]]] = {}
+    resolution: Dict[str, int] = {}
     stage_starts: Dict[str, int] = {}
     for m in vals:
-        points.setdefault(m['subnet'], []).append((m['global_step'], m['top1']))
+        name = _corner_name(m['subnet'], dims)
+        points.setdefault(name, []).append((m['global_step'], m['top1']))
+        resolution[name] = int(m['subnet'].partition('@')[2] or 0)
         stage_starts.setdefault(m['stage'], m['global_step'])
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for label, xy in sorted(points.items()):
-        xs, ys = zip(*xy)
-        ax.plot(xs, ys, marker='o', markersize=3, linewidth=1, label=label)
-    for stage, step in stage_starts.items():
-        ax.axvline(step, color='grey', linewidth=0.5, linestyle=':')
-        ax.annotate(stage, (step, 1), xycoords=('data', 'axes fraction'), rotation=90, fontsize=7, va='top')
+    # Stages start where the previous one ended: take the first step of each stage from the training records.
+    for m in metrics:
+        if m.get('type') == 'train' and m['stage'] in stage_starts:
+            stage_starts[m['stage']] = min(stage_starts[m['stage']], m['global_step'] - m['step'])
+    top = max(resolution.values(), default=0)
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    colours = plt.get_cmap('tab10' if len(points) <= 10 else 'tab20')
+    order = sorted(points, key=lambda n: (not n.startswith('max'), not n.startswith('min'), n))
+    for i, name in enumerate(order):
+        xs, ys = zip(*points[name])
+        ax.plot(xs, ys, marker='o', markersize=3, linewidth=1, color=colours(i % colours.N),
+                linestyle='-' if resolution[name] == top else '--', label=name)
+    means = [(m['global_step'], m['top1']) for m in metrics if m.get('type') == 'val_mean']
+    if means:
+        xs, ys = zip(*means)
+        ax.plot(xs, ys, color='black', linewidth=3, marker='o', markersize=5, label='mean of the validated subnets',
+                zorder=5)
+    # Each stage is a band (alternately shaded) named in its middle: its validations sit at its right edge.
+    starts = sorted(stage_starts.items(), key=lambda kv: kv[1])
+    last = max((m['global_step'] for m in metrics if 'global_step' in m), default=0)
+    for i, (stage, start) in enumerate(starts):
+        end = starts[i + 1][1] if i + 1 < len(starts) else last
+        if i % 2:
+            ax.axvspan(start, end, color='grey', alpha=0.08, linewidth=0)
+        ax.axvline(start, color='grey', linewidth=0.5, linestyle=':')
+        ax.annotate(stage, ((start + end) / 2, 0.02), xycoords=('data', 'axes fraction'), rotation=90, fontsize=8,
+                    ha='center', va='bottom', color='dimgrey')
+    tops = [y for xy in points.values() for _, y in xy]
+    if tops:  # at least 10 points of range, so that a 1-point wobble does not look like a collapse
+        lo, hi = min(tops), max(tops)
+        ax.set_ylim(max(0., min(lo, hi - 10) - 1), min(100., hi + 1))
     ax.set_xlabel('optimizer step')
     ax.set_ylabel('top-1 (%)')
-    ax.set_title('Validation accuracy of BN-recalibrated subnets across progressive-shrinking stages')
-    if len(points) <= 16:
-        ax.legend(fontsize=6, ncol=2, loc='lower right')
+    ax.set_title('Validation top-1 of BN-recalibrated subnets across progressive-shrinking stages')
+    names = {'k': 'kernel', 'd': 'depth', 'e': 'expand', 'w': 'width'}
+    title = f"subnet ({'/'.join(dims)}: {'/'.join(names.get(d, d) for d in dims)})" if dims else 'subnet'
+    ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), title=title, title_fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig

@@ -60,7 +60,8 @@ def applicable_stages(schedule: Schedule, space: SearchSpace, pretrained: bool) 
     The ``full`` stage (no unlock) is kept unless the supernet starts from ``pretrained`` weights. Any other stage is
     kept when it lets the architecture vary more than the stage before it (resolution alone does not count): the
     kernel stage disappears for ResNets, the width stages for MobileNetV3, a phase-1 stage where a dimension has at
-    most two choices.
+    most two choices. A stage with the same ``unlock`` as the stage kept before it continues that stage (with its own
+    lr or subnets per step) and is kept.
     """
     kept = []
     previous = restrict_space(space, {}).replace_resolutions(())
@@ -70,7 +71,7 @@ def applicable_stages(schedule: Schedule, space: SearchSpace, pretrained: bool) 
                 kept.append(stage)
             continue
         current = restrict_space(space, stage.unlock).replace_resolutions(())
-        if current != previous:
+        if current != previous or (kept and kept[-1].unlock == stage.unlock):
             kept.append(stage)
             previous = current
     if not kept:

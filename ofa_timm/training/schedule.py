@@ -34,6 +34,10 @@ class Stage:
         subnets_per_step: Subnets whose gradients are accumulated per optimizer step.
         kd_ratio: Weight of the distillation loss (0 disables the teacher).
         sampling: ``'uniform'`` (OFA) or ``'sandwich'`` (BigNAS: max + min + random, in-place distillation).
+        carry_optimizer: Start from the previous stage's optimizer state (momentum, Adam moments) instead of a fresh
+            one; the learning-rate schedule (warmup, cosine) still restarts, and weights that channel sorting
+            permutes start afresh. OFA restarts fresh. Only ``Trainer`` reads it: the NNI strategy steps the
+            evaluator's one optimizer through every stage.
     """
     name: str
     epochs: float
@@ -43,6 +47,7 @@ class Stage:
     subnets_per_step: int = 1
     kd_ratio: float = 1.0
     sampling: str = 'uniform'
+    carry_optimizer: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -123,28 +128,35 @@ class Schedule:
 
 
 def _ps_stages(lrs: Mapping[str, float], epochs: Mapping[str, float], warmup: float, full_lr: float,
-               full_epochs: float) -> Tuple[Stage, ...]:
+               full_epochs: float, full_warmup: Optional[float] = None, phase1_warmup: float = 0.,
+               kernel_subnets: int = 1, sampling: str = 'uniform', carry_optimizer: bool = False) -> Tuple[Stage, ...]:
     res = {'resolution': 'all'}
+    common = dict(sampling=sampling, carry_optimizer=carry_optimizer)
+    phase1 = dict(warmup_epochs=phase1_warmup, **common)
+    phase2 = dict(warmup_epochs=warmup, **common)
+    full_warmup = warmup if full_warmup is None else full_warmup
     return (
-        Stage('full', full_epochs, full_lr, {}, warmup_epochs=warmup, kd_ratio=0.),
-        Stage('kernel', epochs['kernel'], lrs['kernel'], {'kernel': 'all', **res}, warmup_epochs=warmup),
-        Stage('depth_1', epochs['phase1'], lrs['phase1'], {'kernel': 'all', 'depth': 2, **res}, subnets_per_step=2),
+        Stage('full', full_epochs, full_lr, {}, warmup_epochs=full_warmup, kd_ratio=0.),
+        Stage('kernel', epochs['kernel'], lrs['kernel'], {'kernel': 'all', **res}, subnets_per_step=kernel_subnets,
+              **phase2),
+        Stage('depth_1', epochs['phase1'], lrs['phase1'], {'kernel': 'all', 'depth': 2, **res}, subnets_per_step=2,
+              **phase1),
         Stage('depth_2', epochs['phase2'], lrs['phase2'], {'kernel': 'all', 'depth': 'all', **res},
-              warmup_epochs=warmup, subnets_per_step=2),
+              subnets_per_step=2, **phase2),
         Stage('expand_1', epochs['phase1'], lrs['phase1'], {'kernel': 'all', 'depth': 'all', 'expand': 2, **res},
-              subnets_per_step=4),
+              subnets_per_step=4, **phase1),
         Stage('expand_2', epochs['phase2'], lrs['phase2'],
-              {'kernel': 'all', 'depth': 'all', 'expand': 'all', **res}, warmup_epochs=warmup, subnets_per_step=4),
+              {'kernel': 'all', 'depth': 'all', 'expand': 'all', **res}, subnets_per_step=4, **phase2),
         Stage('width_1', epochs['phase1'], lrs['phase1'],
-              {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'width': 2, **res}, subnets_per_step=4),
+              {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'width': 2, **res}, subnets_per_step=4, **phase1),
         Stage('width_2', epochs['phase2'], lrs['phase2'],
-              {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'width': 'all', **res}, warmup_epochs=warmup,
-              subnets_per_step=4),
+              {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'width': 'all', **res}, subnets_per_step=4,
+              **phase2),
     )
 
 
 PRESETS: Dict[str, Schedule] = {
-    # The reference recipe (lr per GPU at batch 64, 32 GPUs); 'full' trains the teacher first.
+    # The reference recipe (lr per GPU at batch 64, 32 GPUs, SGD-Nesterov); 'full' trains the teacher first.
     'ofa': Schedule(_ps_stages(
         lrs={'kernel': 3e-2, 'phase1': 2.5e-3, 'phase2': 7.5e-3}, epochs={'kernel': 120, 'phase1': 25, 'phase2': 120},
         warmup=5, full_lr=2.6e-2, full_epochs=180)),
@@ -152,10 +164,14 @@ PRESETS: Dict[str, Schedule] = {
     'fast': Schedule(_ps_stages(
         lrs={'kernel': 1e-2, 'phase1': 2.5e-3, 'phase2': 5e-3}, epochs={'kernel': 10, 'phase1': 2, 'phase2': 10},
         warmup=1, full_lr=1e-2, full_epochs=10)),
-    # The demo's toy recipe for tiny datasets from scratch, with AdamW-sized learning rates (--opt adamw).
+    # A short recipe for small datasets trained from scratch (the demo and benchmarks/ps_quality.py), for SGD with
+    # Nesterov momentum (--opt sgd). Measured on digits (docs/results.md): every stage after 'full' runs at 0.1-0.3x
+    # the full stage's peak lr (at 1x the kernel stage undoes the full stage), warms up, keeps the optimizer's
+    # momentum, and trains the max and the min subnet at every step (sandwich rule, in-place distillation).
     'demo': Schedule(_ps_stages(
-        lrs={'kernel': 1e-3, 'phase1': 5e-4, 'phase2': 1e-3}, epochs={'kernel': 6, 'phase1': 2, 'phase2': 4},
-        warmup=0, full_lr=3e-3, full_epochs=20)),
+        lrs={'kernel': 1.5e-2, 'phase1': 5e-3, 'phase2': 1.5e-2}, epochs={'kernel': 7.5, 'phase1': 3, 'phase2': 4.5},
+        warmup=0.5, phase1_warmup=0.5, full_lr=5e-2, full_epochs=16, full_warmup=2, kernel_subnets=2,
+        sampling='sandwich', carry_optimizer=True)),
 }
 
 

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from ..space import Subnet
 from .data import EpochSampler, SeededDataset, eval_loader, resize_to, train_loader
 from .distill import classification_loss
 from .evaluate import evaluate_subnet
+from .init import zero_init_residual
 from .sampling import StepSampler, applicable_stages
 from .schedule import Schedule, Stage
 from .sorting import sort_before_stage
@@ -70,6 +71,9 @@ class TrainConfig(ShrinkingConfig):
         label_smoothing: Label smoothing of the classification loss.
         mixup: Mixup alpha (0 disables).
         cutmix: CutMix alpha (0 disables).
+        zero_init_residual: A run from scratch (not ``pretrained``, first stage ``full``) starts by zeroing the last
+            BN scale of every residual block (``training.zero_init_residual``), as the reference's
+            ``zero_last_gamma``, BigNAS and timm's ResNets do.
         val_every: Validate every this many epochs (and always at the end of a stage).
         checkpoint_every: Also checkpoint every this many steps (0: only at epoch ends).
         checkpoint_minutes: Also checkpoint when this many minutes passed since the last checkpoint (0: never).
@@ -91,6 +95,7 @@ class TrainConfig(ShrinkingConfig):
     label_smoothing: float = 0.1
     mixup: float = 0.
     cutmix: float = 0.
+    zero_init_residual: bool = True
     val_every: int = 1
     checkpoint_every: int = 0
     checkpoint_minutes: float = 10.
@@ -173,6 +178,22 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+def _carry_optimizer_state(previous: Dict[str, Any], optimizer: torch.optim.Optimizer,
+                           moved: Sequence[torch.Tensor] = ()) -> None:
+    """Give ``optimizer`` the per-parameter state (momentum, moments, step) of ``previous``, a state dict of an
+    optimizer over the same parameters, keeping ``optimizer``'s own hyper-parameters (lr, weight decay).
+
+    Parameters in ``moved`` (permuted by channel sorting since ``previous`` was saved) start afresh: their carried
+    state would no longer line up with their channels.
+    """
+    state = optimizer.state_dict()
+    index = {id(p): i for group, saved in zip(optimizer.param_groups, state['param_groups'])
+             for p, i in zip(group['params'], saved['params'])}
+    skip = {index[id(p)] for p in moved}
+    state['state'] = {i: s for i, s in previous['state'].items() if i not in skip}
+    optimizer.load_state_dict(state)
+
+
 # --- distributed helpers --------------------------------------------------------------------------------------------
 def _dist() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -242,6 +263,7 @@ class Trainer:
         if config.channels_last:
             self.supernet.to(memory_format=torch.channels_last)
         self.schedule = applicable_stages(schedule, supernet.space, pretrained)
+        self.pretrained = pretrained
         self.train_set, self.val_set, self.calib_set = train_set, val_set, calib_set
         self.output = Path(config.output)
         self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
@@ -358,7 +380,7 @@ class Trainer:
                         raise TrainingInterrupted(self._stopped_by, self.where(), self.output / CHECKPOINT)
                     return self.summaries()
                 self.position = _Position(self.position.stage + 1, 0, self.position.global_step)
-                self._optimizer = self._scheduler = None
+                self._scheduler = None  # the optimizer (and its checkpointed state) stays for a stage that carries it
                 self.save()
         return self.summaries()
 
@@ -400,23 +422,44 @@ class Trainer:
         return (flags[0] or None), bool(flags[1])
 
     def _make_teacher(self) -> nn.Module:
-        teacher = self.supernet.extract('max').to(self.device).eval().requires_grad_(False)
+        # Building the copy draws random init weights: keep the run's RNG out of it, so that a run resumed at the
+        # boundary of the stage that builds the teacher draws the same numbers as the uninterrupted run.
+        cuda = [self.device.index or 0] if self.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=cuda):
+            teacher = self.supernet.extract('max').to(self.device).eval().requires_grad_(False)
         if self.config.channels_last:
             teacher.to(memory_format=torch.channels_last)
         return teacher
 
     def _prepare_stage(self, stage: Stage) -> None:
         resumed = self._resume_state is not None
-        # Entering the stage (also when resuming from the previous stage's end): sort before the first step.
-        if self.position.step == 0 and sort_before_stage(self.supernet, self.schedule, self.position.stage):
-            if self.ema is not None:  # the EMA follows the permuted weights
-                self.ema.module.load_state_dict(self.supernet.state_dict())
+        entering = self.position.step == 0  # also when resuming from the previous stage's end
+        fresh = (self.config.zero_init_residual and not self.pretrained and self.position.global_step == 0
+                 and not stage.unlock)
+        if fresh:
+            zero_init_residual(self.supernet)
+        carry = stage.carry_optimizer and entering
+        # Which weights channel sorting permutes: their carried optimizer state must not follow them.
+        params = list(self.supernet.parameters()) if carry else []
+        before = [p.detach().clone() for p in params]
+        # Entering the stage: sort before the first step.
+        sorted_ = entering and sort_before_stage(self.supernet, self.schedule, self.position.stage)
+        if (fresh or sorted_) and self.ema is not None:  # the EMA follows the new or permuted weights
+            self.ema.module.load_state_dict(self.supernet.state_dict())
+        moved = [p for p, b in zip(params, before) if sorted_ and not torch.equal(p, b)]
+        del before
         if stage.kd_ratio > 0 and stage.sampling == 'uniform' and self.teacher is None:
             self.teacher = self._make_teacher()
         lr = stage.lr * self.world_size
+        previous = self._optimizer  # the previous stage's, when this process ran it
         self._optimizer = create_optimizer_v2(
             self.supernet, opt=self.config.opt, lr=lr, weight_decay=self.config.weight_decay,
             momentum=self.config.momentum)
+        if carry:  # from the checkpoint at the stage boundary, or from the stage this process just ran
+            carried = self._resume_state['optimizer'] if resumed else (
+                previous.state_dict() if previous is not None else None)
+            if carried is not None:
+                _carry_optimizer_state(carried, self._optimizer, moved)
         self._scheduler, _ = stage_scheduler(
             self._optimizer, self.schedule, stage, self.steps_per_epoch, self.config, lr=lr)
         if resumed:
