@@ -106,7 +106,8 @@ def record(request: Any, benchmark: Any) -> Callable[[Row], None]:
 def environment() -> Dict[str, Any]:
     return {
         'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
-        'cpus': os.cpu_count(), 'threads': torch.get_num_threads(), 'machine': platform.processor() or platform.machine(),
+        'cpus': os.cpu_count(), 'threads': torch.get_num_threads(),
+        'machine': platform.processor() or platform.machine(),
         'batch': BATCH, 'res': RES,
     }
 

@@ -62,7 +62,6 @@ def test_train_errors(shapes, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
-    pytest.importorskip('sklearn')  # the demo's digits come from scikit-learn
     out = tmp_path / 'demo'
     assert main(['demo', '--output', str(out), '--epochs-scale', '0.05', '--search-samples', '6',
                  '--search-evaluate', '2', '--image-size', '32', '--no-progress']) == 0

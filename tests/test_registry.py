@@ -140,7 +140,8 @@ def test_project_checkpoint_path(tmp_path, mbv3):
 def test_wrong_architecture_checkpoint_names_keys(tmp_path):
     torch.save(timm.create_model('resnet18').state_dict(), tmp_path / 'r18.pth')
     for subnet in (None, 'min'):
-        with pytest.raises(RuntimeError, match=r"does not fit ofa_resnet50d: missing keys \['conv1\.0\.weight'.* and \d+ more, "
+        with pytest.raises(RuntimeError, match=r"does not fit ofa_resnet50d: missing keys "
+                                               r"\['conv1\.0\.weight'.* and \d+ more, "
                                                r"unexpected keys \['conv1\.weight'.*shape mismatches "
                                                r"\['layer1\.0\.conv1\.weight: checkpoint \(64, 64, 3, 3\) vs model"):
             timm.create_model('ofa_resnet50d', pretrained=True, subnet=subnet,

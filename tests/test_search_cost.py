@@ -18,8 +18,9 @@ RESOLUTIONS = (33, 48, 57, 64)
 # descriptions are checked against FlopCounterMode for every listed model in test_efficientnet.py).
 SPACES = [
     ('ofa_mbv3_w10', 200), ('ofa_mbv3_w12', 200), ('ofa_mobilenetv3_large_100', 200),
-    ('ofa_mobilenetv3_large_075', 200), ('ofa_mobilenetv3_small_100', 200), ('ofa_resnet50', 200), ('ofa_resnet50d', 200), ('ofa_resnet26d', 200),
-    ('ofa_resnet101', 200), ('ofa_resnet34', 200), ('ofa_efficientnet_b0', 30),
+    ('ofa_mobilenetv3_large_075', 200), ('ofa_mobilenetv3_small_100', 200), ('ofa_resnet50', 200),
+    ('ofa_resnet50d', 200), ('ofa_resnet26d', 200), ('ofa_resnet101', 200), ('ofa_resnet34', 200),
+    ('ofa_efficientnet_b0', 30),
 ]
 
 

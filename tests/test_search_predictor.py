@@ -109,7 +109,7 @@ def test_spearman_handles_ties():
 
 
 @pytest.mark.slow
-def test_dataset_builder_appends_resumes_and_keeps_its_space(tmp_path, monkeypatch):
+def test_dataset_builder_appends_resumes_and_keeps_its_space(tmp_path, monkeypatch, capsys):
     root = make_shapes_dataset(tmp_path / 'data', num_classes=3, train_per_class=4, val_per_class=2, image_size=32)
     from ofa_timm.training import DataConfig, build_datasets
     _, val, calib, _ = build_datasets(DataConfig(str(root), image_size=32))
@@ -133,8 +133,9 @@ def test_dataset_builder_appends_resumes_and_keeps_its_space(tmp_path, monkeypat
         f.write('{"subnet": {"depths"')  # a line torn by a hard kill
     calls.clear()
     resumed.append(True)
-    rows = build_accuracy_dataset(supernet, path=path, n=6, calib_images=6, progress=False, **loader)
+    rows = build_accuracy_dataset(supernet, path=path, n=6, calib_images=6, progress=True, **loader)
     assert len(calls) == 3 and len(rows) == 6  # only the missing subnets were evaluated
+    assert '\r' not in capsys.readouterr().err  # no progress bar when the output is not a terminal (a log file)
     assert len({json.dumps(r['subnet'], sort_keys=True) for r in rows}) == 6
     space, model = dataset_space(path)
     codes, targets = read_accuracy_dataset(path, space)

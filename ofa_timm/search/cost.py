@@ -298,7 +298,8 @@ def flops_model(supernet: nn.Module, resolution: Optional[int] = None) -> Additi
 
 def params_model(supernet: nn.Module) -> AdditiveCost:
     """Parameters of the extracted model, for any population of subnets (equal to ``count_params``)."""
-    return BlockLayout.from_supernet(supernet).tabulate(lambda spec, res: np.full(len(res), spec.params()), name='params')
+    layout = BlockLayout.from_supernet(supernet)
+    return layout.tabulate(lambda spec, res: np.full(len(res), spec.params()), name='params')
 
 
 def format_cost(value: float, name: str, unit: str = '') -> str:

@@ -261,7 +261,7 @@ def specialize(
         budgets: One per search: a number for a single constraint, else a dict name -> budget.
         config: Evolution settings (OFA's defaults).
         seed: Seed of every search.
-        progress: Show a progress bar over the budgets.
+        progress: Show a progress bar over the budgets (when the output is a terminal).
 
     Returns:
         One :class:`SearchResult` per budget, in order.
@@ -280,4 +280,4 @@ def specialize(
     for b in budget_dicts:  # fail on any unreachable budget before searching any
         _check_reachable(models, b)
     return [evolve(space, predictor, models, b, config, seed)
-            for b in tqdm(budget_dicts, desc='searching', disable=not progress, unit='budget')]
+            for b in tqdm(budget_dicts, desc='searching', disable=None if progress else True, unit='budget')]

@@ -208,7 +208,9 @@ def measure_subnets(
     in_chans = getattr(supernet, 'in_chans', 3)
     per_round = max(1, settings.repeats // rounds)
     samples: List[List[float]] = [[] for _ in subnets]
-    with _backend_context(settings), tqdm(total=len(subnets) * (rounds + 1), desc=desc, disable=not progress) as bar:
+    # disable=None: no bar when the output is not a terminal (a log file would fill with carriage returns)
+    bar = tqdm(total=len(subnets) * (rounds + 1), desc=desc, disable=None if progress else True)
+    with _backend_context(settings), bar:
         runners, numbers = [], []
         for s in subnets:
             res = s.resolution or int(supernet.pretrained_cfg['input_size'][-1])
@@ -416,7 +418,7 @@ def build_latency_table(
             table's ``scale`` and ``offset``; 0 keeps the plain sum.
         seed: Seed of the calibration subnets.
         model: Model name recorded in the table (default: the supernet's architecture).
-        progress: Show progress bars.
+        progress: Show progress bars (when the output is a terminal).
         validate: Also measure this many held-out random subnets, in the same interleaved rounds as the calibration
             subnets (so both see the machine in the same state), and store the error of the prediction in
             ``table.validation``.
@@ -463,7 +465,7 @@ def build_latency_table(
     last_save = time.monotonic()
     try:
         with _backend_context(settings), tqdm(total=len(todo), desc='latency table', unit='entry',
-                                               disable=not progress) as bar:
+                                               disable=None if progress else True) as bar:
             for (group, row), items in sorted(by_model.items()):
                 codes = base.copy()
                 for b, block in enumerate(layout.blocks):

@@ -322,7 +322,7 @@ def build_accuracy_dataset(
         seed: Seed of the subnet draw.
         calib_images: Images for BN recalibration.
         device: Evaluation device.
-        progress: Show a progress bar.
+        progress: Show a progress bar (when the output is a terminal).
         model: Model name, recorded in the header.
         subnets: Evaluate these subnets instead of a random draw.
         evaluate: Returns ``{'top1', 'top5'}`` of a subnet, in place of ``evaluate_subnet`` on the loaders (e.g.
@@ -351,7 +351,7 @@ def build_accuracy_dataset(
                                             space=space.to_dict())) + '\n')
         except OSError as e:
             raise ValueError(f'Cannot write {os.fspath(path)}: {e.strerror}') from None
-    with open(path, 'a') as f, tqdm(total=len(todo), desc='accuracy dataset', disable=not progress,
+    with open(path, 'a') as f, tqdm(total=len(todo), desc='accuracy dataset', disable=None if progress else True,
                                      unit='subnet') as bar:
         for subnet in todo:
             start = time.perf_counter()
@@ -521,7 +521,7 @@ def fit_predictor(
     g = torch.Generator().manual_seed(config.seed)
     train_t = torch.from_numpy(train)
     predictor.train()
-    for _ in tqdm(range(config.steps), desc='fitting predictor', disable=not progress):
+    for _ in tqdm(range(config.steps), desc='fitting predictor', disable=None if progress else True):
         idx = train_t[torch.randint(len(train_t), (batch,), generator=g)]
         loss = nn.functional.mse_loss(predictor(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
