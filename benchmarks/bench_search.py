@@ -1,32 +1,60 @@
 """Specialization benchmarks, side by side in one run.
 
-``search`` (default): the reference ``EvolutionFinder`` and ``ofa_timm.search.specialize`` do the same work (OFA's
-defaults: population 100, 500 generations, mutation/crossover ratios, the reference's 128-feature predictor with the
-same random weights, a FLOPs constraint) on the canonical MobileNetV3 w1.2 space. Prints seconds, the ratio and the
-best predicted accuracy each finds (the target is <= 2 s for ours on 2 CPU cores).
+``search`` (default): evolutionary search on one problem by ``ofa_timm.search.specialize`` and by the two search setups
+the reference implementation (PyPI ``ofa``) ships, each at its own speed, timed in interleaved rounds (the order of the
+setups rotates every round, one seed per round):
+
+- **tutorial**: ``ofa.tutorial.EvolutionFinder`` with ``ofa.tutorial.FLOPsTable``, the reference's tutorial setup. Its
+  FLOPs come from a per-block lookup table (a few dict lookups per candidate); the table is filled with this package's
+  exact per-block FLOPs, so both sides enforce the same constraint (checked on 200 subnets before timing), and its
+  predictor is the tutorial's 128-feature ``AccuracyPredictor``.
+- **ofa.nas**: ``ofa.nas.search_algorithm.EvolutionFinder`` with ``ofa.nas.efficiency_predictor.Mbv3FLOPsModel`` (which
+  sets the reference supernet to each candidate and counts its FLOPs layer by layer from the network config) and
+  ``ofa.nas.accuracy_predictor.AccuracyPredictor``. It counts a multiply-add once where this package counts it twice
+  (as ``FlopCounterMode`` does); the budget is halved for it, and the two counts are checked to agree.
+
+Both run OFA's defaults (population 100, 500 generations, parent ratio 0.25, mutation ratio 0.5, mutation probability
+0.1) on the canonical MobileNetV3 w1.2 space at the reference's five resolutions (160-224, step 16), under a FLOPs
+budget. Ours searches the same space with the same predictor weights (``AccuracyPredictor.from_reference`` of each
+reference predictor, random weights seeded once), so the best predicted accuracies compare the same problem.
+
+What differs in the algorithms (same population, parents and children per generation):
+
+- mutation: ours redraws each gene (every kernel, expand, depth and the resolution) with probability 0.1; the tutorial
+  redraws a block's kernel and expand together, each stage's depth and the resolution with probability 0.1; ``ofa.nas``
+  the same per block and stage, and the resolution with probability 0.5;
+- crossover: ours and ``ofa.nas`` take each gene from either parent; the tutorial never crosses the resolution (the
+  child keeps its first parent's);
+- an infeasible child: ours redraws it at most 10 times, then keeps its (feasible) parent; both reference setups
+  redraw it until it fits, which never ends when nothing fits.
 
 ``flops``: analytic FLOPs and parameters against ``FlopCounterMode`` / parameter counts of the extracted models, for
 random subnets of every registered space at its own resolutions.
 
 Usage:
-    python benchmarks/bench_search.py [search] [--budget 400] [--repeats 3] [--threads 2]
+    python benchmarks/bench_search.py [search] [--budget 400] [--repeats 3] [--threads 2] [--setups tutorial nas]
     python benchmarks/bench_search.py flops [--subnets 200]
 """
 import argparse
 import importlib.util
 import os
+import random
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import timm
 import torch
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
-from ofa_timm.search import (
-    AccuracyPredictor, EvolutionConfig, SearchResult, count_params, flops_model, params_model, specialize)
+from ofa_timm.search import AccuracyPredictor, EvolutionConfig, count_params, flops_model, params_model, specialize
+
+RESOLUTIONS = (160, 176, 192, 208, 224)  # the reference's search resolutions (tutorial and ofa.nas)
+SETUPS = ('tutorial', 'nas')
+NAMES = {'tutorial': 'tutorial EvolutionFinder + FLOPsTable', 'nas': 'ofa.nas EvolutionFinder + Mbv3FLOPsModel'}
 
 
 def _reference_module(name: str):
@@ -39,71 +67,172 @@ def _reference_module(name: str):
     return module
 
 
-def search_side_by_side(budget: float = 400, repeats: int = 3, reference_repeats: Optional[int] = None
-                        ) -> Tuple[Dict[str, List[float]], Dict[str, float], SearchResult]:
-    """Time the reference ``EvolutionFinder`` and ``specialize`` on the same problem, ``repeats`` seeds each.
+def _quiet(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` with stdout and stderr silenced (the reference prints and draws a bar per generation)."""
+    with open(os.devnull, 'w') as devnull:
+        streams, (sys.stdout, sys.stderr) = (sys.stdout, sys.stderr), (devnull, devnull)
+        try:
+            return fn()
+        finally:
+            sys.stdout, sys.stderr = streams
 
-    Args:
-        budget: MFLOPs budget.
-        repeats: Runs of ours (seeds 0, 1, ...).
-        reference_repeats: Runs of the reference (default ``repeats``).
 
-    Returns:
-        Seconds of each run and the best predicted top-1 (%) of the last run, keyed by ``'reference'`` / ``'ours'``,
-        and our last result.
+def _random_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+
+
+def _ref_arch(subnet, resolution_key: str) -> Dict[str, Any]:
+    r = subnet.resolution
+    return {'ks': list(subnet.kernels), 'e': [int(e) for e in subnet.expands], 'd': list(subnet.depths),
+            resolution_key: [r] if resolution_key == 'r' else r}
+
+
+def _flops_table(supernet: torch.nn.Module) -> Any:
+    """The tutorial's ``FLOPsTable`` holding this package's exact FLOPs per block (MFLOPs, multiply-add = 2).
+
+    Its own ``predict_efficiency`` then prices a candidate with the same per-block lookups as the tutorial's table.
     """
-    import random
-    supernet = timm.create_model('ofa_mbv3_w12')
+    cls = _reference_module('flops_table').FLOPsTable
+    table = cls.__new__(cls)  # skip __init__: it would measure every block with thop on a GPU
+    space = supernet.space
+    table.efficiency_dict = {}
+    for res in space.resolutions:
+        blocks: List[Dict[Tuple[int, int], float]] = [{} for _ in range(len(space.kernel_slots) + 1)]
+        other: Dict[int, float] = {}
+        for k in (3, 5, 7):
+            for e in (3, 4, 6):
+                subnet = space.max().replace(kernels=[k] * len(space.kernel_slots),
+                                             expands=[e] * len(space.expand_slots), resolution=res)
+                specs = supernet.describe(subnet)  # stem, first block, the 20 slots, final conv, head
+                assert len(specs) == len(space.kernel_slots) + 4, [s.name for s in specs]
+                blocks[0][(3, 1)] = specs[1].flops(res) / 1e6
+                for i, spec in enumerate(specs[2:-2]):
+                    blocks[i + 1][(k, e)] = spec.flops(res) / 1e6
+                other = {0: specs[0].flops(res) / 1e6, 1: specs[-2].flops(res) / 1e6, 2: specs[-1].flops(res) / 1e6}
+        table.efficiency_dict[res] = {'mobile_inverted_blocks': blocks, 'other_blocks': other}
+    return table
+
+
+@dataclass
+class Setup:
+    """One reference search setup and ours on the same problem."""
+    name: str
+    run_reference: Callable[[int], Tuple[float, float]]  # seed -> (best predicted top-1 %, its MFLOPs in our units)
+    run_ours: Callable[[int], Tuple[float, float]]
+
+
+def _tutorial_setup(supernet: torch.nn.Module, budget: float, config: EvolutionConfig) -> Setup:
+    low, high = 150, 600
+    if not low <= budget <= high:  # outside it, the tutorial's EvolutionFinder waits for a new budget on stdin
+        raise ValueError(f'The tutorial EvolutionFinder takes FLOPs budgets in [{low}, {high}] M, got {budget:g}')
     space = supernet.space
     flops = flops_model(supernet)
+    table = _flops_table(supernet)
+    check = [space.min(), space.max()] + [space.sample(i) for i in range(198)]
+    got = np.array([table.predict_efficiency(_ref_arch(s, 'r')) for s in check])
+    assert np.allclose(got, flops(check) / 1e6, rtol=1e-9), 'the lookup table prices subnets as our FLOPs model'
     tutorial = _reference_module('accuracy_predictor').AccuracyPredictor(pretrained=False, device='cpu')
-    torch.manual_seed(0)
-    for p in tutorial.model.parameters():
-        p.data.normal_(0, 0.05)
+    _random_weights(tutorial.model)
     ours = AccuracyPredictor.from_reference(tutorial.model.state_dict(), space)
-
-    class Efficiency:  # the reference asks for MFLOPs one subnet at a time
-        def predict_efficiency(self, sample):
-            subnet = supernet.resolve({'ks': sample['ks'], 'e': sample['e'], 'd': sample['d'], 'r': sample['r']})
-            return float(flops(subnet)[0]) / 1e6
-
     finder_cls = _reference_module('evolution_finder').EvolutionFinder
-    config = EvolutionConfig()  # the reference's defaults
-    times: Dict[str, List[float]] = {'reference': [], 'ours': []}
-    best: Dict[str, float] = {}
-    for repeat in range(repeats if reference_repeats is None else reference_repeats):
-        random.seed(repeat)
-        np.random.seed(repeat)
-        finder = finder_cls('flops', budget, Efficiency(), tutorial, population_size=config.population_size,
+
+    def reference(seed: int) -> Tuple[float, float]:
+        random.seed(seed)
+        np.random.seed(seed)
+        finder = finder_cls('flops', budget, table, tutorial, population_size=config.population_size,
                             max_time_budget=config.generations, mutate_prob=config.mutate_prob,
                             parent_ratio=config.parent_ratio, mutation_ratio=config.mutation_ratio)
-        start = time.perf_counter()
-        with open(os.devnull, 'w') as devnull:  # the reference draws a tqdm bar per generation
-            stderr, sys.stderr = sys.stderr, devnull
-            try:
-                _, info = finder.run_evolution_search()
-            finally:
-                sys.stderr = stderr
-        times['reference'].append(time.perf_counter() - start)
-        best['reference'] = 100 * info[0]
-    for repeat in range(repeats):
-        start = time.perf_counter()
-        result = specialize(supernet, ours, 'flops', [budget * 1e6], config, seed=repeat)[0]
-        times['ours'].append(time.perf_counter() - start)
-        best['ours'] = result.accuracy
-    return times, best, result
+        _, (acc, _, mflops) = _quiet(finder.run_evolution_search)
+        return 100 * acc, mflops
+
+    return Setup('tutorial', reference, _ours(supernet, ours, budget * 1e6, config))
+
+
+def _nas_setup(supernet: torch.nn.Module, budget: float, config: EvolutionConfig) -> Setup:
+    from ofa.imagenet_classification.elastic_nn.networks import OFAMobileNetV3
+    from ofa.nas.accuracy_predictor import AccuracyPredictor as RefPredictor, MobileNetArchEncoder
+    from ofa.nas.efficiency_predictor import Mbv3FLOPsModel
+    from ofa.nas.search_algorithm import EvolutionFinder
+    space = supernet.space
+    flops = flops_model(supernet)
+    ofa_net = OFAMobileNetV3(n_classes=supernet.num_classes, width_mult=1.2, ks_list=[3, 5, 7],
+                             expand_ratio_list=[3, 4, 6], depth_list=[2, 3, 4])
+    efficiency = Mbv3FLOPsModel(ofa_net)
+    check = [space.min(), space.max()] + [space.sample(i) for i in range(48)]
+    got = np.array([efficiency.get_efficiency(_ref_arch(s, 'image_size')) for s in check])
+    assert np.allclose(2 * got, flops(check) / 1e6, rtol=1e-9), 'Mbv3FLOPsModel counts multiply-adds once'
+    encoder = MobileNetArchEncoder(image_size_list=list(RESOLUTIONS), ks_list=[3, 5, 7], expand_list=[3, 4, 6],
+                                   depth_list=[2, 3, 4], n_stage=5)
+    predictor = RefPredictor(encoder, device='cpu')
+    _random_weights(predictor)
+    ours = AccuracyPredictor.from_reference(predictor.state_dict(), space)
+
+    def reference(seed: int) -> Tuple[float, float]:
+        random.seed(seed)
+        np.random.seed(seed)
+        finder = EvolutionFinder(efficiency, predictor, arch_mutate_prob=config.mutate_prob,
+                                 population_size=config.population_size, max_time_budget=config.generations,
+                                 parent_ratio=config.parent_ratio, mutation_ratio=config.mutation_ratio)
+        with torch.no_grad():
+            _, (acc, _, mflops) = _quiet(lambda: finder.run_evolution_search(budget / 2))
+        return 100 * acc, 2 * mflops
+
+    return Setup('nas', reference, _ours(supernet, ours, budget * 1e6, config))
+
+
+def _ours(supernet: torch.nn.Module, predictor: AccuracyPredictor, budget: float,
+          config: EvolutionConfig) -> Callable[[int], Tuple[float, float]]:
+    def run(seed: int) -> Tuple[float, float]:
+        result = specialize(supernet, predictor, 'flops', [budget], config, seed=seed)[0]
+        return result.accuracy, result.costs['flops'] / 1e6
+    return run
+
+
+def search_side_by_side(budget: float = 400, repeats: int = 3, setups: Sequence[str] = SETUPS
+                        ) -> Dict[str, Dict[str, List[Tuple[float, float, float]]]]:
+    """Time each reference setup and ours on the same problem, in interleaved rounds (one seed per round).
+
+    Args:
+        budget: FLOPs budget in MFLOPs (a multiply-add counts 2).
+        repeats: Rounds; round ``i`` runs every search with seed ``i``, in an order that rotates every round.
+        setups: Reference setups to run: ``'tutorial'`` and/or ``'nas'``.
+
+    Returns:
+        ``{setup: {'reference' | 'ours': [(seconds, best predicted top-1 %, its MFLOPs), ...]}}``.
+    """
+    supernet = timm.create_model('ofa_mbv3_w12', resolutions=RESOLUTIONS).eval()
+    config = EvolutionConfig()  # the reference's defaults
+    builders = {'tutorial': _tutorial_setup, 'nas': _nas_setup}
+    built = [builders[name](supernet, budget, config) for name in setups]
+    runs = [(s.name, side, fn) for s in built for side, fn in (('reference', s.run_reference), ('ours', s.run_ours))]
+    out: Dict[str, Dict[str, List[Tuple[float, float, float]]]] = {s.name: {'reference': [], 'ours': []}
+                                                                   for s in built}
+    for seed in range(repeats):
+        shift = seed % len(runs)
+        for name, side, fn in runs[shift:] + runs[:shift]:
+            start = time.perf_counter()
+            acc, mflops = fn(seed)
+            out[name][side].append((time.perf_counter() - start, acc, mflops))
+    return out
 
 
 def bench_search(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    times, best, _ = search_side_by_side(args.budget, args.repeats)
+    results = search_side_by_side(args.budget, args.repeats, args.setups)
     config = EvolutionConfig()
-    print(f'Population {config.population_size}, {config.generations} generations, FLOPs <= {args.budget} M, '
-          f'{args.threads} threads, median of {args.repeats}:')
-    for key, name in (('reference', 'reference EvolutionFinder'), ('ours', 'ofa_timm specialize')):
-        print(f'  {name:28s} {statistics.median(times[key]):8.3f} s   best predicted top-1 {best[key]:.2f}%')
-    ratio = statistics.median(times['reference']) / statistics.median(times['ours'])
-    print(f'  speed-up: {ratio:.1f}x')
+    print(f'ofa_mbv3_w12 at {len(RESOLUTIONS)} resolutions {RESOLUTIONS[0]}-{RESOLUTIONS[-1]}, population '
+          f'{config.population_size}, {config.generations} generations, FLOPs <= {args.budget:g} M, {args.threads} '
+          f'threads, {args.repeats} interleaved rounds (median):')
+    print('| setup | reference s | ours s | reference / ours | best predicted top-1: reference | ours |')
+    print('|---|---:|---:|---:|---:|---:|')
+    for name, sides in results.items():
+        ref, ours = (statistics.median(r[0] for r in sides[k]) for k in ('reference', 'ours'))
+        best = {k: statistics.median(r[1] for r in sides[k]) for k in sides}
+        assert all(r[2] <= args.budget + 1e-6 for k in sides for r in sides[k]), 'every answer meets the budget'
+        print(f'| {NAMES[name]} | {ref:.2f} | {ours:.2f} | {ref / ours:.1f}x | {best["reference"]:.2f}% | '
+              f'{best["ours"]:.2f}% |')
 
 
 def bench_flops(args: argparse.Namespace) -> None:
@@ -141,6 +270,7 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--subnets', type=int, default=200)
+    parser.add_argument('--setups', nargs='+', choices=SETUPS, default=list(SETUPS), help='reference setups to run')
     args = parser.parse_args()
     (bench_search if args.what == 'search' else bench_flops)(args)
 

@@ -256,7 +256,7 @@ def ps_step(trainer: Trainer, stage: Stage, subnets: Sequence[Subnet], images: t
 
     The one place that calls into the trainer, so the benchmarks follow the step wherever it lives.
     """
-    return trainer._train_step(stage, list(subnets), images, targets)
+    return trainer.train_step(stage, list(subnets), images, targets)
 
 
 class PSStep:
@@ -292,7 +292,7 @@ class PSStep:
         self.trainer = Trainer(supernet, Schedule((self.stage,)), SeededDataset(fake), fake, fake, cfg,
                                pretrained=True, device=p.device)
         weights = {k: v.clone() for k, v in supernet.state_dict().items()}
-        self.trainer._prepare_stage(self.stage)  # teacher, optimizer and scheduler, as a run creates them
+        self.trainer.prepare_stage(self.stage)  # teacher, optimizer and scheduler, as a run creates them
         # Entering an expand stage sorts channels (once per stage, not per step): undo it, so that the reference's step
         # trains the same subnets of the same weights.
         supernet.load_state_dict(weights)

@@ -15,6 +15,13 @@ SOURCE_TARGET = 1.02
 ROUNDS = {'eval': 15, 'train': 9}
 
 
+def _forward(mode: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.train(mode == 'train')
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return model(x)
+
+
 def _work(mode: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision):
     model.train(mode == 'train')
     return train_step(model, x, y, precision) if mode == 'train' else eval_forward(model, x, precision)
@@ -33,12 +40,14 @@ def test_elastic_overhead(benchmark, spaces, settings, measure, record, name, wh
     if space.reference is not None:
         models['reference_static'] = space.extract_reference(subnet)  # also sets the reference to the subnet
         models['reference'] = space.reference
-    with torch.no_grad():  # the compared models compute the same function
-        outputs = {k: m.eval()(x) for k, m in models.items()}
-    assert_close(outputs['ours'], outputs['ours_static'], 1e-5, f'{name} {which}: supernet vs extracted')
+    # The compared models compute the same function, in the mode that is timed (train mode: batch statistics, the
+    # same RNG state for each model).
+    with torch.no_grad():
+        outputs = {k: _forward(mode, m, x) for k, m in models.items()}
+    assert_close(outputs['ours'], outputs['ours_static'], 1e-5, f'{name} {which} {mode}: supernet vs extracted')
     if space.reference is not None:
-        assert_close(outputs['reference_static'], outputs['reference'], 1e-5, f'{name} {which}: reference')
-        assert_close(outputs['ours'], outputs['reference'], 1e-4, f'{name} {which}: ours vs reference')
+        assert_close(outputs['reference_static'], outputs['reference'], 1e-5, f'{name} {which} {mode}: reference')
+        assert_close(outputs['ours'], outputs['reference'], 1e-4, f'{name} {which} {mode}: ours vs reference')
 
     benchmark.group = f'elastic overhead {mode}'
     t = measure({k: _work(mode, m, x, y, p) for k, m in models.items()}, settings.rounds(ROUNDS[mode]))

@@ -29,7 +29,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
-from ofa_timm.training import make_shapes_dataset
+from ofa_timm.example_data import make_shapes_dataset
 
 
 def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader) -> float:

@@ -20,9 +20,9 @@ import torchvision.transforms as T
 from torchvision.datasets import ImageFolder
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
+from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.plugins.nni import OFAProgressiveShrinking, SupernetSpace, quiet_nni_import, run_experiment
 from ofa_timm.plugins.nni.search import flops_cost, save_top_subnets, search_config, subnet_evaluator
-from ofa_timm.training import make_shapes_dataset
 
 with quiet_nni_import():
     from nni.nas.evaluator.pytorch import Classification, DataLoader

@@ -15,11 +15,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
+from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.search import (
     FitConfig, LatencySettings, build_accuracy_dataset, build_latency_table, export_subnet, fit_predictor,
     flops_model, load_supernet, read_accuracy_dataset, specialize, validate_latency_table)
 from ofa_timm.search.report import plot_pareto, results_table
-from ofa_timm.training import DataConfig, build_datasets, make_shapes_dataset
+from ofa_timm.training import DataConfig, build_datasets
 
 
 def main() -> None:

@@ -8,4 +8,13 @@ from .plugins import ofa_models as _ofa_models  # noqa: F401  registers the timm
 
 __version__ = '0.1.0'
 
-__all__ = ['Subnet', 'SearchSpace', 'StageChoices', 'elasticize', 'ElasticMobileNetV3', 'ofa_mobilenetv3']
+__all__ = ['Subnet', 'SearchSpace', 'StageChoices', 'elasticize', 'ElasticMobileNetV3', 'ofa_mobilenetv3', 'run']
+
+
+def __getattr__(name: str):
+    # The pipeline imports training and search: load it when it is first used, so that `import ofa_timm` (which timm's
+    # scripts do through --device-modules) stays light.
+    if name == 'run':
+        from .pipeline import run
+        return run
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

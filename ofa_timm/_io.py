@@ -11,7 +11,7 @@ import pickle
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
-__all__ = ['atomic_path', 'respect_umask', 'write_text_atomic', 'load_weights', 'save_safetensors',
+__all__ = ['atomic_path', 'respect_umask', 'write_text_atomic', 'load_weights', 'save_safetensors', 'save_supernet',
            'checkpoint_metadata', 'model_args_from_metadata']
 
 PathLike = Union[str, os.PathLike]
@@ -171,6 +171,13 @@ def checkpoint_metadata(supernet: Any) -> Dict[str, str]:
         'space': json.dumps(supernet.space.to_dict()),
         'model_args': json.dumps(model_args),
     }
+
+
+def save_supernet(supernet: Any, path: PathLike) -> Path:
+    """Write a supernet's weights as safetensors, atomically, with what rebuilds its model in the metadata
+    (:func:`checkpoint_metadata`): ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))``
+    loads it back."""
+    return save_safetensors(supernet.state_dict(), path, checkpoint_metadata(supernet))
 
 
 def model_args_from_metadata(metadata: Mapping[str, str]) -> Dict[str, Any]:

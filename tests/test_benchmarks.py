@@ -1,6 +1,8 @@
-"""The GPU benchmark script runs end to end on CPU (a smoke run, so it works the first time a GPU is there).
+"""Benchmark scripts run end to end (smoke runs): the GPU benchmark on CPU, so that it works the first time a GPU is
+there, and the subnet-quality matrix on a few steps.
 
-Timings are not asserted: only that every case ran, checked its models' outputs, and wrote a sane table.
+Timings and accuracies are not asserted: only that every case ran, checked its models' outputs, and wrote a sane
+table.
 """
 import json
 import math
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-GPU_SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu.py'
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+GPU_SCRIPT = BENCHMARKS / 'gpu.py'
 
 
 @pytest.mark.slow
@@ -37,3 +40,20 @@ def test_gpu_benchmark_smoke_on_cpu(tmp_path):
         assert 'PS step / reference PS step' in rows
     for case in expected:  # the printed table has every row
         assert case in result.stdout
+
+
+@pytest.mark.slow
+def test_quality_matrix_smoke(tmp_path):
+    pytest.importorskip('sklearn')
+    results = tmp_path / 'results.md'
+    cmd = [sys.executable, str(BENCHMARKS / 'ps_quality.py'), '--model', 'ofa_mobilenetv3_small_100', '--image-size',
+           '16', '--parts', 'scratch', 'pretrained', 'small', '--source-steps', '4', '--smoke', '--output',
+           str(tmp_path / 'out'), '--results', str(results)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    doc = results.read_text()
+    for part in ('scratch', 'pretrained', 'small'):
+        key = f'ps_quality:ofa_mobilenetv3_small_100:{part}'
+        assert f'<!-- {key}:begin -->' in doc and f'<!-- {key}:end -->' in doc
+    assert 'Max within 0.5 point of the source' in doc and 'Within 2 points of each subnet alone' in doc
+    assert '| PS |' in doc and 'Alone,' in doc

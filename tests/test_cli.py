@@ -6,8 +6,9 @@ import pytest
 import timm
 import torch
 
+from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.cli import main
-from ofa_timm.training import Schedule, Stage, make_shapes_dataset
+from ofa_timm.training import Schedule, Stage
 
 
 @pytest.fixture(scope='module')
@@ -27,7 +28,7 @@ def test_train_writes_weights_metrics_summary_and_plot(shapes, tmp_path, capsys)
             '--output', str(out), '--no-progress', '--pretrained-file', str(_timm_weights(tmp_path))]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert 'Stages: kernel, depth_1' in printed and '| kernel |' in printed
+    assert 'Stages (optimizer steps): kernel 3, depth_1 3;' in printed and '| kernel |' in printed
     for name in ('last.pth', 'metrics.jsonl', 'summary.md', 'val_accuracy.png', 'supernet.safetensors'):
         assert (out / name).is_file(), name
     assert any(json.loads(line)['type'] == 'val_mean' for line in (out / 'metrics.jsonl').read_text().splitlines())

@@ -11,9 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import ofa_timm
 from ofa_timm._timm import decode_arch_def
 from ofa_timm.elastic import ElasticEfficientNet, ElasticMobileNetV3, EfficientNetBuilderSupernet
+from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.search import count_params
 from ofa_timm.training import (
-    DataConfig, Schedule, Stage, TrainConfig, Trainer, build_datasets, load_checkpoint, make_shapes_dataset)
+    DataConfig, Schedule, Stage, TrainConfig, Trainer, build_datasets, load_checkpoint)
 from ofa_timm.training.sampling import space_dimensions
 
 from helpers import assert_close, randomize_bn, timm_model

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.cli import build_parser, main
-from ofa_timm.training import Schedule, Stage, Trainer, load_checkpoint, make_shapes_dataset
+from ofa_timm.training import Schedule, Stage, Trainer, load_checkpoint
 
 MODEL = 'ofa_mobilenetv3_small_100'
 
@@ -56,13 +57,13 @@ def assert_bitwise(out, straight):
 
 def signal_at(monkeypatch, signals_at):
     """Make the training step deliver signals to this process: {global step (0-based): [signals]}."""
-    original = Trainer._train_step
+    original = Trainer.train_step
 
     def step(self, *args, **kwargs):
         for signum in signals_at.get(self.position.global_step, ()):
             os.kill(os.getpid(), signum)
         return original(self, *args, **kwargs)
-    monkeypatch.setattr(Trainer, '_train_step', step)
+    monkeypatch.setattr(Trainer, 'train_step', step)
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
@@ -77,7 +78,8 @@ def test_a_signal_checkpoints_the_step_and_resume_is_bitwise(shapes, schedule, s
     assert "stopped at stage 'kernel' (1/2), epoch 1/2, step 2/6 (global step 2)" in err, err
     assert f'{name}: stopping after this step' in err and 'Traceback' not in err
     assert err.strip().splitlines()[-1] == f'Resume with: ofa-timm {" ".join(args)} --resume'
-    assert load_checkpoint(out / 'last.pth')['position'] == {'stage': 0, 'step': 2, 'global_step': 2}
+    assert load_checkpoint(out / 'last.pth')['position'] == {'stage': 0, 'step': 2, 'global_step': 2,
+                                                             'validate': False}
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored
 
     monkeypatch.undo()

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ofa_timm
+from ofa_timm.example_data import make_digits_dataset
 from ofa_timm.training import (
     PRESETS, DataConfig, Schedule, TrainConfig, Trainer, build_datasets, calibrate_bn, load_checkpoint,
-    make_digits_dataset, zero_init_residual)
+    zero_init_residual)
 from ofa_timm.training.report import plot_validation, read_metrics, validation_figure
 
 
@@ -22,22 +23,28 @@ def _counts(root: Path, split: str) -> Counter:
     return Counter({d.name: len(list(d.glob('*.png'))) for d in (root / split).iterdir() if d.is_dir()})
 
 
-def test_digits_dataset_is_a_fixed_stratified_split(tmp_path):
+def _names(root: Path, split: str) -> set:
+    return {p.name for p in (root / split).rglob('*.png')}
+
+
+def test_digits_dataset_is_a_fixed_stratified_three_way_split(tmp_path):
     sklearn = pytest.importorskip('sklearn.datasets')
     per_class = Counter(str(t) for t in sklearn.load_digits().target)
-    root = make_digits_dataset(tmp_path / 'a', val_per_class=5, image_size=16)
+    root = make_digits_dataset(tmp_path / 'a', val_per_class=5, test_per_class=7, image_size=16)
     assert _counts(root, 'validation') == Counter({str(c): 5 for c in range(10)})
-    assert _counts(root, 'train') == Counter({c: n - 5 for c, n in per_class.items()})  # 1,747 = 1,797 - 50
+    assert _counts(root, 'test') == Counter({str(c): 7 for c in range(10)})
+    assert _counts(root, 'train') == Counter({c: n - 12 for c, n in per_class.items()})  # 1,677 = 1,797 - 120
+    splits = {s: _names(root, s) for s in ('train', 'validation', 'test')}
+    assert sum(map(len, splits.values())) == 1797 == len(set().union(*splits.values()))  # disjoint, all used
     with Image.open(next((root / 'train' / '3').glob('*.png'))) as img:
         assert img.size == (16, 16)
-    names = sorted(p.name for p in (root / 'validation').rglob('*.png'))
-    again = make_digits_dataset(tmp_path / 'b', val_per_class=5, image_size=16)
-    assert sorted(p.name for p in (again / 'validation').rglob('*.png')) == names  # fixed by the seed
+    again = make_digits_dataset(tmp_path / 'b', val_per_class=5, test_per_class=7, image_size=16)
+    assert {s: _names(again, s) for s in splits} == splits  # fixed by the seed
     other = make_digits_dataset(tmp_path / 'b', val_per_class=5, image_size=16, seed=1)
-    assert sorted(p.name for p in (other / 'validation').rglob('*.png')) != names  # rewritten, no stale files
-    assert sum(_counts(other, 'validation').values()) == 50
+    assert _names(other, 'validation') != splits['validation']  # rewritten, no stale files
+    assert not (other / 'test').exists() and sum(_counts(other, 'validation').values()) == 50
     with pytest.raises(ValueError, match='val_per_class'):
-        make_digits_dataset(tmp_path / 'c', val_per_class=171)
+        make_digits_dataset(tmp_path / 'c', val_per_class=100, test_per_class=71)
 
 
 def test_zero_init_residual_makes_blocks_identities():
@@ -91,7 +98,7 @@ def test_stage_transition_does_not_reset_the_max_subnet(tmp_path, kernel, keeps)
     trainer.resume()
     trainer.run(stop_after=full_steps + 3)  # three steps into the kernel stage
     assert load_checkpoint(tmp_path / 'run' / 'last.pth')['position'] == {
-        'stage': 1, 'step': 3, 'global_step': full_steps + 3}
+        'stage': 1, 'step': 3, 'global_step': full_steps + 3, 'validate': False}
     after = _max_subnet_loss(trainer, images, targets)
     margin = 0.1 * chance
     assert (after < before + margin) == keeps, f'max subnet loss {before:.3f} -> {after:.3f} across the transition'

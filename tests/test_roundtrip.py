@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from timm.models import load_checkpoint, resume_checkpoint, save_for_hf
 
 import ofa_timm  # noqa: F401  registers the models
+from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.cli import main
-from ofa_timm.training import Schedule, Stage, load_checkpoint as load_run_checkpoint, make_shapes_dataset
+from ofa_timm.training import Schedule, Stage, load_checkpoint as load_run_checkpoint
 
 RES = (24, 32)
 NUM_CLASSES = 3

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
+from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.cli import main
 from ofa_timm.search import LatencyTable
-from ofa_timm.training import make_shapes_dataset
 
 MODEL = 'ofa_mobilenetv3_small_100'
 
@@ -32,10 +32,11 @@ def test_latency_predictor_search_export(run, capsys):
     root, data, ckpt = run
     model = ['--model', MODEL, '--checkpoint', str(ckpt)]
     table = root / 'table.json'
-    assert main(['latency', *model, '--threads', '1', '--warmup', '1', '--repeats', '3', '--calibrate', '2',
+    assert main(['latency', 'build', *model, '--threads', '1', '--warmup', '1', '--repeats', '3', '--calibrate', '2',
                  '--validate', '2', '--out', str(table), '--no-progress']) == 0
     printed = capsys.readouterr().out
-    assert 'Validation on 2 held-out subnets: median |error|' in printed and 'latency = ' in printed
+    assert 'Validation on 2 held-out subnets, measured in the same rounds as the calibration: median |error|' in \
+        printed and 'within ±10%' in printed and 'latency = ' in printed
     loaded = LatencyTable.load(table)
     assert loaded.validation['n'] == 2 and loaded.meta['batch_size'] == 1
 
@@ -80,7 +81,8 @@ def test_cli_errors(run, capsys, tmp_path):
                  '--out', str(tmp_path / 'x')]) == 2
     assert 'does not fit ofa_resnet34' in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()
-    assert main(['latency', *model, '--backend', 'onnxruntime', '--amp', 'bf16', '--out', str(tmp_path / 't')]) == 2
+    assert main(['latency', 'build', *model, '--backend', 'onnxruntime', '--amp', 'bf16',
+                 '--out', str(tmp_path / 't')]) == 2
     assert 'torch-cpu and torch-cuda backends only' in capsys.readouterr().err
     from ofa_timm.search import AccuracyPredictor
     supernet = timm.create_model(MODEL, num_classes=3, resolutions=(24, 32))

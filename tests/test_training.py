@@ -11,9 +11,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import ofa_timm
+from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.training import (
     PRESETS, DataConfig, NonFiniteLossError, Schedule, Stage, StepSampler, TrainConfig, Trainer, band_permutation,
-    build_datasets, calibrate_bn, distillation_loss, load_checkpoint, load_schedule, make_shapes_dataset,
+    build_datasets, calibrate_bn, distillation_loss, distills_from_teacher, load_checkpoint, load_schedule,
     restrict_space)
 from ofa_timm.training.sampling import applicable_stages
 from ofa_timm.training.trainer import _Position
@@ -84,6 +85,52 @@ def test_bad_schedule_inputs(tmp_path):
     (tmp_path / 'bad.yaml').write_text('stages:\n  - {name: a, epochs: 1, lr: 0.1, foo: 2}\n')
     with pytest.raises(ValueError, match="stage 0: .*'foo'"):
         load_schedule(str(tmp_path / 'bad.yaml'))
+
+
+def test_min_steps_floor_lengthens_every_stage_in_proportion():
+    schedule = Schedule(TINY.stages, min_steps=30)
+    assert schedule.total_steps(5) == 15  # 3 stages of 1 epoch at 5 steps/epoch
+    fitted = schedule.fit(5)
+    steps = [fitted.stage_steps(s, 5) for s in fitted.stages]
+    assert sum(steps) >= 30 and max(steps) - min(steps) <= 1  # the stages keep their shares
+    assert fitted.epochs_scale > 1 and fitted.fit(5) == fitted
+    assert schedule.fit(40) is schedule  # a large dataset reaches the floor in its epochs: unchanged
+    assert Schedule.from_dict(fitted.to_dict()) == fitted  # the floor travels in YAML and checkpoints
+    with pytest.raises(ValueError, match='min_steps'):
+        Schedule(TINY.stages, min_steps=-1)
+
+
+def test_auto_picks_fast_for_a_pretrained_start_and_scratch_otherwise():
+    assert load_schedule('auto', pretrained=True) == PRESETS['fast']
+    assert load_schedule('auto', pretrained=False) == PRESETS['scratch']
+    assert load_schedule('auto', epochs_scale=0.5).epochs_scale == 0.5
+    assert PRESETS['fast'].min_steps > 0 and PRESETS['scratch'].min_steps > 0
+    assert PRESETS['ofa'].min_steps == 0  # the reference recipe is left as it is
+    assert all(s.sampling == 'uniform' and not s.carry_optimizer for s in PRESETS['ofa'].stages)
+
+
+def test_a_short_schedule_says_so_in_one_line(data, tmp_path):
+    train, val, calib, _ = data
+    short = Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path))
+    text = short.describe_schedule()
+    assert text.splitlines()[0].startswith('Stages (optimizer steps): full 4, kernel 4')
+    warning = text.splitlines()[1]
+    need = PRESETS['scratch'].min_steps
+    assert len(text.splitlines()) == 2 and f'--min-steps {need}' in warning and 'trains 12 optimizer steps' in warning
+    floored = Trainer(tiny_supernet(), Schedule(TINY.stages, min_steps=need), train, val, calib, config(tmp_path))
+    assert len(floored.describe_schedule().splitlines()) == 1  # the floor holds: no warning
+    assert floored.schedule.total_steps(floored.steps_per_epoch) >= need
+
+
+def test_a_stage_that_trains_only_the_full_network_does_not_distill(data, tmp_path):
+    """Its teacher would be a frozen copy of the network at the stage's start: KD towards it only holds it back."""
+    train, val, calib, _ = data
+    alone = Schedule((Stage('full', 1, 1e-2, {}, kd_ratio=1.0),))  # kd_ratio left at its default
+    trainer = Trainer(tiny_supernet(), alone, train, val, calib, config(tmp_path))
+    trainer.run()
+    assert trainer.teacher is None and not distills_from_teacher(alone.stages[0])
+    assert distills_from_teacher(TINY.stages[1]) and not distills_from_teacher(
+        replace(TINY.stages[1], sampling='sandwich'))
 
 
 def test_stages_that_do_not_apply_are_dropped():
@@ -192,7 +239,7 @@ def test_trainer_runs_logs_and_reports(data, tmp_path):
     assert val_stage == {'full', 'kernel', 'expand_1'}
     assert all(0 <= r['top1'] <= 100 for r in records if r['type'] == 'val')
     state = load_checkpoint(tmp_path / 'last.pth')  # weights_only=True
-    assert state['position'] == {'stage': 3, 'step': 0, 'global_step': 12}
+    assert state['position'] == {'stage': 3, 'step': 0, 'global_step': 12, 'validate': False}
     assert state['teacher'] is not None
 
 
@@ -258,7 +305,7 @@ def test_carried_optimizer_state_skips_weights_that_channel_sorting_moved(data, 
         trainer = Trainer(tiny_supernet(seed=123), CARRIED, train, val, calib, config(tmp_path))
         trainer.resume()
     before = {n: p.detach().clone() for n, p in trainer.supernet.named_parameters()}
-    trainer._prepare_stage(trainer.schedule.stages[2])
+    trainer.prepare_stage(trainer.schedule.stages[2])
     named = dict(trainer.supernet.named_parameters())
     moved = {n for n, p in named.items() if not torch.equal(p, before[n])}
     assert moved, 'sorting permuted no channel'

@@ -194,6 +194,12 @@ def _median_ms(runner: _Runner, settings: LatencySettings) -> Tuple[float, float
     return float(med), float(q3 - q1)
 
 
+def subnet_input_shape(supernet: nn.Module, subnet: Subnet, batch_size: int) -> List[int]:
+    """``[batch, channels, r, r]`` of a subnet's input (r: its resolution, else the model's input size)."""
+    res = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+    return [batch_size, int(getattr(supernet, 'in_chans', 3)), res, res]
+
+
 def measure_subnets(
         supernet: nn.Module, subnets: Sequence[SubnetLike], settings: LatencySettings, rounds: int = 5,
         progress: bool = False, desc: str = 'end to end',
@@ -205,7 +211,6 @@ def measure_subnets(
     """
     from tqdm import tqdm
     subnets = [supernet.resolve(s) for s in subnets]
-    in_chans = getattr(supernet, 'in_chans', 3)
     per_round = max(1, settings.repeats // rounds)
     samples: List[List[float]] = [[] for _ in subnets]
     # disable=None: no bar when the output is not a terminal (a log file would fill with carriage returns)
@@ -213,8 +218,8 @@ def measure_subnets(
     with _backend_context(settings), bar:
         runners, numbers = [], []
         for s in subnets:
-            res = s.resolution or int(supernet.pretrained_cfg['input_size'][-1])
-            runner = _Runner([supernet.extract(s).eval()], (settings.batch_size, in_chans, res, res), settings)
+            runner = _Runner([supernet.extract(s).eval()], subnet_input_shape(supernet, s, settings.batch_size),
+                             settings)
             runners.append(runner)
             numbers.append(runner.warm_up())
             bar.update()
@@ -397,6 +402,41 @@ def _plan(layout: BlockLayout, settings: LatencySettings):
     return entries, sources, blocks
 
 
+def entry_modules(supernet: nn.Module, layout: BlockLayout, sources: Sequence[Tuple[int, int]],
+                  indices: Sequence[int]) -> Iterator[Tuple[int, List[nn.Module]]]:
+    """The modules that compute each entry in ``indices``: ``(index, modules)``, the modules of an extracted model
+    run in sequence on the entry's input.
+
+    One extracted model serves every entry of a group of blocks whose genes do not overlap (see ``BlockLayout``), so
+    a MobileNetV3 space needs about a hundred extractions rather than one per entry.
+
+    Args:
+        supernet: The supernet.
+        layout: Its ``BlockLayout``.
+        sources: The (block, gene combination) that first produces each entry (from the table's plan).
+        indices: The entries wanted.
+    """
+    space = layout.space
+    names = [b.name for b in layout.blocks]
+    group_of = {name: g for g, group in enumerate(_disjoint_groups(names, {b.name: b.genes for b in layout.blocks}))
+                for name in group}
+    by_model: Dict[Tuple[int, int], List[int]] = {}
+    for i in indices:
+        b, c = sources[i]
+        by_model.setdefault((group_of[names[b]], c), []).append(i)
+    base = space.encode(space.max())
+    for (group, row), items in sorted(by_model.items()):
+        codes = base.copy()
+        for block in layout.blocks:
+            if group_of[block.name] == group and block.genes:
+                codes[list(block.genes)] = np.unravel_index(row % len(block.specs),
+                                                            [int(space.choice_counts[g]) for g in block.genes])
+        extracted = supernet.extract(space.decode(codes)).eval()
+        for i in items:
+            b, c = sources[i]
+            yield i, [extracted.get_submodule(m) for m in layout.blocks[b].specs[c].modules]
+
+
 def build_latency_table(
         supernet: nn.Module,
         path: Union[str, os.PathLike],
@@ -453,38 +493,18 @@ def build_latency_table(
     table = LatencyTable(space, blocks, entries, meta, calibration)
     table.save(path)  # fails early on an unwritable path
     todo = [i for i, e in enumerate(entries) if e['ms'] is None]
-    # One extracted model serves every entry of a group of blocks whose genes do not overlap (see BlockLayout).
-    names = [b.name for b in layout.blocks]
-    group_of = {name: g for g, group in enumerate(_disjoint_groups(names, {b.name: b.genes for b in layout.blocks}))
-                for name in group}
-    by_model: Dict[Tuple[int, int], List[int]] = {}
-    for i in todo:
-        b, c = sources[i]
-        by_model.setdefault((group_of[names[b]], c), []).append(i)
-    base = space.encode(space.max())
     last_save = time.monotonic()
     try:
         with _backend_context(settings), tqdm(total=len(todo), desc='latency table', unit='entry',
                                                disable=None if progress else True) as bar:
-            for (group, row), items in sorted(by_model.items()):
-                codes = base.copy()
-                for b, block in enumerate(layout.blocks):
-                    if group_of[block.name] == group:
-                        combo = np.unravel_index(row % len(block.specs), [int(space.choice_counts[g])
-                                                                          for g in block.genes]) if block.genes else ()
-                        codes[list(block.genes)] = combo
-                extracted = supernet.extract(space.decode(codes)).eval()
-                for i in items:
-                    b, c = sources[i]
-                    spec = layout.blocks[b].specs[c]
-                    runner = _Runner([extracted.get_submodule(m) for m in spec.modules], tuple(entries[i]['input']),
-                                     settings)
-                    entries[i]['ms'], entries[i]['iqr'] = _median_ms(runner, settings)
-                    bar.set_postfix_str(entries[i]['desc'][:40])
-                    bar.update()
-                    if time.monotonic() - last_save > _SAVE_EVERY_S:
-                        LatencyTable(space, blocks, entries, meta, calibration).save(path)
-                        last_save = time.monotonic()
+            for i, modules in entry_modules(supernet, layout, sources, todo):
+                runner = _Runner(modules, tuple(entries[i]['input']), settings)
+                entries[i]['ms'], entries[i]['iqr'] = _median_ms(runner, settings)
+                bar.set_postfix_str(entries[i]['desc'][:40])
+                bar.update()
+                if time.monotonic() - last_save > _SAVE_EVERY_S:
+                    LatencyTable(space, blocks, entries, meta, calibration).save(path)
+                    last_save = time.monotonic()
     finally:
         table = LatencyTable(space, blocks, entries, meta, calibration)
         table.save(path)
@@ -510,28 +530,47 @@ def _subnets(space: SearchSpace, n: int, seed: int, exclude: Sequence[Subnet] = 
     return list(out)
 
 
-def calibrate_latency_table(table: LatencyTable, supernet: nn.Module, n: int = 10, seed: int = 0,
-                            progress: bool = True, rounds: int = 5, validate: int = 0) -> LatencyTable:
-    """Fit ``latency = scale * sum + offset`` on ``n`` subnets measured end to end (the min, the max, random ones).
+def calibration_subnets(space: SearchSpace, n: int = 10, seed: int = 0) -> List[Subnet]:
+    """The subnets a table's calibration is fitted on: the min, the max, and random ones (``n`` in all)."""
+    return list(dict.fromkeys([space.min(), space.max()] + _subnets(space, max(0, n - 2), seed)))[:max(n, 1)]
+
+
+def held_out_subnets(space: SearchSpace, n: int, seed: int, exclude: Sequence[Subnet] = ()) -> List[Subnet]:
+    """``n`` random subnets drawn apart from ``exclude`` (the calibration subnets), to score a table on."""
+    return _subnets(space, n, seed + 1_000_003, exclude=exclude)
+
+
+def with_calibration(table: LatencyTable, subnets: Sequence[Subnet], measured: np.ndarray,
+                     seed: int = 0) -> LatencyTable:
+    """``table`` with ``latency = scale * sum + offset`` fitted on the end-to-end ``measured`` times of ``subnets``.
 
     The fit is Theil-Sen (median of pairwise slopes, then median offset), so one subnet measured during a slow spell
-    of the machine does not tilt it. With ``validate``, that many other random subnets are measured in the same
-    interleaved rounds and scored against the fitted prediction (``table.validation``); they never enter the fit.
+    of the machine does not tilt it.
+    """
+    measured = np.asarray(measured, dtype=np.float64)
+    raw = table.raw(table.space.encode(list(subnets))).astype(np.float64)
+    scale, offset = _theil_sen(raw, measured)
+    calibration = dict(scale=scale, offset=offset, subnets=[s.to_dict() for s in subnets],
+                       measured_ms=measured.round(4).tolist(), sum_ms=raw.round(4).tolist(), seed=seed)
+    blocks = list(zip(table.block_names, table.genes, table.entry_index))
+    return LatencyTable(table.space, blocks, table.entries, table.meta, calibration, table.validation)
+
+
+def calibrate_latency_table(table: LatencyTable, supernet: nn.Module, n: int = 10, seed: int = 0,
+                            progress: bool = True, rounds: int = 5, validate: int = 0) -> LatencyTable:
+    """Fit ``latency = scale * sum + offset`` on ``n`` subnets measured end to end (see :func:`with_calibration`).
+
+    With ``validate``, that many other random subnets are measured in the same interleaved rounds and scored against
+    the fitted prediction (``table.validation``); they never enter the fit.
     """
     space = table.space
-    subnets = list(dict.fromkeys([space.min(), space.max()] + _subnets(space, max(0, n - 2), seed)))[:max(n, 1)]
-    held_out = _subnets(space, validate, seed + 1_000_003, exclude=subnets) if validate else []
+    subnets = calibration_subnets(space, n, seed)
+    held_out = held_out_subnets(space, validate, seed, exclude=subnets) if validate else []
     measured = measure_subnets(supernet, subnets + held_out, _settings_of(table), rounds, progress,
                                desc='calibration' + (' + validation' if validate else ''))
-    cal, val = measured[:len(subnets)], measured[len(subnets):]
-    raw = table.raw(space.encode(subnets)).astype(np.float64)
-    scale, offset = _theil_sen(raw, cal)
-    calibration = dict(scale=scale, offset=offset, subnets=[s.to_dict() for s in subnets],
-                       measured_ms=cal.round(4).tolist(), sum_ms=raw.round(4).tolist(), seed=seed)
-    blocks = list(zip(table.block_names, table.genes, table.entry_index))
-    table = LatencyTable(space, blocks, table.entries, table.meta, calibration, table.validation)
+    table = with_calibration(table, subnets, measured[:len(subnets)], seed)
     if validate:
-        table.validation = _score(table, held_out, val)
+        table.validation = dict(_score(table, held_out, measured[len(subnets):]), apart=False)
     return table
 
 
@@ -560,9 +599,19 @@ def _score(table: LatencyTable, subnets: Sequence[Subnet], measured: np.ndarray)
     plain_err = 100 * (plain - measured) / measured
     return dict(
         n=len(subnets), median_abs_pct=float(np.median(np.abs(err))), max_abs_pct=float(np.max(np.abs(err))),
+        within_10_pct=float(100 * np.mean(np.abs(err) <= 10)),
         plain_median_abs_pct=float(np.median(np.abs(plain_err))), plain_max_abs_pct=float(np.max(np.abs(plain_err))),
         rows=[dict(subnet=s.to_dict(), measured_ms=round(float(m), 4), predicted_ms=round(float(p), 4),
                    error_pct=round(float(e), 2)) for s, m, p, e in zip(subnets, measured, predicted, err)])
+
+
+def validation_summary(result: Dict[str, Any]) -> str:
+    """One line on a validation: how many subnets, when they were measured, and the errors."""
+    when = ('measured in a later, separate run' if result.get('apart') else
+            'measured in the same rounds as the calibration')
+    return (f"{result['n']} held-out subnets ({when}): median |error| {result['median_abs_pct']:.2f}%, "
+            f"{result.get('within_10_pct', float('nan')):.0f}% within ±10%, max {result['max_abs_pct']:.2f}% (plain "
+            f"sum of blocks: median {result['plain_median_abs_pct']:.2f}%, max {result['plain_max_abs_pct']:.2f}%)")
 
 
 def validate_latency_table(
@@ -578,7 +627,7 @@ def validate_latency_table(
     if table.space != supernet.space:
         raise ValueError('The latency table was built for another space than the supernet\'s')
     calibration = [Subnet.from_dict(d) for d in (table.calibration or {}).get('subnets', [])]
-    subnets = _subnets(table.space, n, seed + 1_000_003, exclude=calibration)
+    subnets = held_out_subnets(table.space, n, seed, exclude=calibration)
     measured = measure_subnets(supernet, subnets, _settings_of(table), rounds, progress, desc='validation')
     result = _score(table, subnets, measured)
     table.validation = result

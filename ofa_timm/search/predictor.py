@@ -24,13 +24,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._io import atomic_path, load_weights
+from .._io import atomic_path, load_weights, write_text_atomic
 from ..space import SearchSpace, Subnet, SubnetLike
 from .cost import SubnetsOrCodes, as_codes
 
 __all__ = [
     'ArchEncoder', 'AccuracyPredictor', 'build_accuracy_dataset', 'read_accuracy_dataset', 'dataset_space',
-    'fit_predictor', 'spearman', 'FitConfig', 'EncoderConfig', 'PREDICTOR_FORMAT',
+    'fit_predictor', 'spearman', 'FitConfig', 'EncoderConfig', 'PREDICTOR_FORMAT', 'sample_subnets',
+    'write_accuracy_dataset',
 ]
 
 PREDICTOR_FORMAT = 'ofa_timm.accuracy_predictor.v1'
@@ -342,15 +343,10 @@ def build_accuracy_dataset(
     rows = _read_rows(path, space) if path.exists() else []
     done = {Subnet.from_dict(r['subnet']) for r in rows}
     if subnets is None:
-        subnets = _distinct_samples(space, n, seed)
+        subnets = sample_subnets(space, n, seed)
     todo = [s for s in (space.validate(s) for s in subnets) if s not in done]
     if not path.exists() or path.stat().st_size == 0:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(dict(format=_DATASET_FORMAT, model=model,
-                                            space=space.to_dict())) + '\n')
-        except OSError as e:
-            raise ValueError(f'Cannot write {os.fspath(path)}: {e.strerror}') from None
+        write_accuracy_dataset(path, space, [], model)
     with open(path, 'a') as f, tqdm(total=len(todo), desc='accuracy dataset', disable=None if progress else True,
                                      unit='subnet') as bar:
         for subnet in todo:
@@ -370,7 +366,20 @@ def build_accuracy_dataset(
     return rows
 
 
-def _distinct_samples(space: SearchSpace, n: int, seed: int) -> List[Subnet]:
+def write_accuracy_dataset(path: Union[str, os.PathLike], space: SearchSpace, rows: Sequence[Dict[str, Any]],
+                           model: str = '') -> Path:
+    """Write a dataset file (the format header, then one JSON line per row), atomically."""
+    lines = [json.dumps(dict(format=_DATASET_FORMAT, model=model, space=space.to_dict()))]
+    lines += [json.dumps(r) for r in rows]
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return write_text_atomic(path, '\n'.join(lines) + '\n')
+    except OSError as e:
+        raise ValueError(f'Cannot write {os.fspath(path)}: {e.strerror}') from None
+
+
+def sample_subnets(space: SearchSpace, n: int, seed: int) -> List[Subnet]:
+    """``n`` distinct random subnets of ``space``, the same for the same seed (the subnets a dataset evaluates)."""
     rng = np.random.default_rng(seed)
     out: Dict[Subnet, None] = {}
     for _ in range(100 * n):

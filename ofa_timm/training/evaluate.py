@@ -8,9 +8,9 @@ from timm.utils import accuracy
 
 from ..space import SubnetLike
 from .bn import calibrate_bn
-from .data import resize_to
+from .data import eval_loader, resize_to
 
-__all__ = ['evaluate_subnet']
+__all__ = ['evaluate_subnet', 'SubnetEvaluator']
 
 
 @torch.no_grad()
@@ -54,3 +54,35 @@ def evaluate_subnet(
     if count == 0:
         raise ValueError('evaluate_subnet got an empty validation loader')
     return {'top1': top1 / count, 'top5': top5 / count}
+
+
+class SubnetEvaluator:
+    """Evaluates subnets as the whole package does: BN recalibrated on a fixed subset of training images (drawn once
+    from ``seed``), then top-1/top-5 on an evaluation set.
+
+    Args:
+        calib_set: Training images with the evaluation transform.
+        eval_set: The images to evaluate on (a validation or a test split).
+        calib_images: Images used for BN recalibration.
+        batch_size: Batch size of both loaders.
+        seed: Seed of the calibration subset.
+        workers: Data-loader workers.
+        device: Evaluation device (default: the supernet's).
+        autocast: Returns the autocast context of the forward passes (default: none).
+    """
+
+    def __init__(self, calib_set: torch.utils.data.Dataset, eval_set: torch.utils.data.Dataset,
+                 calib_images: int = 2000, batch_size: int = 64, seed: int = 0, workers: int = 0,
+                 device: Union[str, torch.device, None] = None,
+                 autocast: Optional[Callable[[], ContextManager]] = None):
+        self.n_calib = min(calib_images, len(calib_set))
+        g = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(len(calib_set), generator=g)[:self.n_calib].tolist()
+        pin = torch.device(device).type == 'cuda' if device is not None else False
+        self.calib = eval_loader(calib_set, batch_size, workers, pin, indices)
+        self.eval = eval_loader(eval_set, batch_size, workers, pin)
+        self.device, self.autocast = device, autocast
+
+    def __call__(self, supernet: nn.Module, subnet: SubnetLike) -> Dict[str, float]:
+        """``{'top1', 'top5'}`` (%) of ``subnet`` of ``supernet``."""
+        return evaluate_subnet(supernet, subnet, self.calib, self.eval, self.n_calib, self.device, self.autocast)

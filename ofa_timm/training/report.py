@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
-__all__ = ['read_metrics', 'summary_table', 'plot_validation', 'validation_figure']
+__all__ = ['read_metrics', 'summary_table', 'write_run_report', 'plot_validation', 'validation_figure']
 
 
 def read_metrics(path: Union[str, Path]) -> List[Dict[str, Any]]:
@@ -19,6 +19,18 @@ def summary_table(summaries: Sequence[Dict[str, Any]]) -> str:
         rows.append(f"| {s['stage']} | {s['epoch']} | {s.get('step', '')} | {s['top1']:.2f} | {s['min_top1']:.2f} | "
                     f"{s['max_top1']:.2f} | {s['top5']:.2f} | {s['seconds']:.0f} |")
     return '\n'.join(rows)
+
+
+def write_run_report(summaries: Sequence[Dict[str, Any]], output: Union[str, Path]) -> str:
+    """Write a run's ``summary.md`` (the per-stage table) and, from its ``metrics.jsonl``, ``val_accuracy.png`` into
+    ``output``; returns the table."""
+    output = Path(output)
+    table = summary_table(summaries)
+    (output / 'summary.md').write_text(table + '\n')
+    metrics = output / 'metrics.jsonl'
+    if metrics.is_file():
+        plot_validation(read_metrics(metrics), output / 'val_accuracy.png')
+    return table
 
 
 def _corner_name(label: str, dims: Sequence[str]) -> str:

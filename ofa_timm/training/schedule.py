@@ -14,7 +14,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
-__all__ = ['DIMENSIONS', 'Stage', 'Schedule', 'PRESETS', 'load_schedule']
+__all__ = ['DIMENSIONS', 'Stage', 'Schedule', 'PRESETS', 'load_schedule', 'recommended_min_steps',
+           'short_schedule_warning']
 
 DIMENSIONS: Tuple[str, ...] = ('kernel', 'depth', 'expand', 'width', 'resolution')
 SAMPLING_RULES: Tuple[str, ...] = ('uniform', 'sandwich')
@@ -74,14 +75,21 @@ class Stage:
 
 @dataclass(frozen=True)
 class Schedule:
-    """An ordered list of stages and a global epoch scale.
+    """An ordered list of stages, a global epoch scale and a floor in optimizer steps.
+
+    Stages are measured in epochs, so that a recipe carries over between datasets of similar size. On a small dataset
+    epochs are short, and a recipe made for a larger one would train for too few steps: ``min_steps`` is the
+    schedule's floor. Where its epochs give fewer optimizer steps in all, :meth:`fit` lengthens every stage (and its
+    warmup) in proportion until the whole schedule takes ``min_steps``.
 
     Args:
         stages: The stages, in training order.
         epochs_scale: Multiplies every stage's epochs (and warmup); 0.01 turns the reference recipe into a toy run.
+        min_steps: The fewest optimizer steps the whole schedule may take (0: no floor).
     """
     stages: Tuple[Stage, ...]
     epochs_scale: float = 1.0
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
         stages = tuple(s if isinstance(s, Stage) else Stage(**s) for s in self.stages)
@@ -90,8 +98,10 @@ class Schedule:
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f'Stage names must be unique, got {names}')
-        if self.epochs_scale <= 0:
+        if not self.epochs_scale > 0 or not math.isfinite(self.epochs_scale):
             raise ValueError(f'epochs_scale must be > 0, got {self.epochs_scale}')
+        if self.min_steps < 0:
+            raise ValueError(f'min_steps must be >= 0, got {self.min_steps}')
         object.__setattr__(self, 'stages', stages)
 
     def scaled(self, epochs_scale: float) -> 'Schedule':
@@ -101,14 +111,33 @@ class Schedule:
     def stage_epochs(self, stage: Stage) -> float:
         return stage.epochs * self.epochs_scale
 
+    def stage_steps(self, stage: Stage, steps_per_epoch: int) -> int:
+        """Optimizer steps of ``stage`` (at least one)."""
+        return max(1, round(self.stage_epochs(stage) * steps_per_epoch))
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return sum(self.stage_steps(s, steps_per_epoch) for s in self.stages)
+
+    def fit(self, steps_per_epoch: int) -> 'Schedule':
+        """The schedule as it runs at ``steps_per_epoch``: its epoch scale raised, where needed, so that the stages
+        take at least ``min_steps`` optimizer steps in all (each in proportion to its epochs)."""
+        if self.total_steps(steps_per_epoch) >= self.min_steps:
+            return self
+        epochs = sum(s.epochs for s in self.stages)
+        scale = self.min_steps / (epochs * steps_per_epoch)
+        while replace(self, epochs_scale=scale).total_steps(steps_per_epoch) < self.min_steps:
+            scale *= 1.0001  # rounding each stage to whole steps can fall a step short
+        return replace(self, epochs_scale=scale)
+
     def to_dict(self) -> Dict[str, Any]:
-        return {'epochs_scale': self.epochs_scale, 'stages': [asdict(s) for s in self.stages]}
+        return {'epochs_scale': self.epochs_scale, 'min_steps': self.min_steps,
+                'stages': [asdict(s) for s in self.stages]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> 'Schedule':
-        unknown = set(d) - {'epochs_scale', 'stages'}
+        unknown = set(d) - {'epochs_scale', 'min_steps', 'stages'}
         if unknown:
-            raise ValueError(f'Unknown schedule keys {sorted(unknown)}; allowed: epochs_scale, stages')
+            raise ValueError(f'Unknown schedule keys {sorted(unknown)}; allowed: epochs_scale, min_steps, stages')
         if 'stages' not in d:
             raise ValueError("A schedule needs a 'stages' list")
         stages = []
@@ -117,7 +146,7 @@ class Schedule:
                 stages.append(Stage(**s))
             except TypeError as e:
                 raise ValueError(f'Schedule stage {i}: {e}') from None
-        return cls(tuple(stages), float(d.get('epochs_scale', 1.0)))
+        return cls(tuple(stages), float(d.get('epochs_scale', 1.0)), int(d.get('min_steps', 0)))
 
     def to_yaml(self, path: Union[str, os.PathLike]) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -173,16 +202,42 @@ PRESETS: Dict[str, Schedule] = {
         warmup=0.5, phase1_warmup=0.5, full_lr=5e-2, full_epochs=16, full_warmup=2, kernel_subnets=2,
         sampling='sandwich', carry_optimizer=True)),
 }
+PRESETS['scratch'] = replace(PRESETS['demo'], min_steps=1000)
 
 
-def load_schedule(spec: Union[str, os.PathLike, Schedule], epochs_scale: Optional[float] = None) -> Schedule:
-    """A preset name (``ofa``, ``fast``, ``demo``), a YAML file or a ``Schedule``, optionally rescaled."""
+def load_schedule(spec: Union[str, os.PathLike, Schedule], epochs_scale: Optional[float] = None,
+                  pretrained: bool = False) -> Schedule:
+    """A preset name, ``'auto'``, a YAML file or a ``Schedule``, optionally rescaled.
+
+    ``'auto'`` is ``'fast'`` for a supernet that starts from pretrained weights and ``'scratch'`` otherwise; both
+    carry a floor in optimizer steps (``Schedule.min_steps``), so that a small dataset still gets a full recipe.
+    """
     if isinstance(spec, Schedule):
         schedule = spec
+    elif str(spec) == 'auto':
+        schedule = PRESETS['fast' if pretrained else 'scratch']
     elif str(spec) in PRESETS:
         schedule = PRESETS[str(spec)]
     elif os.path.isfile(spec):
         schedule = Schedule.from_yaml(spec)
     else:
-        raise ValueError(f'Unknown schedule {spec!r}: expected one of {sorted(PRESETS)} or a YAML file path')
+        raise ValueError(f"Unknown schedule {spec!r}: expected 'auto', one of {sorted(PRESETS)} or a YAML file path")
     return schedule.scaled(epochs_scale) if epochs_scale is not None else schedule
+
+
+def recommended_min_steps(pretrained: bool) -> int:
+    """The floor in optimizer steps of the recipe ``'auto'`` picks (see ``docs/results.md`` for how it was measured)."""
+    return load_schedule('auto', pretrained=pretrained).min_steps
+
+
+def short_schedule_warning(schedule: Schedule, steps_per_epoch: int, pretrained: bool) -> Optional[str]:
+    """One line when ``schedule`` trains fewer optimizer steps than the ``'auto'`` recipe's floor for this start, with
+    what to change; None otherwise."""
+    need = recommended_min_steps(pretrained)
+    total = schedule.total_steps(steps_per_epoch)
+    if total >= need:
+        return None
+    start = 'pretrained weights' if pretrained else 'scratch'
+    return (f'Warning: this schedule trains {total} optimizer steps in all ({steps_per_epoch} per epoch); from '
+            f'{start}, progressive shrinking needs about {need} on small data (docs/results.md). Pass --min-steps '
+            f'{need} or --schedule auto, or raise --epochs-scale.')

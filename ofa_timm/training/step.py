@@ -17,7 +17,8 @@ from ..space import Subnet
 from .distill import distillation_loss
 from .schedule import Schedule, Stage
 
-__all__ = ['ShrinkingConfig', 'NonFiniteLossError', 'stage_scheduler', 'teacher_logits', 'shrinking_step']
+__all__ = ['ShrinkingConfig', 'NonFiniteLossError', 'stage_scheduler', 'distills_from_teacher', 'teacher_logits',
+           'shrinking_step']
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,13 +92,21 @@ def stage_scheduler(
     return scheduler, total
 
 
+def distills_from_teacher(stage: Stage) -> bool:
+    """Whether ``stage`` distills from the frozen teacher (the max subnet as the stage before it left it): it has a
+    KD ratio, samples uniformly (sandwich sampling distills in place from the max subnet), and unlocks something (a
+    stage that trains only the full network would distill from a frozen copy of itself)."""
+    return stage.kd_ratio > 0 and stage.sampling == 'uniform' and bool(stage.unlock)
+
+
 def teacher_logits(
         teacher: Optional[nn.Module], images: torch.Tensor, stage: Stage,
         autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> Optional[torch.Tensor]:
     """The frozen teacher's logits for the batch, when the stage distills from it (once per batch, for every
-    subnet of the step); None otherwise (no KD, or sandwich sampling's in-place distillation)."""
-    if teacher is None or stage.kd_ratio <= 0 or stage.sampling != 'uniform':
+    subnet of the step); None otherwise (no KD, sandwich sampling's in-place distillation, or a stage that trains
+    only the full network, whose teacher would be itself)."""
+    if not distills_from_teacher(stage) or teacher is None:
         return None
     with torch.no_grad(), autocast():
         return teacher(images)

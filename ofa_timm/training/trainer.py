@@ -38,14 +38,14 @@ from timm.utils import ModelEmaV3
 
 from .._io import atomic_path, checkpoint_metadata, load_weights
 from ..space import Subnet
-from .data import EpochSampler, SeededDataset, eval_loader, resize_to, train_loader
+from .data import EpochSampler, SeededDataset, resize_to, train_loader
 from .distill import classification_loss
-from .evaluate import evaluate_subnet
+from .evaluate import SubnetEvaluator
 from .init import zero_init_residual
 from .sampling import StepSampler, applicable_stages
-from .schedule import Schedule, Stage
+from .schedule import Schedule, Stage, short_schedule_warning
 from .sorting import sort_before_stage
-from .step import ShrinkingConfig, shrinking_step, stage_scheduler, teacher_logits
+from .step import ShrinkingConfig, distills_from_teacher, shrinking_step, stage_scheduler, teacher_logits
 
 __all__ = ['TrainConfig', 'Trainer', 'TrainingInterrupted', 'save_checkpoint', 'load_checkpoint']
 
@@ -114,24 +114,33 @@ class TrainConfig(ShrinkingConfig):
 class TrainingInterrupted(KeyboardInterrupt):
     """:meth:`Trainer.run` was stopped by SIGINT or SIGTERM.
 
-    On the first signal the step in progress finishes and is checkpointed (``saved``); on a second one the run stops
-    at once and the last checkpoint is kept. A command line exits with ``128 + signum`` (130, 143).
+    On the first signal a training step in progress finishes and is checkpointed (``saved``); validation, BN
+    recalibration and channel sorting stop at once (they are redone on resume). On a second signal the run stops at
+    once and the last checkpoint is kept. A command line exits with ``128 + signum`` (130, 143).
 
     Args:
         signum: The signal.
         where: Where the run stopped (``Trainer.where()``).
         checkpoint: The checkpoint ``Trainer.resume`` continues from.
         saved: Whether it was written at the stopping step.
+        detail: Replaces the message's account of what was kept.
     """
 
-    def __init__(self, signum: int, where: str, checkpoint: Path, saved: bool = True):
+    def __init__(self, signum: int, where: str, checkpoint: Path, saved: bool = True, detail: str = ''):
         self.signum, self.where, self.checkpoint, self.saved = signum, where, checkpoint, saved
         name = signal.Signals(signum).name
-        if saved:
+        if detail:
+            message = f'{name}: stopped in {where}; {detail}'
+        elif saved:
             message = f'{name}: stopped at {where}; checkpoint written to {checkpoint}'
         else:
             message = f'{name} again: stopped at once, in {where}; the last checkpoint is kept at {checkpoint}'
         super().__init__(message)
+
+
+class _PhaseAborted(Exception):
+    """Raised by the signal handler inside work that is cheaper to redo than to finish (validation, BN calibration,
+    channel sorting)."""
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
@@ -222,6 +231,7 @@ class _Position:
     stage: int = 0
     step: int = 0  # optimizer steps done in the stage
     global_step: int = 0
+    validate: bool = False  # a validation is owed at this position (a signal stopped it; resume runs it first)
 
 
 class Trainer:
@@ -262,7 +272,6 @@ class Trainer:
         self.supernet = supernet.to(device)
         if config.channels_last:
             self.supernet.to(memory_format=torch.channels_last)
-        self.schedule = applicable_stages(schedule, supernet.space, pretrained)
         self.pretrained = pretrained
         self.train_set, self.val_set, self.calib_set = train_set, val_set, calib_set
         self.output = Path(config.output)
@@ -275,6 +284,8 @@ class Trainer:
                 find_unused_parameters=True)
         self.ema = ModelEmaV3(self.supernet, decay=config.ema_decay) if config.ema_decay else None
         self.sampler = EpochSampler(len(train_set), config.batch_size, config.seed, self.rank, self.world_size)
+        # The stages that apply, at the length they run on this data (a schedule's min_steps floor).
+        self.schedule = applicable_stages(schedule, supernet.space, pretrained).fit(self.steps_per_epoch)
         self.position = _Position()
         self.history: List[Dict[str, Any]] = []
         self._optimizer: Optional[torch.optim.Optimizer] = None
@@ -284,6 +295,8 @@ class Trainer:
         self._stop_after: Optional[int] = None
         self._signal: Optional[int] = None  # a stop signal this process received
         self._stopped_by: Optional[int] = None  # the signal every rank stopped for
+        self._abort_ok = False  # the signal handler may abort the work in progress (see _abortable)
+        self._evaluator: Optional[SubnetEvaluator] = None
         self._last_save = time.monotonic()
 
     # --- properties -----------------------------------------------------------------------------------------
@@ -296,7 +309,20 @@ class Trainer:
         return self.sampler.batches_per_epoch
 
     def stage_steps(self, stage: Stage) -> int:
-        return max(1, round(self.schedule.stage_epochs(stage) * self.steps_per_epoch))
+        return self.schedule.stage_steps(stage, self.steps_per_epoch)
+
+    def describe_schedule(self) -> str:
+        """What the run will do: its stages with their optimizer steps, and a line when the schedule looks too short
+        for the data (see :func:`~ofa_timm.training.schedule.short_schedule_warning`)."""
+        stages = ', '.join(f'{s.name} {self.stage_steps(s)}' for s in self.schedule.stages)
+        total = self.schedule.total_steps(self.steps_per_epoch)
+        lines = [f'Stages (optimizer steps): {stages}; {total} in all ({self.steps_per_epoch} steps/epoch of '
+                 f'{len(self.train_set):,} training images, batch {self.config.batch_size} x world size '
+                 f'{self.world_size})']
+        warning = short_schedule_warning(self.schedule, self.steps_per_epoch, self.pretrained)
+        if warning:
+            lines.append(warning)
+        return '\n'.join(lines)
 
     def where(self) -> str:
         """Where the run stands: stage, epoch and step in the stage (steps done), and global step."""
@@ -374,6 +400,14 @@ class Trainer:
         with self._stop_on_signals():
             while self.position.stage < len(stages):
                 stage = stages[self.position.stage]
+                try:
+                    with self._abortable():
+                        self.prepare_stage(stage)
+                except _PhaseAborted:  # nothing of the stage has run: the last checkpoint is where it starts
+                    raise TrainingInterrupted(self._signal, self.where(), self.output / CHECKPOINT, detail=(
+                        f'the checkpoint at the start of the stage is kept at {self.output / CHECKPOINT}'
+                        if (self.output / CHECKPOINT).is_file() else
+                        'no step had run: there is no checkpoint, and the run starts afresh')) from None
                 if not self._run_stage(stage):
                     self.save()
                     if self._stopped_by is not None:
@@ -397,8 +431,12 @@ class Trainer:
                 raise TrainingInterrupted(signum, self.where(), self.output / CHECKPOINT, saved=False)
             self._signal = signum
             if self.is_main:  # os.write: print() is not safe inside a signal handler
-                os.write(2, f'\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (once more '
-                            f'stops at once, keeping the last checkpoint)\n'.encode())
+                what = 'now (what was in progress is redone on resume)' if self._abort_ok else 'after this step'
+                os.write(2, f'\n{signal.Signals(signum).name}: stopping {what} with a checkpoint (once more stops at '
+                            f'once, keeping the last checkpoint)\n'.encode())
+            if self._abort_ok:
+                self._abort_ok = False
+                raise _PhaseAborted()
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -421,6 +459,18 @@ class Trainer:
             flags = agreed.tolist()
         return (flags[0] or None), bool(flags[1])
 
+    @contextlib.contextmanager
+    def _abortable(self) -> Iterator[None]:
+        """Work in this block that a stop signal ends at once (raising ``_PhaseAborted``): it is redone on resume,
+        so only the training state needs saving."""
+        if self._signal is not None:
+            raise _PhaseAborted()
+        self._abort_ok = True
+        try:
+            yield
+        finally:
+            self._abort_ok = False
+
     def _make_teacher(self) -> nn.Module:
         # Building the copy draws random init weights: keep the run's RNG out of it, so that a run resumed at the
         # boundary of the stage that builds the teacher draws the same numbers as the uninterrupted run.
@@ -431,7 +481,11 @@ class Trainer:
             teacher.to(memory_format=torch.channels_last)
         return teacher
 
-    def _prepare_stage(self, stage: Stage) -> None:
+    def prepare_stage(self, stage: Stage) -> None:
+        """Set the run up for ``stage`` at the current position: on entering it, channel sorting (before an expand
+        stage), the teacher, a new optimizer (carrying the previous stage's state when the stage says so) and the
+        stage's learning-rate schedule; on resuming inside it, the saved optimizer, scheduler and RNG states.
+        :meth:`run` calls it before each stage; call it yourself to drive :meth:`train_step` by hand."""
         resumed = self._resume_state is not None
         entering = self.position.step == 0  # also when resuming from the previous stage's end
         fresh = (self.config.zero_init_residual and not self.pretrained and self.position.global_step == 0
@@ -448,7 +502,7 @@ class Trainer:
             self.ema.module.load_state_dict(self.supernet.state_dict())
         moved = [p for p, b in zip(params, before) if sorted_ and not torch.equal(p, b)]
         del before
-        if stage.kd_ratio > 0 and stage.sampling == 'uniform' and self.teacher is None:
+        if distills_from_teacher(stage) and self.teacher is None:
             self.teacher = self._make_teacher()
         lr = stage.lr * self.world_size
         previous = self._optimizer  # the previous stage's, when this process ran it
@@ -473,8 +527,7 @@ class Trainer:
         self._scheduler.step_update(self.position.step)
 
     def _run_stage(self, stage: Stage) -> bool:
-        """Train the stage to its end (True), or until ``stop_after`` steps or a stop signal (False)."""
-        self._prepare_stage(stage)
+        """Train the prepared stage to its end (True), or until ``stop_after`` steps or a stop signal (False)."""
         sampler = StepSampler(self.supernet.space, stage, self.config.seed)
         total = self.stage_steps(stage)
         spe = self.steps_per_epoch
@@ -489,6 +542,11 @@ class Trainer:
         last_line = -math.inf
         stage_start = time.time()
         try:
+            if self.position.validate:  # a signal stopped the validation owed here: it runs first
+                if not self._owed_validation(stage, sampler, stage_start, lines):
+                    return False
+                if self.position.step % spe == 0 and self.position.step < total:
+                    self.save()
             while self.position.step < total:
                 epoch, start_batch = divmod(self.position.step, spe)
                 self.sampler.set_epoch(self.position.stage * 100_000 + epoch, start_batch)
@@ -496,7 +554,7 @@ class Trainer:
                 tick, images_seen = time.time(), 0
                 for images, targets in loader:
                     subnets = sampler.sample(self.position.step)
-                    loss = self._train_step(stage, subnets, images, targets)
+                    loss = self.train_step(stage, subnets, images, targets)
                     self.position.step += 1
                     self.position.global_step += 1
                     images_seen += images.shape[0] * self.world_size
@@ -518,10 +576,11 @@ class Trainer:
                     stopping = self._stop_after is not None and self.position.global_step >= self._stop_after
                     if stop_signal is not None:
                         self._stopped_by, stopping = stop_signal, True
-                    if end_of_epoch:
-                        done_epochs = math.ceil(self.position.step / spe)
-                        if self.position.step == total or done_epochs % self.config.val_every == 0:
-                            self._validate(stage, sampler, done_epochs, time.time() - stage_start, lines)
+                    done_epochs = math.ceil(self.position.step / spe)
+                    if end_of_epoch and (self.position.step == total or done_epochs % self.config.val_every == 0):
+                        self.position.validate = True  # owed; a signal leaves it to the resumed run
+                        if self._stopped_by is None and not self._owed_validation(stage, sampler, stage_start, lines):
+                            stopping = True
                     if stopping:
                         return False  # run() writes the checkpoint
                     if end_of_epoch:
@@ -536,7 +595,26 @@ class Trainer:
                 bar.close()
         return True
 
-    def _train_step(self, stage: Stage, subnets: List[Subnet], images: torch.Tensor, targets: torch.Tensor) -> float:
+    def _owed_validation(self, stage: Stage, sampler: StepSampler, stage_start: float, show: bool) -> bool:
+        """Run the validation owed at this position; False when a stop signal came during it (then every rank stops,
+        and the validation, which a signal ends at once, is owed again on resume)."""
+        epoch = math.ceil(self.position.step / self.steps_per_epoch)
+        rng = _rng_state()  # validation draws from the global RNG (data-loader seeds): a redo must start from here
+        completed = self._validate(stage, sampler, epoch, time.time() - stage_start, show)
+        if completed:
+            self.position.validate = False
+        else:
+            _set_rng_state(rng)
+        stop_signal, _ = self._poll()  # a signal that came during the validation, on any rank
+        if stop_signal is not None:
+            self._stopped_by = stop_signal
+            return False
+        return True
+
+    def train_step(self, stage: Stage, subnets: List[Subnet], images: torch.Tensor, targets: torch.Tensor) -> float:
+        """One progressive-shrinking step of ``stage`` (prepared by :meth:`prepare_stage`) on a batch: the teacher,
+        the loss of each subnet back-propagated into the shared weights, one optimizer step, EMA and scheduler
+        updates. Returns the mean loss of the subnets. It does not move the run's position."""
         cfg = self.config
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
@@ -575,22 +653,31 @@ class Trainer:
     # --- validation -----------------------------------------------------------------------------------------
     def evaluate_subnet(self, subnet: Subnet) -> Dict[str, float]:
         """BN-recalibrate ``subnet`` on a fixed subset of training images and measure top-1/top-5."""
-        cfg = self.config
-        g = torch.Generator().manual_seed(cfg.seed)
-        n_calib = min(cfg.calib_images, len(self.calib_set))
-        indices = torch.randperm(len(self.calib_set), generator=g)[:n_calib].tolist()
-        calib = eval_loader(self.calib_set, cfg.batch_size, cfg.workers, False, indices)
-        val = eval_loader(self.val_set, cfg.batch_size, cfg.workers, False)
-        return evaluate_subnet(self.supernet, subnet, calib, val, n_calib, self.device, self._autocast)
+        if self._evaluator is None:
+            cfg = self.config
+            self._evaluator = SubnetEvaluator(self.calib_set, self.val_set, cfg.calib_images, cfg.batch_size,
+                                              cfg.seed, cfg.workers, self.device, self._autocast)
+        return self._evaluator(self.supernet, subnet)
 
-    def _validate(self, stage: Stage, sampler: StepSampler, epoch: int, elapsed: float, show: bool = False) -> None:
+    def _validate(self, stage: Stage, sampler: StepSampler, epoch: int, elapsed: float, show: bool = False) -> bool:
+        """Rank 0 evaluates the validation grid, logs it and adds it to the history; every rank waits for it.
+        Returns False (nothing logged) when a stop signal ended it."""
+        completed = True
         if self.is_main:
-            results = []
-            for label, subnet in sampler.validation_grid(self.config.val_resolutions):
-                metrics = self.evaluate_subnet(subnet)
-                results.append(metrics)
-                self._log({'type': 'val', 'stage': stage.name, 'epoch': epoch, 'global_step': self.position.global_step,
-                           'subnet': label, 'spec': subnet.to_dict(), **metrics})
+            try:
+                with self._abortable():
+                    records, results = [], []
+                    for label, subnet in sampler.validation_grid(self.config.val_resolutions):
+                        metrics = self.evaluate_subnet(subnet)
+                        results.append(metrics)
+                        records.append({'type': 'val', 'stage': stage.name, 'epoch': epoch,
+                                        'global_step': self.position.global_step, 'subnet': label,
+                                        'spec': subnet.to_dict(), **metrics})
+            except _PhaseAborted:
+                completed = False
+        if self.is_main and completed:
+            for r in records:
+                self._log(r)
             mean1 = sum(r['top1'] for r in results) / len(results)
             mean5 = sum(r['top5'] for r in results) / len(results)
             record = {'type': 'val_mean', 'stage': stage.name, 'epoch': epoch, 'step': self.position.step,
@@ -603,6 +690,7 @@ class Trainer:
                 print(f"{stage.name} ep {epoch} validation: mean top-1 {mean1:.2f} (min {record['min_top1']:.2f}, "
                       f"max {record['max_top1']:.2f}) over {len(results)} subnets", flush=True)
         _barrier()
+        return completed
 
     def _log(self, record: Dict[str, Any]) -> None:
         with open(self.output / 'metrics.jsonl', 'a') as f:

@@ -25,7 +25,8 @@ from ofa_timm.training.evaluate import evaluate_subnet
 from ofa_timm.training.sampling import StepSampler, applicable_stages
 from ofa_timm.training.schedule import Schedule, Stage, load_schedule
 from ofa_timm.training.sorting import sort_before_stage
-from ofa_timm.training.step import ShrinkingConfig, shrinking_step, stage_scheduler, teacher_logits
+from ofa_timm.training.step import (
+    ShrinkingConfig, distills_from_teacher, shrinking_step, stage_scheduler, teacher_logits)
 
 from .space import SupernetSpace
 
@@ -109,7 +110,7 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         entering = self.current_epoch == first_epoch  # not when resuming mid-stage from a checkpoint
         if entering:
             sort_before_stage(self.supernet, self.schedule, index)
-        if stage.kd_ratio > 0 and stage.sampling == 'uniform' and not self._teacher_ready:
+        if distills_from_teacher(stage) and not self._teacher_ready:
             if entering:
                 self.teacher.load_state_dict(self.supernet.extract('max').state_dict())
             self._teacher_ready = True

@@ -1,0 +1,310 @@
+"""Specialization verbs of ``ofa-timm``: ``latency`` (build, kit, import, validate), ``predictor`` (dataset, fit),
+``search`` and ``export``."""
+import argparse
+import time
+from pathlib import Path
+from typing import Any, List
+
+from ._common import HelpFormatter, data_loaders, load_supernet_from_args
+
+__all__ = ['add_parsers']
+
+
+def _latency(args: argparse.Namespace) -> int:
+    from ..search.latency import LatencySettings, build_latency_table, validation_summary
+    settings = LatencySettings(args.backend, args.batch_size, args.threads, args.amp, args.channels_last,
+                               args.warmup, args.repeats)
+    supernet = load_supernet_from_args(args)
+    table = build_latency_table(supernet, args.out, settings, calibrate=args.calibrate, seed=args.seed,
+                                model=args.model, progress=not args.no_progress, validate=args.validate)
+    _print_table(table, args.out)
+    if args.validate and table.validation:
+        print(f'Validation: {validation_summary(table.validation)}')
+    return 0
+
+
+def _print_table(table: Any, path: str) -> None:
+    print(f'Latency table: {path} ({len(table.entries)} block entries; {table.describe()})')
+    cal = table.calibration
+    if cal:
+        print(f"Calibration on {len(cal['subnets'])} subnets: latency = {cal['scale']:.4f} x sum of blocks "
+              f"{cal['offset']:+.3f} ms")
+    smallest, largest = table.minimum()[0], table.maximum()[0]
+    print(f'Predicted latency of the space: {smallest:.3f} .. {largest:.3f} ms')
+
+
+def _latency_kit(args: argparse.Namespace) -> int:
+    from ..search.kit import make_kit
+    supernet = load_supernet_from_args(args)
+    out = make_kit(supernet, args.out, batch_size=args.batch_size, calibrate=args.calibrate, validate=args.validate,
+                   seed=args.seed, model=args.model, progress=not args.no_progress)
+    size = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
+    print(f'Latency kit: {out} ({size / 1e6:.1f} MB). Copy the folder to the device and run there (Python >= 3.8 '
+          f'with numpy and onnxruntime):\n  python measure.py [--provider cuda|tensorrt|coreml|nnapi|openvino|qnn|'
+          f'directml] [--threads N]\nthen bring results.json back and run\n'
+          f'  ofa-timm latency import {out / "results.json"} --out table.json')
+    return 0
+
+
+def _latency_import(args: argparse.Namespace) -> int:
+    from ..search.kit import import_kit_results
+    from ..search.latency import validation_summary
+    table = import_kit_results(args.results, kit=args.kit)
+    table.save(args.out)
+    _print_table(table, args.out)
+    if table.validation:
+        print(f'Validation: {validation_summary(table.validation)}')
+    else:
+        print('No validation yet: measure the held-out subnets on the device (python measure.py --part validation) '
+              'and import again')
+    return 0
+
+
+def _latency_validate(args: argparse.Namespace) -> int:
+    from ..search.latency import LatencyTable, validate_latency_table, validation_summary
+    supernet = load_supernet_from_args(args)
+    table = LatencyTable.load(args.table, space=supernet.space)
+    result = validate_latency_table(table, supernet, n=args.n, seed=args.seed, progress=not args.no_progress)
+    table.save(args.table)
+    print(f'Validation of {args.table}: {validation_summary(result)}')
+    return 0
+
+
+def _predictor_dataset(args: argparse.Namespace) -> int:
+    from ..search.predictor import build_accuracy_dataset
+    supernet = load_supernet_from_args(args)
+    space = supernet.space
+    image_size = args.img_size or max(space.resolutions or (int(supernet.pretrained_cfg['input_size'][-1]),))
+    calib, val = data_loaders(args.data_dir, image_size, args.batch_size, args.workers, args.seed)
+    rows = build_accuracy_dataset(supernet, calib, val, args.out, n=args.n, seed=args.seed,
+                                  calib_images=args.calib_images, device=args.device, progress=not args.no_progress,
+                                  model=args.model)
+    top1 = [r['top1'] for r in rows]
+    print(f'Accuracy dataset: {args.out} ({len(rows)} subnets, top-1 {min(top1):.2f} .. {max(top1):.2f}%)')
+    return 0
+
+
+def _predictor_fit(args: argparse.Namespace) -> int:
+    from ..search.predictor import FitConfig, dataset_space, fit_predictor, read_accuracy_dataset
+    space, model = dataset_space(args.data)
+    codes, targets = read_accuracy_dataset(args.data, space, metric=args.metric)
+    config = FitConfig(hidden_size=args.hidden_size, n_layers=args.layers, steps=args.steps, lr=args.lr,
+                       val_fraction=args.val_fraction, seed=args.seed)
+    predictor, metrics = fit_predictor(space, codes, targets, config, progress=not args.no_progress)
+    predictor.save(args.out, model=model)
+    scores = (f"held-out RMSE {metrics['rmse']:.3f} % points, Spearman {metrics['spearman']:.3f} "
+              f"({metrics['n_val']} subnets)") if metrics.get('n_val') else 'no held-out rows'
+    print(f"Predictor: {args.out} (trained on {metrics['n_train']} subnets; {scores})")
+    return 0
+
+
+def _parse_budgets(text: str, unit: str) -> List[float]:
+    """'10ms,20ms' (latency) or '150M,300M' (FLOPs / parameters; k, M, G suffixes) -> numbers in the cost's unit."""
+    budgets = []
+    for item in (t.strip() for t in text.split(',') if t.strip()):
+        value, suffix = item, ''
+        for s in ('ms', 'k', 'K', 'M', 'G'):
+            if item.endswith(s):
+                value, suffix = item[:-len(s)], s
+                break
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f'Cannot read budget {item!r}: expected e.g. 20ms (latency) or 300M (FLOPs)') from None
+        if suffix == 'ms' and unit != 'ms' or suffix in ('k', 'K', 'M', 'G') and unit == 'ms':
+            raise ValueError(f'Budget {item!r} does not fit the constraint: use ms with --latency-table, and a plain '
+                             f'number or k/M/G with --flops / --params')
+        budgets.append(number * {'k': 1e3, 'K': 1e3, 'M': 1e6, 'G': 1e9}.get(suffix, 1.0))
+    if not budgets:
+        raise ValueError('--budgets is empty; give e.g. 10ms,20ms or 150M,300M')
+    return budgets
+
+
+def _budget_label(value: float, name: str, unit: str) -> str:
+    from ..search.cost import format_cost
+    return f'{name}_' + format_cost(value, name, unit).replace(' ', '')
+
+
+def _search(args: argparse.Namespace) -> int:
+    import numpy as np
+    from ..search import AccuracyPredictor, EvolutionConfig, flops_model, params_model, specialize
+    from ..search.export import export_subnet
+    from ..search.latency import LatencyTable
+    from ..search.report import plot_pareto, write_results
+
+    supernet = load_supernet_from_args(args)
+    space = supernet.space
+    predictor = AccuracyPredictor.load(args.predictor, space=space)
+    if args.latency_table:
+        model = LatencyTable.load(args.latency_table, space=space)
+    else:
+        model = params_model(supernet) if args.params else flops_model(supernet)
+    budgets = _parse_budgets(args.budgets, model.unit)
+    config = EvolutionConfig(population_size=args.population, generations=args.generations)
+    start = time.time()
+    results = specialize(supernet, predictor, {model.name: model}, budgets, config, seed=args.seed,
+                         progress=not args.no_progress)
+    elapsed = time.time() - start
+    out = Path(args.out)
+    calib = None
+    if args.calibrate_bn:
+        calib, _ = data_loaders(args.calibrate_bn, max(space.resolutions), 32, 0, args.seed)
+    rows = []
+    for r in results:
+        label = _budget_label(r.budgets[model.name], model.name, model.unit)
+        folder = out / label
+        if args.export_format == 'none':
+            r.subnet.to_json(folder / 'subnet.json')
+        else:
+            export_subnet(supernet, r.subnet, folder, formats=args.export_format.split(','), calib_loader=calib,
+                          model_name=args.model)
+        rows.append(label)
+        print(f"  {label}: predicted top-1 {r.accuracy:.2f}%, {model.name} {r.costs[model.name]:.4g} "
+              f"-> {folder}")
+    rng = np.random.default_rng(args.seed)
+    sample = rng.integers(0, space.choice_counts, size=(2000, len(space.genes)))
+    plot_pareto(results, model.name, out / 'pareto.png', unit=model.unit,
+                background=(model(sample), predictor.predict(sample)), title=f'{args.model}: best subnet per budget')
+    header = (f'# Search results: {args.model}\n\n{len(results)} budgets, population {config.population_size}, '
+              f'{config.generations} generations, {elapsed:.2f} s. Predictor: `{args.predictor}`'
+              + (f' (held-out RMSE {predictor.metrics["rmse"]:.2f}, Spearman {predictor.metrics["spearman"]:.3f})'
+                 if 'rmse' in predictor.metrics else '') + '. Cost: '
+              + (f'latency table `{args.latency_table}` ({model.describe()})' if args.latency_table else model.name)
+              + '.\n')
+    write_results(results, out / 'results.md', units={model.name: model.unit}, header=header)
+    print(f'Searched {len(results)} budgets in {elapsed:.2f} s. Wrote {out / "results.md"} and {out / "pareto.png"}')
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..search.export import export_subnet
+    supernet = load_supernet_from_args(args)
+    calib = None
+    if args.calibrate_bn:
+        subnet = supernet.resolve(args.subnet)
+        res = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+        calib, _ = data_loaders(args.calibrate_bn, res, 32, 0, args.seed)
+    result = export_subnet(supernet, args.subnet, args.out, formats=args.format.split(','), calib_loader=calib,
+                           calib_images=args.calib_images, model_name=args.model)
+    for key in ('onnx_max_abs_diff', 'pt2_max_abs_diff'):
+        if key in result:
+            print(f"{key.split('_')[0]} check: max abs difference {result[key]:.3g} vs PyTorch")
+    print(f"Exported {result['subnet'].to_dict()} to {args.out}: {', '.join(Path(f).name for f in result['files'])}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """The ``latency``, ``predictor``, ``search`` and ``export`` verbs."""
+    def model_args(p: argparse.ArgumentParser, checkpoint_help: str = 'trained supernet weights') -> None:
+        p.add_argument('--model', required=True, help='registered ofa_* name')
+        p.add_argument('--checkpoint', default=None, help=checkpoint_help + ' (supernet.safetensors of ofa-timm train)')
+        p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
+        p.add_argument('--resolutions', type=int, nargs='+', default=None,
+                       help="elastic resolutions (default: the checkpoint's, else OFA's)")
+
+    from ..search.export import EXPORT_FORMATS
+    from ..search.latency import BACKENDS
+
+    p = sub.add_parser('latency', help='latency tables: build one here, or make a kit to measure on another device')
+    verbs = p.add_subparsers(dest='latency_command', required=True)
+    b = verbs.add_parser('build', help='measure a latency table of a space on this device (resumable)',
+                         formatter_class=HelpFormatter)
+    model_args(b, 'weights (only the space and the class count matter)')
+    b.add_argument('--backend', choices=BACKENDS, default='torch-cpu')
+    b.add_argument('--batch-size', type=int, default=1)
+    b.add_argument('--threads', type=int, default=None, help="intra-op threads (default: PyTorch's)")
+    b.add_argument('--amp', choices=('bf16',), default=None, help='bf16 autocast (PyTorch backends)')
+    b.add_argument('--channels-last', action='store_true')
+    b.add_argument('--warmup', type=int, default=10, help='untimed calls per entry')
+    b.add_argument('--repeats', type=int, default=30, help='timed samples per entry (median)')
+    b.add_argument('--calibrate', type=int, default=10, help='subnets measured end to end to fit scale and offset')
+    b.add_argument('--validate', type=int, default=0,
+                   help='held-out subnets to measure end to end, in the same rounds as the calibration subnets')
+    b.add_argument('--seed', type=int, default=0)
+    b.add_argument('--out', required=True, help='table JSON (resumed if it exists)')
+    b.add_argument('--no-progress', action='store_true')
+    b.set_defaults(func=_latency, command='latency build')
+    k = verbs.add_parser('kit', help='write a kit that measures the table on another device with onnxruntime alone',
+                         formatter_class=HelpFormatter)
+    model_args(k, 'weights (only the space and the class count matter; the kit carries none)')
+    k.add_argument('--batch-size', type=int, default=1)
+    k.add_argument('--calibrate', type=int, default=10, help='calibration subnets (measured whole)')
+    k.add_argument('--validate', type=int, default=30, help='held-out validation subnets (measured whole)')
+    k.add_argument('--seed', type=int, default=0)
+    k.add_argument('--out', required=True, help='kit folder')
+    k.add_argument('--no-progress', action='store_true')
+    k.set_defaults(func=_latency_kit, command='latency kit')
+    i = verbs.add_parser('import', help="build a latency table from a kit's results.json",
+                         formatter_class=HelpFormatter)
+    i.add_argument('results', help='results.json written by the kit\'s measure.py')
+    i.add_argument('--kit', default=None, help='kit folder (default: the folder of the results)')
+    i.add_argument('--out', required=True, help='latency table JSON')
+    i.set_defaults(func=_latency_import, command='latency import')
+    v = verbs.add_parser('validate', help='measure held-out subnets now and report the error of a table built earlier',
+                         formatter_class=HelpFormatter)
+    model_args(v, 'weights (only the space and the class count matter)')
+    v.add_argument('--table', required=True, help='latency table JSON (the validation is stored in it)')
+    v.add_argument('--n', type=int, default=30, help='held-out subnets')
+    v.add_argument('--seed', type=int, default=1, help='seed of the held-out draw')
+    v.add_argument('--no-progress', action='store_true')
+    v.set_defaults(func=_latency_validate, command='latency validate')
+
+    p = sub.add_parser('predictor', help='accuracy predictor: build its dataset, fit it')
+    verbs = p.add_subparsers(dest='predictor_command', required=True)
+    d = verbs.add_parser('dataset', help='evaluate random BN-recalibrated subnets (resumable)',
+                         formatter_class=HelpFormatter)
+    model_args(d)
+    d.add_argument('--data-dir', required=True, help='ImageFolder root with train/ and validation/')
+    d.add_argument('--img-size', type=int, default=None, help='loader resolution (default: max resolution)')
+    d.add_argument('--n', type=int, default=1000, help='subnets in the dataset')
+    d.add_argument('--calib-images', type=int, default=2000, help='images for BN recalibration')
+    d.add_argument('--batch-size', type=int, default=64)
+    d.add_argument('--workers', type=int, default=0)
+    d.add_argument('--device', default=None, help='default: cpu')
+    d.add_argument('--seed', type=int, default=0)
+    d.add_argument('--out', required=True, help='dataset JSON-lines file (appended, resumed)')
+    d.add_argument('--no-progress', action='store_true')
+    d.set_defaults(func=_predictor_dataset, command='predictor dataset')
+    f = verbs.add_parser('fit', help='train the MLP predictor; reports held-out RMSE and Spearman',
+                         formatter_class=HelpFormatter)
+    f.add_argument('--data', required=True, help='dataset of ofa-timm predictor dataset')
+    f.add_argument('--metric', choices=('top1', 'top5'), default='top1')
+    f.add_argument('--hidden-size', type=int, default=400)
+    f.add_argument('--layers', type=int, default=3)
+    f.add_argument('--steps', type=int, default=2000)
+    f.add_argument('--lr', type=float, default=1e-3)
+    f.add_argument('--val-fraction', type=float, default=0.2)
+    f.add_argument('--seed', type=int, default=0)
+    f.add_argument('--out', required=True, help='predictor .safetensors')
+    f.add_argument('--no-progress', action='store_true')
+    f.set_defaults(func=_predictor_fit, command='predictor fit')
+
+    p = sub.add_parser('search', help='best subnet per budget: evolution on a predictor and a cost model',
+                       formatter_class=HelpFormatter)
+    model_args(p)
+    p.add_argument('--predictor', required=True, help='predictor .safetensors')
+    cost = p.add_mutually_exclusive_group(required=True)
+    cost.add_argument('--latency-table', default=None, help='latency table JSON (budgets in ms)')
+    cost.add_argument('--flops', action='store_true', help='budgets in FLOPs (k/M/G)')
+    cost.add_argument('--params', action='store_true', help='budgets in parameters (k/M/G)')
+    p.add_argument('--budgets', required=True, help='comma-separated: 10ms,20ms or 150M,300M')
+    p.add_argument('--population', type=int, default=100)
+    p.add_argument('--generations', type=int, default=500)
+    p.add_argument('--export-format', default='timm',
+                   help=f"comma-separated of {', '.join(EXPORT_FORMATS)}, or none (subnet JSON only)")
+    p.add_argument('--calibrate-bn', default=None, help='ImageFolder root: recalibrate BN before exporting')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', required=True, help='folder for subnets, exports, pareto.png, results.md')
+    p.add_argument('--no-progress', action='store_true')
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser('export', help='extract a subnet and write it as timm, safetensors, ONNX or pt2',
+                       formatter_class=HelpFormatter)
+    model_args(p)
+    p.add_argument('--subnet', required=True, help="subnet JSON (or 'max' / 'min')")
+    p.add_argument('--format', default='timm', help=f"comma-separated of {', '.join(EXPORT_FORMATS)}")
+    p.add_argument('--calibrate-bn', default=None, help='ImageFolder root: recalibrate BN on its train/ images')
+    p.add_argument('--calib-images', type=int, default=2000)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', required=True, help='destination folder')
+    p.set_defaults(func=_export)

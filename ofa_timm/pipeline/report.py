@@ -1,0 +1,118 @@
+"""The pipeline's report: ``report.md`` (a table per budget) and ``pareto.png`` (measured test top-1 of the exported
+subnets against their cost, with the predicted front and the budgets)."""
+from pathlib import Path
+from typing import Any, List, Mapping, Union
+
+import numpy as np
+
+from .._io import atomic_path
+from ..search.cost import format_cost
+from ..search.report import pareto_front
+
+__all__ = ['report_markdown', 'plot_report']
+
+_UNITS = {'latency': 'ms', 'flops': '', 'params': ''}
+_AXIS = {'latency': 'latency predicted by the table (ms)', 'flops': 'FLOPs of one image (M, a multiply-add = 2)',
+         'params': 'parameters (M)'}
+
+
+def _cost(value: float, name: str) -> str:
+    return format_cost(value, name, _UNITS[name])
+
+
+def _budget_costs(info: Mapping[str, Any]) -> List[str]:
+    """The costs the budgets limit, latency first."""
+    used = {k for b in info['budgets'] for k in b['limits']}
+    return [c for c in ('latency', 'flops', 'params') if c in used]
+
+
+def plot_report(info: Mapping[str, Any], models: Mapping[str, Any], predictor: Any, path: Union[str, Path],
+                seed: int = 0, sample: int = 4000) -> Path:
+    """One panel per limited cost: the exported subnets' measured test top-1 at their cost, the predictor's front
+    over random subnets, and each budget on that cost as a dashed line."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    costs = _budget_costs(info)
+    space = predictor.space
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, space.choice_counts, size=(sample, len(space.genes)))
+    predicted = predictor.predict(codes)
+    fig, axes = plt.subplots(1, len(costs), figsize=(6.5 * len(costs), 4.8), squeeze=False)
+    for ax, cost in zip(axes[0], costs):
+        div = 1.0 if cost == 'latency' else 1e6
+        x = np.asarray(models[cost](codes), dtype=np.float64)
+        front = pareto_front(x, predicted)
+        ax.scatter(x / div, predicted, s=5, color='0.8', linewidths=0, label='random subnets (predicted top-1)')
+        ax.plot(x[front] / div, predicted[front], color='tab:blue', linewidth=1.2,
+                label='predicted front (accuracy predictor)')
+        for i, b in enumerate(info['budgets']):
+            color = plt.cm.viridis(i / max(1, len(info['budgets']) - 1))
+            ax.scatter([b['costs'][cost] / div], [b['test_top1']], marker='*', s=200, color=color, edgecolors='black',
+                       zorder=5, label=f"{b['label']}: measured test top-1 {b['test_top1']:.1f}%")
+            if cost in b['limits']:
+                ax.axvline(b['limits'][cost] / div, color=color, linestyle='--', linewidth=0.9)
+        ax.set_xlabel(_AXIS[cost])
+        ax.set_ylabel('top-1 (%)')
+        ax.set_title(f"{info['model']}: best subnet per {cost} budget (dashed)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)
+    return path
+
+
+def report_markdown(info: Mapping[str, Any], plot: str = 'pareto.png') -> str:
+    """``report.md``: the setup, the predictor's and the latency table's quality, and a table per budget."""
+    d, p = info['data'], info['predictor']
+    lines = [f"# {info['model']}: one subnet per budget", '',
+             f"Data: {d['train']:,} training, {d['val']:,} validation and {d['test']:,} test images, {d['classes']} "
+             f"classes. The test split ({info['test_source']}) was read by this report alone: training, BN "
+             f"recalibration, the accuracy predictor and the choice among finalists used the training and validation "
+             f"splits.", '']
+    train = info.get('train') or {}
+    if train.get('stages'):
+        stages = ', '.join(f"{s['stage']} {s['top1']:.1f}" for s in train['stages'])
+        lines += [f"Training: {train['steps']:,} optimizer steps of progressive shrinking; mean validation top-1 of "
+                  f"the validated subnets at the end of each stage: {stages}.", '']
+    elif train.get('checkpoint'):
+        lines += [f"Training: the trained supernet `{train['checkpoint']}`.", '']
+    acc = info['accuracy']
+    lines += [f"Accuracy predictor: fitted on {p['n_train']} of {acc['n']} random subnets (validation top-1 "
+              f"{acc['top1_min']:.1f}-{acc['top1_max']:.1f}%); on the {p['n_val']} held out, RMSE {p['rmse']:.2f} "
+              f"points and Spearman {p['spearman']:.3f}.", '']
+    lat = info.get('latency')
+    if lat:
+        from ..search.latency import validation_summary
+        val = validation_summary(lat['validation']) if lat.get('validation') else 'not validated'
+        lines += [f"Latency table: {lat['describe']}; {val}.", '']
+    here = 'measured here' if info.get('latency_measured_here') else 'not measured here (the table is of another ' \
+                                                                     'device, or there is none)'
+    lines += ['| budget | test top-1 | test top-5 | val top-1 | predicted | best random subnet in budget: test top-1 '
+              '| gain | latency predicted | latency measured | FLOPs | params |',
+              '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for b in info['budgets']:
+        rb = b['random_best']
+        c = b['costs']
+        lines.append(
+            f"| {b['label']} | {b['test_top1']:.2f} | {b['test_top5']:.2f} | {b['val_top1']:.2f} | "
+            f"{b['predicted_top1']:.2f} | {rb['test_top1']:.2f} | {b['test_top1'] - rb['test_top1']:+.2f} | "
+            if rb else
+            f"| {b['label']} | {b['test_top1']:.2f} | {b['test_top5']:.2f} | {b['val_top1']:.2f} | "
+            f"{b['predicted_top1']:.2f} | none met it | | ")
+        lines[-1] += (f"{_cost(c['latency'], 'latency') if 'latency' in c else '-'} | "
+                      f"{_cost(b['latency_measured'], 'latency') if b['latency_measured'] else '-'} | "
+                      f"{_cost(c['flops'], 'flops')} | {_cost(c['params'], 'params')} |")
+    lines += ['', f'Top-1 in %. "val top-1" chose the winner among the finalists; "best random subnet in budget" is '
+              f'the best (by validation top-1) of the randomly evaluated subnets that meet the budget, and "gain" what '
+              f'the search added on the test split. Latency {here}.', '', f'![Pareto]({plot})', '']
+    for b in info['budgets']:
+        limits = ', '.join(f'{k} <= {_cost(v, k)}' for k, v in b['limits'].items())
+        lines += [f"## {b['label']}", '', f'- Budget: {limits}', f"- Subnet: `{b['subnet']}`",
+                  f"- Test top-1 {b['test_top1']:.2f}%, top-5 {b['test_top5']:.2f}%",
+                  f"- Files: {', '.join(f'`{f}`' for f in b['files'])}", f"- Load: `{b['load']}`", '']
+    return '\n'.join(lines)

@@ -1,0 +1,284 @@
+"""The one-command pipeline (``ofa_timm.run`` / ``ofa-timm run``): artefacts, honest splits, resumes, reruns of only
+what changed, finalists chosen by measurement, one writer per folder, and sharding under torchrun."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from ofa_timm.example_data import make_shapes_dataset
+from ofa_timm.pipeline import STEPS, PipelineInterrupted, RunConfig, carve_test_split, run
+from ofa_timm.pipeline import core as pipeline_core
+from ofa_timm.training import Schedule, Stage, TrainConfig, TrainingInterrupted, load_schedule
+
+MODEL = 'ofa_mobilenetv3_small_100'
+ALL = {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'resolution': 'all'}
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('pipe')
+    shapes = make_shapes_dataset(root / 'data', num_classes=3, train_per_class=12, val_per_class=8, image_size=32)
+    schedule = Schedule((Stage('full', 2, 0.05), Stage('shrink', 2, 0.01, ALL, subnets_per_step=2,
+                                                        sampling='sandwich')))
+    schedule.to_yaml(root / 'schedule.yaml')
+    return root, shapes
+
+
+def config(data, out, **kwargs) -> RunConfig:
+    root, shapes = data
+    base = dict(model=MODEL, data_dir=str(shapes), budgets='40%flops,70%flops', out=str(out), latency=None,
+                resolutions=(24, 32), image_size=32, schedule=str(root / 'schedule.yaml'), min_steps=0, subnets=12,
+                finalists=3, formats=('timm',), progress=False,
+                train=TrainConfig(batch_size=9, workers=0, calib_images=18, val_every=100, log_every=1))
+    return RunConfig(**{**base, **kwargs})
+
+
+@pytest.fixture(scope='module')
+def base(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('base') / 'run'
+    return out, run(config(data, out))
+
+
+def finished(out: Path) -> dict:
+    return {s: json.loads((out / 'steps' / f'{s}.json').read_text()).get('finished') for s in STEPS
+            if (out / 'steps' / f'{s}.json').is_file()}
+
+
+def outcome(result) -> list:
+    return [(b.label, b.subnet, b.val_top1, b.test_top1) for b in result.budgets]
+
+
+@pytest.mark.slow
+def test_every_artefact_is_written_and_loads(base):
+    out, result = base
+    for rel in ('train/supernet.safetensors', 'train/last.pth', 'accuracy/accuracy.jsonl', 'predictor.safetensors',
+                'search.json', 'finalists/finalists.json', 'results.json', 'report.md', 'pareto.png'):
+        assert (out / rel).is_file(), rel
+    assert [b.label for b in result.budgets] == ['flops_40pct', 'flops_70pct']
+    report = result.report.read_text()
+    assert 'held-out' in report and 'Spearman' in report and 'test top-1' in report and 'pareto.png' in report
+    for b in result.budgets:
+        assert b.costs['flops'] <= b.limits['flops'] and 0 <= b.test_top1 <= 100
+        assert b.random_best is not None and 'test_top1' in b.random_best
+        folder = out / 'export' / b.label
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()  # what b.load says
+        assert f'local-dir:{folder}' in b.load
+        x = torch.randn(2, 3, b.subnet.resolution, b.subnet.resolution)
+        assert model(x).shape == (2, 3)
+    search = json.loads((out / 'search.json').read_text())
+    assert all(len(s['candidates']) == 3 for s in search)  # the finalists: distinct candidates
+    assert all(len({json.dumps(c['subnet'], sort_keys=True) for c in s['candidates']}) == 3 for s in search)
+
+
+def test_test_split_is_carved_stratified_disjoint_and_fixed():
+    targets = [c for c in range(4) for _ in range(10)] + [4]
+    val, test = carve_test_split(targets, 0.3, seed=0)
+    assert not set(val) & set(test) and sorted(val + test) == list(range(len(targets)))
+    assert [sum(targets[i] == c for i in test) for c in range(5)] == [3, 3, 3, 3, 0]
+    assert carve_test_split(targets, 0.3, seed=0) == (val, test)
+    assert carve_test_split(targets, 0.3, seed=1) != (val, test)
+    with pytest.raises(ValueError, match='test fraction'):
+        carve_test_split(targets, 1.0)
+
+
+def _current_step() -> str:
+    """The pipeline step on the call stack ('' outside one)."""
+    import inspect
+    for frame in inspect.stack():
+        if frame.function.startswith('_step_') and frame.function != '_step_':
+            return frame.function[len('_step_'):]
+    return ''
+
+
+@pytest.mark.slow
+def test_the_test_split_is_read_by_the_report_alone(data, tmp_path, monkeypatch):
+    from ofa_timm.training import evaluate
+    seen = []
+    real_init = evaluate.SubnetEvaluator.__init__
+
+    def spy(self, calib_set, eval_set, *args, **kwargs):
+        seen.append((_current_step(), eval_set))
+        real_init(self, calib_set, eval_set, *args, **kwargs)
+    monkeypatch.setattr(evaluate.SubnetEvaluator, '__init__', spy)
+    captured = {}
+    real_prepare = pipeline_core.Pipeline._prepare
+
+    def prepare(self):
+        real_prepare(self)
+        captured['splits'] = self.splits
+    monkeypatch.setattr(pipeline_core.Pipeline, '_prepare', prepare)
+    run(config(data, tmp_path / 'run'))
+    splits = captured['splits']
+    assert not set(splits.val.indices) & set(splits.test.indices)
+    assert {step for step, s in seen if s is splits.test} == {'report'}
+    assert {step for step, s in seen if s is splits.val} == {'train', 'accuracy', 'finalists', 'export'}
+
+
+@pytest.mark.slow
+def test_a_rerun_skips_done_steps_and_new_budgets_rerun_only_what_depends_on_them(data, base, tmp_path, capsys):
+    out, result = base
+    copy = tmp_path / 'run'
+    shutil.copytree(out, copy)
+    before = finished(copy)
+    again = run(config(data, copy))
+    assert outcome(again) == outcome(result) and finished(copy) == before
+    changed = run(config(data, copy, budgets='40%flops,55%flops'))
+    after = finished(copy)
+    rerun = {s for s in STEPS if after[s] != before[s]}
+    assert rerun == {'search', 'finalists', 'export', 'report'}
+    assert [b.label for b in changed.budgets] == ['flops_40pct', 'flops_55pct']
+
+
+def _interrupt_at(monkeypatch, target, attribute, calls: int) -> None:
+    """SIGINT this process on the ``calls``-th call of ``target.attribute`` (the real signal path)."""
+    real = getattr(target, attribute)
+    count = [0]
+
+    def wrapper(*args, **kwargs):
+        count[0] += 1
+        if count[0] == calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(target, attribute, wrapper)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('step,module,attribute,calls', [
+    ('train', 'ofa_timm.training.trainer', 'Trainer.train_step', 3),
+    ('accuracy', 'ofa_timm.training.evaluate', 'SubnetEvaluator.__call__', 5),
+    ('predictor', 'ofa_timm.search', 'fit_predictor', 1),
+    ('search', 'ofa_timm.search', 'specialize', 1),
+    ('finalists', 'ofa_timm.training.evaluate', 'SubnetEvaluator.__call__', 2),
+    ('export', 'ofa_timm.search.export', 'export_subnet', 2),
+    ('report', 'ofa_timm.training.evaluate', 'SubnetEvaluator.__call__', 2),
+])
+def test_an_interrupt_in_each_step_then_a_rerun_continues(data, base, tmp_path, monkeypatch, step, module, attribute,
+                                                          calls):
+    import importlib
+    out, result = base
+    copy = tmp_path / 'run'
+    if step != 'train':  # the steps before it are done
+        shutil.copytree(out, copy)
+        for s in STEPS[STEPS.index(step):]:
+            (copy / 'steps' / f'{s}.json').unlink()
+    owner = importlib.import_module(module)
+    *path, name = attribute.split('.')
+    for part in path:
+        owner = getattr(owner, part)
+    with monkeypatch.context() as m:
+        real_step = getattr(pipeline_core.Pipeline, f'_step_{step}')
+
+        def armed(self, index):  # SIGINT once the step is under way
+            _interrupt_at(m, owner, name, calls)
+            return real_step(self, index)
+        m.setattr(pipeline_core.Pipeline, f'_step_{step}', armed)
+        with pytest.raises((PipelineInterrupted, TrainingInterrupted)):
+            run(config(data, copy))
+    record = json.loads((copy / 'steps' / f'{step}.json').read_text())
+    assert not record['complete']
+    resumed = run(config(data, copy))
+    assert outcome(resumed) == outcome(result)
+
+
+@pytest.mark.slow
+def test_finalists_pick_the_best_measured_candidate_when_the_predictor_ranks_wrongly(data, tmp_path, monkeypatch):
+    from ofa_timm.search import AccuracyPredictor
+    real = AccuracyPredictor.predict
+    monkeypatch.setattr(AccuracyPredictor, 'predict', lambda self, codes: -real(self, codes))  # best ranked worst
+    result = run(config(data, tmp_path / 'run', finalists=4))
+    finalists = json.loads((tmp_path / 'run' / 'finalists' / 'finalists.json').read_text())
+    for b, r in zip(finalists, result.budgets):
+        best = max(c['val_top1'] for c in b['candidates'])
+        assert r.val_top1 == best == b['winner']['val_top1']
+        tied = [c for c in b['candidates'] if c['val_top1'] == best]
+        assert b['winner']['predicted'] == max(c['predicted'] for c in tied)
+
+
+@pytest.mark.slow
+def test_pretrained_start_end_to_end(data, tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model('mobilenetv3_small_100', num_classes=3)
+    path = tmp_path / 'source.pth'
+    torch.save(source.state_dict(), path)
+    result = run(config(data, tmp_path / 'run', pretrained_file=str(path), schedule='auto', epochs_scale=0.02))
+    train = json.loads((tmp_path / 'run' / 'steps' / 'train.json').read_text())
+    assert train['inputs']['schedule']['stages'] == load_schedule('fast').to_dict()['stages']  # 'auto' picked it
+    assert 'full' not in [s['stage'] for s in train['summary']['stages']]  # a pretrained start skips the full stage
+    assert len(result.budgets) == 2
+
+
+@pytest.mark.slow
+def test_one_writer_per_folder(data, tmp_path):
+    """A second process writing into a folder a live run holds gets one line naming it and exits 2."""
+    out = tmp_path / 'run'
+    script = textwrap.dedent(f'''
+        import sys, time
+        from ofa_timm._lock import folder_lock
+        with folder_lock({str(out)!r}, command='ofa-timm run (test holder)'):
+            print('held', flush=True)
+            time.sleep(60)
+    ''')
+    holder = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        root, shapes = data
+        cmd = [sys.executable, '-m', 'ofa_timm', 'run', '--model', MODEL, '--data-dir', str(shapes), '--budgets',
+               '50%flops', '--latency', 'none', '--out', str(out)]
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert f'process {holder.pid}' in second.stderr and 'ofa-timm run (test holder)' in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # the OS released the lock with the process: the folder is free again
+    from ofa_timm._lock import folder_lock
+    with folder_lock(out):
+        pass
+
+
+SHARD = '''
+import json, os, sys
+import torch
+import torch.distributed as dist
+torch.set_num_threads(1)
+if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+    dist.init_process_group('gloo')
+from ofa_timm.pipeline import RunConfig, run
+from ofa_timm.training import TrainConfig
+cfg = json.loads(sys.argv[1])
+run(RunConfig(**cfg, train=TrainConfig(batch_size=9, workers=0, calib_images=18)), until='accuracy')
+'''
+
+
+@pytest.mark.slow
+def test_the_accuracy_dataset_sharded_over_two_processes_equals_one_process(data, base, tmp_path):
+    out, _ = base
+    root, shapes = data
+    cfg = dict(model=MODEL, data_dir=str(shapes), budgets='50%flops', latency=None,
+               checkpoint=str(out / 'train' / 'supernet.safetensors'), image_size=32, subnets=12, progress=False)
+    script = tmp_path / 'shard.py'
+    script.write_text(SHARD)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    one = subprocess.run([sys.executable, str(script), json.dumps(dict(cfg, out=str(tmp_path / 'one')))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    port = str(29500 + os.getpid() % 1000)
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', port,
+                          str(script), json.dumps(dict(cfg, out=str(tmp_path / 'two')))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def rows(folder):
+        lines = (folder / 'accuracy' / 'accuracy.jsonl').read_text().splitlines()[1:]
+        return [(json.dumps(r['subnet'], sort_keys=True), r['top1'], r['top5']) for r in map(json.loads, lines)]
+    assert rows(tmp_path / 'two') == rows(tmp_path / 'one') and len(rows(tmp_path / 'one')) == 12
+    assert (tmp_path / 'two' / 'accuracy' / 'accuracy.rank1.jsonl').is_file()  # rank 1 evaluated its own share
