@@ -43,7 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 
-import ofa_timm
+import ofa_timm  # noqa: F401  registers the ofa_* models
+from ofa_timm.elastic import single_subnet
 from ofa_timm.example_data import make_digits_dataset
 from ofa_timm.space import Subnet
 from ofa_timm.training import (
@@ -125,8 +126,7 @@ def _alone(bench: Bench, supernet: torch.nn.Module, subnet: Subnet, steps: int, 
            from_weights: bool) -> float:
     """``subnet`` extracted from ``supernet`` and trained alone for ``steps`` optimizer steps with ``stage``'s lr and
     warmup (no distillation)."""
-    alone = ofa_timm.elasticize(supernet.extract(subnet), kernels=(), expands=(), depths=(),
-                                resolutions=(subnet.resolution,))  # nothing elastic: a plain model
+    alone = single_subnet(supernet.extract(subnet), subnet.resolution)  # nothing elastic: a plain model
     probe = Trainer(alone, Schedule((stage,)), bench.train, bench.val, bench.calib, bench.config(name))
     spe = probe.steps_per_epoch
     epochs = steps / spe
@@ -181,7 +181,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     torch.manual_seed(args.seed)
     source = timm.create_model(source_name, num_classes=bench.num_classes)
     # The source trained alone to convergence: the scratch recipe's full stage, for --source-steps steps.
-    plain = ofa_timm.elasticize(source, kernels=(), expands=(), depths=(), resolutions=(args.image_size,))
+    plain = single_subnet(source, args.image_size)
     full = load_schedule('scratch').stages[0]
     probe = Trainer(plain, Schedule((full,)), bench.train, bench.val, bench.calib, bench.config('source'))
     epochs = args.source_steps / probe.steps_per_epoch

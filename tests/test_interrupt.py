@@ -167,3 +167,35 @@ def test_ctrl_c_on_the_command_line_mid_epoch(shapes, schedule, straight, tmp_pa
     assert position['global_step'] < 9  # stopped before the end
     assert main(args + ['--resume']) == 0
     assert_bitwise(out, straight)
+
+
+def test_a_signal_during_validation_stops_it_at_once_and_resume_redoes_it(shapes, schedule, straight, tmp_path,
+                                                                        monkeypatch, capfd):
+    """A scheduler's SIGTERM leaves about 30 s: validation, BN recalibration and channel sorting stop at once (they are
+    cheap to redo); only the training state is saved, and the resumed run is still bitwise the uninterrupted one."""
+    from ofa_timm.training import evaluate
+    out = tmp_path / 'run'
+    args = args_for(shapes, schedule, out, '--no-progress')
+    calls = []
+    real = evaluate.SubnetEvaluator.__call__
+
+    def call(self, supernet, subnet):
+        calls.append(subnet)
+        if len(calls) == 2:  # the second subnet of the first validation (end of epoch 1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, supernet, subnet)
+    monkeypatch.setattr(evaluate.SubnetEvaluator, '__call__', call)
+    assert main(args) == 143
+    assert len(calls) == 2  # nothing was evaluated after the signal
+    err = capfd.readouterr().err
+    assert 'SIGTERM: stopping now' in err and 'Resume with: ofa-timm train' in err
+    assert '(global step 3, the validation of epoch 1 owed)' in err
+    state = load_checkpoint(out / 'last.pth')
+    assert state['position'] == {'stage': 0, 'step': 3, 'global_step': 3, 'validate': True}  # the validation is owed
+    assert not any(json.loads(line)['type'].startswith('val') for line in (out / 'metrics.jsonl').read_text()
+                   .splitlines() if line.strip()) if (out / 'metrics.jsonl').exists() else True
+    monkeypatch.undo()
+    assert main(args + ['--resume']) == 0
+    assert_bitwise(out, straight)
+    means = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['global_step'] for r in means if r['type'] == 'val_mean'] == [3, 6, 9]  # each validation once

@@ -1,5 +1,5 @@
 """Elastic layers and elastic supernets built from timm models."""
-from typing import Any, Tuple, Type
+from typing import Any, Optional, Tuple, Type
 
 import torch.nn as nn
 
@@ -12,8 +12,8 @@ from .ops import (
     ElasticBatchNorm2d, ElasticBatchNormAct2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite, is_elastic)
 
 __all__ = [
-    'FAMILIES', 'elasticize', 'ElasticSupernet', 'BlockSpec', 'LayerSpec', 'EfficientNetBuilderSupernet',
-    'ElasticMobileNetV3', 'ElasticEfficientNet', 'ofa_mobilenetv3',
+    'FAMILIES', 'elasticize', 'single_subnet', 'ElasticSupernet', 'BlockSpec', 'LayerSpec',
+    'EfficientNetBuilderSupernet', 'ElasticMobileNetV3', 'ElasticEfficientNet', 'ofa_mobilenetv3',
     'convert_ofa_state_dict', 'ElasticResNet', 'OFAResNet', 'ofa_resnet50', 'convert_ofa_resnet_state_dict',
     'ElasticConv2d', 'ElasticBatchNorm2d', 'ElasticBatchNormAct2d', 'ElasticLinear', 'ElasticSqueezeExcite',
     'is_elastic',
@@ -59,3 +59,16 @@ def elasticize(model: nn.Module, **space_options: Any) -> ElasticSupernet:
     raise ValueError(
         f'Cannot elasticize {type(model).__name__}: supported timm model classes are {supported} '
         f'(e.g. mobilenetv3_large_100, efficientnet_b0, resnet50d)')
+
+
+def single_subnet(model: nn.Module, resolution: Optional[int] = None) -> ElasticSupernet:
+    """``model`` (a timm model, e.g. an extracted subnet) as a supernet whose space holds one subnet: the model itself,
+    at ``resolution``. ``Trainer`` then trains it alone, as a baseline for progressive shrinking or to fine-tune it.
+
+    Raises:
+        ValueError: If the model family is not supported (see :func:`elasticize`).
+    """
+    for family in FAMILIES:
+        if family.supports(model):
+            return family(model, resolutions=(resolution,) if resolution else (), **family.single_subnet_options)
+    return elasticize(model)  # raises, naming the supported classes

@@ -229,6 +229,8 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
     source_types: ClassVar[Tuple[type, ...]] = ()
     #: Keyword arguments of ``__init__`` that shape the space (the timm registry separates them from model kwargs).
     space_options: ClassVar[Tuple[str, ...]] = ()
+    #: The space options that leave the source model as the space's only subnet (besides the resolution).
+    single_subnet_options: ClassVar[Dict[str, Any]] = {}
     #: Feature index -> number of stages run before it is taken (0: the stem output).
     stage_ends: Tuple[int, ...]
     #: ``timm.models.FeatureListNet`` arguments for ``features_only`` on an extracted subnet (as timm's own builder).

@@ -345,6 +345,7 @@ class EfficientNetBuilderSupernet(ElasticSupernet):
     build arguments.
     """
     space_options = ('kernels', 'expands', 'depths', 'resolutions', 'grow_kernels')
+    single_subnet_options = dict(kernels=(), expands=(), depths=())
     feature_cfg = dict(flatten_sequential=True)  # stages live in a nested Sequential, as timm builds them
     #: Candidate ``(se_from_exp, rd_round_fn)`` pairs of the family, preferred first; the first that reproduces every
     #: SE block of the source is the one the supernet and its subnets use.

@@ -150,6 +150,7 @@ class ElasticResNet(ElasticSupernet):
     """
     source_types = (ResNet,)
     space_options = ('expands', 'widths', 'depth_reductions', 'resolutions', 'stem_depths')
+    single_subnet_options = dict(expands=(), widths=(), depth_reductions=())
     stage_ends = (0, 1, 2, 3, 4)
 
     def __init__(

@@ -83,8 +83,8 @@ def report_markdown(info: Mapping[str, Any], plot: str = 'pareto.png') -> str:
         lines += [f"Training: the trained supernet `{train['checkpoint']}`.", '']
     acc = info['accuracy']
     lines += [f"Accuracy predictor: fitted on {p['n_train']} of {acc['n']} random subnets (validation top-1 "
-              f"{acc['top1_min']:.1f}-{acc['top1_max']:.1f}%); on the {p['n_val']} held out, RMSE {p['rmse']:.2f} "
-              f"points and Spearman {p['spearman']:.3f}.", '']
+              f"{acc['top1_min']:.1f}-{acc['top1_max']:.1f}%); on the {p['n_val']} held-out subnets, RMSE "
+              f"{p['rmse']:.2f} points and Spearman {p['spearman']:.3f}.", '']
     lat = info.get('latency')
     if lat:
         from ..search.latency import validation_summary

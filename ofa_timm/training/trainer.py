@@ -333,8 +333,10 @@ class Trainer:
         total, spe = self.stage_steps(stage), self.steps_per_epoch
         epochs = math.ceil(total / spe)
         epoch = min(self.position.step // spe + 1, epochs)
+        owed = (f', the validation of epoch {math.ceil(self.position.step / spe)} owed'
+                if self.position.validate else '')
         return (f"stage '{stage.name}' ({self.position.stage + 1}/{len(stages)}), epoch {epoch}/{epochs}, "
-                f'step {self.position.step}/{total} (global step {self.position.global_step})')
+                f'step {self.position.step}/{total} (global step {self.position.global_step}{owed})')
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.amp == 'none':
