@@ -22,29 +22,16 @@ from typing import Callable, Dict
 
 import timm
 import torch
-import torch.nn as nn
 
 import ofa_timm
 from ofa_timm._malloc import steady_allocator
+from ofa_timm.testing import randomize_bn
 from harness import Interleaved
 
 MODELS = [
     'efficientnet_b0', 'efficientnet_b1', 'efficientnet_b3', 'efficientnet_lite0', 'mobilenetv2_100', 'mobilenetv2_140',
     'mnasnet_100', 'fbnetc_100', 'spnasnet_100', 'tinynet_a', 'lcnet_100', 'mobilenetv4_conv_small',
     'mobilenetv3_large_100']
-
-
-@torch.no_grad()
-def randomize_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:

@@ -26,6 +26,7 @@ from ofa_timm.elastic import (
     ElasticSupernet, convert_ofa_resnet_state_dict, convert_ofa_state_dict, ofa_mobilenetv3, ofa_resnet50)
 from ofa_timm.elastic.resnet import OFA_RESNET50_BASE_DEPTHS, OFA_RESNET_WIDTHS
 from ofa_timm.space import Subnet
+from ofa_timm.testing import assert_close
 from ofa_timm.training import (
     Schedule, SeededDataset, Stage, StepSampler, TrainConfig, Trainer, classification_loss, distillation_loss)
 
@@ -141,13 +142,6 @@ def build_space(name: str, res: int, reference: bool = True, seed: int = 0) -> S
     else:
         raise ValueError(f'Unknown space {name!r}; known: {list(SPACES)}')
     return Space(name, supernet, reference=ref)
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4, what: str = '') -> None:
-    """Max abs difference relative to the largest magnitude (the test suite's measure)."""
-    a, b = a.float(), b.float()
-    err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
-    assert err <= rtol, f'{what}: outputs differ, relative error {err:.3g} > {rtol}'
 
 
 # --- results ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from timm.models import EfficientNet, MobileNetV3, ResNet, save_for_hf
 from torch.utils.flop_counter import FlopCounterMode
 
 import ofa_timm
-from ofa_timm.elastic import ElasticSupernet, OFAResNet
+from ofa_timm.elastic import ElasticSupernet, OFAResNet, single_subnet
 from ofa_timm.search import count_params
 from ofa_timm.training import calibrate_bn, sort_channels
 
@@ -209,3 +209,21 @@ def test_contract_hooks(supernet):
         assert mids == sorted(mids) and mids[0] > 0
     assert supernet.resolve('min') == space.min() and supernet.resolve(None) == space.max()
     assert supernet.resolve(space.sample(0).to_dict()) == space.sample(0)
+
+
+def test_single_subnet_is_the_model_alone(supernet):
+    """A subnet (or any timm model of the family) as a one-subnet supernet: what trains a subnet alone."""
+    space = supernet.space
+    # An OFA-ResNet50 subnet that skips the residual stem conv comes out as an OFAResNet without it, which no family
+    # converts: its subnets here keep the stem.
+    picks = [space.max(), space.sample(3)]
+    if supernet.pretrained_cfg.get('architecture') == 'ofa_resnet50':
+        picks = [s.replace(depths=(1,) + tuple(s.depths[1:])) for s in picks]
+    for subnet in picks:
+        model = supernet.extract(subnet).eval()
+        alone = single_subnet(model, subnet.resolution).eval()
+        assert alone.space.size() == 1 and alone.space.resolutions == (subnet.resolution,)
+        x = torch.randn(2, 3, subnet.resolution, subnet.resolution)
+        with torch.no_grad():
+            assert torch.equal(alone(x), model(x))
+        assert type(alone.extract('max')) is type(model)

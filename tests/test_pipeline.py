@@ -41,10 +41,35 @@ def config(data, out, **kwargs) -> RunConfig:
     return RunConfig(**{**base, **kwargs})
 
 
+def _current_step() -> str:
+    """The pipeline step on the call stack ('' outside one)."""
+    import inspect
+    for frame in inspect.stack():
+        if frame.function.startswith('_step_') and frame.function != '_step_':
+            return frame.function[len('_step_'):]
+    return ''
+
+
 @pytest.fixture(scope='module')
 def base(data, tmp_path_factory):
+    """One uninterrupted run, recording which split each step evaluated on and the splits themselves."""
+    from ofa_timm.training import evaluate
     out = tmp_path_factory.mktemp('base') / 'run'
-    return out, run(config(data, out))
+    seen, captured = [], {}
+    real_init, real_prepare = evaluate.SubnetEvaluator.__init__, pipeline_core.Pipeline._prepare
+
+    def spy(self, calib_set, eval_set, *args, **kwargs):
+        seen.append((_current_step(), eval_set))
+        real_init(self, calib_set, eval_set, *args, **kwargs)
+
+    def prepare(self):
+        real_prepare(self)
+        captured['splits'] = self.splits
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(evaluate.SubnetEvaluator, '__init__', spy)
+        m.setattr(pipeline_core.Pipeline, '_prepare', prepare)
+        result = run(config(data, out))
+    return out, result, seen, captured['splits']
 
 
 def finished(out: Path) -> dict:
@@ -58,7 +83,7 @@ def outcome(result) -> list:
 
 @pytest.mark.slow
 def test_every_artefact_is_written_and_loads(base):
-    out, result = base
+    out, result, _, _ = base
     for rel in ('train/supernet.safetensors', 'train/last.pth', 'accuracy/accuracy.jsonl', 'predictor.safetensors',
                 'search.json', 'finalists/finalists.json', 'results.json', 'report.md', 'pareto.png'):
         assert (out / rel).is_file(), rel
@@ -89,34 +114,9 @@ def test_test_split_is_carved_stratified_disjoint_and_fixed():
         carve_test_split(targets, 1.0)
 
 
-def _current_step() -> str:
-    """The pipeline step on the call stack ('' outside one)."""
-    import inspect
-    for frame in inspect.stack():
-        if frame.function.startswith('_step_') and frame.function != '_step_':
-            return frame.function[len('_step_'):]
-    return ''
-
-
 @pytest.mark.slow
-def test_the_test_split_is_read_by_the_report_alone(data, tmp_path, monkeypatch):
-    from ofa_timm.training import evaluate
-    seen = []
-    real_init = evaluate.SubnetEvaluator.__init__
-
-    def spy(self, calib_set, eval_set, *args, **kwargs):
-        seen.append((_current_step(), eval_set))
-        real_init(self, calib_set, eval_set, *args, **kwargs)
-    monkeypatch.setattr(evaluate.SubnetEvaluator, '__init__', spy)
-    captured = {}
-    real_prepare = pipeline_core.Pipeline._prepare
-
-    def prepare(self):
-        real_prepare(self)
-        captured['splits'] = self.splits
-    monkeypatch.setattr(pipeline_core.Pipeline, '_prepare', prepare)
-    run(config(data, tmp_path / 'run'))
-    splits = captured['splits']
+def test_the_test_split_is_read_by_the_report_alone(base):
+    _, _, seen, splits = base
     assert not set(splits.val.indices) & set(splits.test.indices)
     assert {step for step, s in seen if s is splits.test} == {'report'}
     assert {step for step, s in seen if s is splits.val} == {'train', 'accuracy', 'finalists', 'export'}
@@ -124,7 +124,7 @@ def test_the_test_split_is_read_by_the_report_alone(data, tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_a_rerun_skips_done_steps_and_new_budgets_rerun_only_what_depends_on_them(data, base, tmp_path, capsys):
-    out, result = base
+    out, result, _, _ = base
     copy = tmp_path / 'run'
     shutil.copytree(out, copy)
     before = finished(copy)
@@ -150,8 +150,8 @@ def _interrupt_at(monkeypatch, target, attribute, calls: int) -> None:
     monkeypatch.setattr(target, attribute, wrapper)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('step,module,attribute,calls', [
+# (step, where to send SIGINT: module, attribute, on which call once the step is under way)
+INTERRUPTS = [
     ('train', 'ofa_timm.training.trainer', 'Trainer.train_step', 3),
     ('accuracy', 'ofa_timm.training.evaluate', 'SubnetEvaluator.__call__', 5),
     ('predictor', 'ofa_timm.search', 'fit_predictor', 1),
@@ -159,41 +159,49 @@ def _interrupt_at(monkeypatch, target, attribute, calls: int) -> None:
     ('finalists', 'ofa_timm.training.evaluate', 'SubnetEvaluator.__call__', 2),
     ('export', 'ofa_timm.search.export', 'export_subnet', 2),
     ('report', 'ofa_timm.training.evaluate', 'SubnetEvaluator.__call__', 2),
-])
-def test_an_interrupt_in_each_step_then_a_rerun_continues(data, base, tmp_path, monkeypatch, step, module, attribute,
-                                                          calls):
-    import importlib
-    out, result = base
-    copy = tmp_path / 'run'
-    if step != 'train':  # the steps before it are done
-        shutil.copytree(out, copy)
-        for s in STEPS[STEPS.index(step):]:
-            (copy / 'steps' / f'{s}.json').unlink()
-    owner = importlib.import_module(module)
-    *path, name = attribute.split('.')
-    for part in path:
-        owner = getattr(owner, part)
-    with monkeypatch.context() as m:
-        real_step = getattr(pipeline_core.Pipeline, f'_step_{step}')
+]
 
-        def armed(self, index):  # SIGINT once the step is under way
-            _interrupt_at(m, owner, name, calls)
-            return real_step(self, index)
-        m.setattr(pipeline_core.Pipeline, f'_step_{step}', armed)
-        with pytest.raises((PipelineInterrupted, TrainingInterrupted)):
-            run(config(data, copy))
-    record = json.loads((copy / 'steps' / f'{step}.json').read_text())
-    assert not record['complete']
+
+@pytest.mark.slow
+def test_an_interrupt_in_each_step_then_a_rerun_continues(data, base, tmp_path, monkeypatch):
+    """SIGINT in each step in turn (the real signal path), each time followed by a rerun of the same command, which
+    continues the step; the result is the uninterrupted run's."""
+    import importlib
+    out, result, _, _ = base
+    copy = tmp_path / 'run'
+    for step, module, attribute, calls in INTERRUPTS:
+        owner = importlib.import_module(module)
+        *path, name = attribute.split('.')
+        for part in path:
+            owner = getattr(owner, part)
+        with monkeypatch.context() as m:
+            real_step = getattr(pipeline_core.Pipeline, f'_step_{step}')
+
+            def armed(self, index, real_step=real_step, owner=owner, name=name, calls=calls, m=m):
+                _interrupt_at(m, owner, name, calls)
+                return real_step(self, index)
+            m.setattr(pipeline_core.Pipeline, f'_step_{step}', armed)
+            with pytest.raises((PipelineInterrupted, TrainingInterrupted)):
+                run(config(data, copy))
+        record = json.loads((copy / 'steps' / f'{step}.json').read_text())
+        assert not record['complete'], step
+        if step == 'accuracy':  # what it measured before the signal is kept and not measured again
+            assert 1 < len((copy / 'accuracy' / 'accuracy.jsonl').read_text().splitlines()) < 13
+        if step == 'train':
+            assert (copy / 'train' / 'last.pth').is_file()
     resumed = run(config(data, copy))
     assert outcome(resumed) == outcome(result)
 
 
 @pytest.mark.slow
-def test_finalists_pick_the_best_measured_candidate_when_the_predictor_ranks_wrongly(data, tmp_path, monkeypatch):
+def test_finalists_pick_the_best_measured_candidate_when_the_predictor_ranks_wrongly(data, base, tmp_path,
+                                                                                      monkeypatch):
     from ofa_timm.search import AccuracyPredictor
+    out = base[0]
+    shutil.copytree(out, tmp_path / 'run')
     real = AccuracyPredictor.predict
     monkeypatch.setattr(AccuracyPredictor, 'predict', lambda self, codes: -real(self, codes))  # best ranked worst
-    result = run(config(data, tmp_path / 'run', finalists=4))
+    result = run(config(data, tmp_path / 'run', finalists=4))  # reruns search and what follows
     finalists = json.loads((tmp_path / 'run' / 'finalists' / 'finalists.json').read_text())
     for b, r in zip(finalists, result.budgets):
         best = max(c['val_top1'] for c in b['candidates'])
@@ -261,7 +269,7 @@ run(RunConfig(**cfg, train=TrainConfig(batch_size=9, workers=0, calib_images=18)
 
 @pytest.mark.slow
 def test_the_accuracy_dataset_sharded_over_two_processes_equals_one_process(data, base, tmp_path):
-    out, _ = base
+    out = base[0]
     root, shapes = data
     cfg = dict(model=MODEL, data_dir=str(shapes), budgets='50%flops', latency=None,
                checkpoint=str(out / 'train' / 'supernet.safetensors'), image_size=32, subnets=12, progress=False)

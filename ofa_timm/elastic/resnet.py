@@ -150,7 +150,7 @@ class ElasticResNet(ElasticSupernet):
     """
     source_types = (ResNet,)
     space_options = ('expands', 'widths', 'depth_reductions', 'resolutions', 'stem_depths')
-    single_subnet_options = dict(expands=(), widths=(), depth_reductions=())
+    single_subnet_options = dict(expands=(), widths=(), depth_reductions=(), stem_depths=(1,))
     stage_ends = (0, 1, 2, 3, 4)
 
     def __init__(
@@ -166,7 +166,8 @@ class ElasticResNet(ElasticSupernet):
         Args:
             model: Source timm ``ResNet`` (pretrained or not); it is copied, not modified.
             expands: Candidate expand ratios (mid width / stage width). Defaults to OFA's (0.2, 0.25, 0.35) for
-                Bottleneck blocks and (0.5, 0.75, 1.0) for BasicBlocks. Choices above the source ratio are dropped.
+                Bottleneck blocks and (0.5, 0.75, 1.0) for BasicBlocks. Choices above the source ratio are dropped;
+                the source's own is always kept (``()`` keeps it alone).
             widths: Candidate width multipliers for the stem and each stage; 1.0 is always allowed.
             depth_reductions: Per stage, the depth choices are the source depth minus each of these (at least 1).
             resolutions: Allowed input resolutions (None: OFA's 128..224 in steps of 4 plus the source's own).
@@ -257,7 +258,7 @@ class ElasticResNet(ElasticSupernet):
     ) -> List[StageChoices]:
         """Convert every block; returns the choices of the stem (OFA stem only) and of each stage."""
         default_expands = OFA_RESNET_EXPANDS if self._block_type is Bottleneck else BASIC_BLOCK_EXPANDS
-        candidates = tuple(sorted(float(e) for e in (expands or default_expands)))
+        candidates = tuple(sorted(float(e) for e in (default_expands if expands is None else expands)))
         stage_choices = []
         if self._stem.kind == 'residual':
             stem_choices = tuple(d for d in stem_depths if d in (0, 1))
