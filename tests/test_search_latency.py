@@ -91,6 +91,14 @@ def test_validation_reports_errors(supernet, table_path):
     row = result['rows'][0]
     assert row['error_pct'] == pytest.approx(100 * (row['predicted_ms'] / row['measured_ms'] - 1), abs=0.02)
     assert result['max_abs_pct'] >= result['median_abs_pct'] >= 0
+    assert result['apart'] and 0 <= result['within_10_pct'] <= 100
+    # the calibration subnets measured again give the drift since the build, and the error rescaled by it
+    anchors = result['anchors']
+    assert 1 <= anchors <= len(calibration) and result['drift'] > 0
+    assert set(result['rescaled']) == {'median_abs_pct', 'max_abs_pct', 'within_10_pct'}
+    assert table.validation is result
+    from ofa_timm.search import validation_summary
+    assert 'later, separate run' in validation_summary(result) and 'drift since the build' in validation_summary(result)
 
 
 def test_settings_and_backends_are_checked(supernet, tmp_path):

@@ -606,29 +606,56 @@ def _score(table: LatencyTable, subnets: Sequence[Subnet], measured: np.ndarray)
 
 
 def validation_summary(result: Dict[str, Any]) -> str:
-    """One line on a validation: how many subnets, when they were measured, and the errors."""
+    """One line on a validation: how many subnets, when they were measured, the errors, and the drift."""
     when = ('measured in a later, separate run' if result.get('apart') else
             'measured in the same rounds as the calibration')
-    return (f"{result['n']} held-out subnets ({when}): median |error| {result['median_abs_pct']:.2f}%, "
+    text = (f"{result['n']} held-out subnets ({when}): median |error| {result['median_abs_pct']:.2f}%, "
             f"{result.get('within_10_pct', float('nan')):.0f}% within ±10%, max {result['max_abs_pct']:.2f}% (plain "
             f"sum of blocks: median {result['plain_median_abs_pct']:.2f}%, max {result['plain_max_abs_pct']:.2f}%)")
+    if 'drift' in result:
+        r = result['rescaled']
+        text += (f"; drift since the build: the calibration subnets now take {result['drift']:.3f}x their time then; "
+                 f"rescaled by it, median {r['median_abs_pct']:.2f}%, {r['within_10_pct']:.0f}% within ±10%, max "
+                 f"{r['max_abs_pct']:.2f}%")
+    return text
 
 
 def validate_latency_table(
         table: LatencyTable, supernet: nn.Module, n: int = 20, seed: int = 1, progress: bool = True,
-        rounds: int = 5,
+        rounds: int = 5, anchors: int = 4,
 ) -> Dict[str, Any]:
-    """Measure ``n`` held-out random subnets end to end and compare with the table's prediction.
+    """Measure ``n`` held-out random subnets end to end, now, and compare with the table's prediction.
 
-    The subnets are drawn apart from the calibration subnets. Returns ``{'n', 'median_abs_pct', 'max_abs_pct',
-    'plain_median_abs_pct', 'plain_max_abs_pct', 'rows'}`` (``plain_*``: the uncalibrated sum) and stores it in
-    ``table.validation``.
+    Run it apart from the build (another process, another time): that error is what a user of the table meets. The
+    first ``anchors`` calibration subnets are measured again in the same interleaved rounds, and the median ratio of
+    their time now to their time at calibration is the table's *drift* (how much this machine's speed moved since the
+    table was built); the error is also given after rescaling the prediction by it.
+
+    Returns ``{'n', 'median_abs_pct', 'max_abs_pct', 'within_10_pct' (the share of subnets predicted within ±10 %),
+    'plain_median_abs_pct', 'plain_max_abs_pct' (the uncalibrated sum), 'apart': True, 'drift', 'rescaled'
+    (the same scores after rescaling by the drift), 'rows'}``, and stores it in ``table.validation``.
+
+    Raises:
+        ValueError: If the table is of another space, or was measured on another device through a kit (validate
+            it there: ``python measure.py --part validation``).
     """
     if table.space != supernet.space:
         raise ValueError('The latency table was built for another space than the supernet\'s')
-    calibration = [Subnet.from_dict(d) for d in (table.calibration or {}).get('subnets', [])]
+    if table.meta.get('kit'):
+        raise ValueError('This table was measured on another device through a latency kit: measure its validation '
+                         'subnets there (python measure.py --part validation) and import the results again')
+    cal = table.calibration or {}
+    calibration = [Subnet.from_dict(d) for d in cal.get('subnets', [])]
     subnets = held_out_subnets(table.space, n, seed, exclude=calibration)
-    measured = measure_subnets(supernet, subnets, _settings_of(table), rounds, progress, desc='validation')
-    result = _score(table, subnets, measured)
+    anchor = calibration[:anchors]
+    measured = measure_subnets(supernet, subnets + anchor, _settings_of(table), rounds, progress, desc='validation')
+    held, again = measured[:len(subnets)], measured[len(subnets):]
+    result = dict(_score(table, subnets, held), apart=True)
+    if anchor:
+        then = np.asarray(cal['measured_ms'][:len(anchor)], dtype=np.float64)
+        drift = float(np.median(again / then))
+        rescaled = _score(table, subnets, held / drift)
+        result.update(drift=drift, anchors=len(anchor), rescaled={k: rescaled[k] for k in (
+            'median_abs_pct', 'max_abs_pct', 'within_10_pct')})
     table.validation = result
     return result
