@@ -133,6 +133,26 @@ def test_a_stage_that_trains_only_the_full_network_does_not_distill(data, tmp_pa
         replace(TINY.stages[1], sampling='sandwich'))
 
 
+def test_sandwich_with_a_frozen_teacher_distils_the_max_subnet_too():
+    """inplace_kd=False: every subnet of a sandwich step, the max included, is distilled from the frozen teacher (which
+    holds a converged max where it started); the default distils the others from the step's max subnet."""
+    from ofa_timm.training import ShrinkingConfig, shrinking_step
+
+    class Net:
+        def set_active(self, subnet):
+            pass
+    frozen = Stage('s', 1, 0.1, {'kernel': 'all'}, sampling='sandwich', inplace_kd=False, subnets_per_step=2)
+    inplace = replace(frozen, inplace_kd=True)
+    assert distills_from_teacher(frozen) and not distills_from_teacher(inplace)
+    logits, teacher = torch.tensor([[2., 0.]]), torch.tensor([[0., 2.]])
+    for stage, expected_first in ((frozen, True), (inplace, False)):
+        losses = []
+        shrinking_step(Net(), ['max', 'min'], stage, lambda s: (torch.tensor(1.0), logits), losses.append,
+                       ShrinkingConfig(), teacher if distills_from_teacher(stage) else None)
+        assert (losses[0].item() > 1.0) == expected_first  # KD added to the max subnet's loss
+        assert losses[1].item() > 1.0  # the min subnet is distilled either way
+
+
 def test_stages_that_do_not_apply_are_dropped():
     mbv3 = timm.create_model('ofa_mbv3').space
     r50 = timm.create_model('ofa_resnet50d').space

@@ -34,7 +34,11 @@ class Stage:
         warmup_epochs: Linear warmup length, in epochs.
         subnets_per_step: Subnets whose gradients are accumulated per optimizer step.
         kd_ratio: Weight of the distillation loss (0 disables the teacher).
-        sampling: ``'uniform'`` (OFA) or ``'sandwich'`` (BigNAS: max + min + random, in-place distillation).
+        sampling: ``'uniform'`` (OFA) or ``'sandwich'`` (BigNAS: max + min + random subnets).
+        inplace_kd: With sandwich sampling, distil from the max subnet of the same step (BigNAS's in-place
+            distillation, which improves with the max); False distils every subnet, the max included, from the frozen
+            teacher (the max subnet as the run's first shrinking stage found it), which holds a converged max where
+            it started. Uniform sampling always distils from the frozen teacher.
         carry_optimizer: Start from the previous stage's optimizer state (momentum, Adam moments) instead of a fresh
             one; the learning-rate schedule (warmup, cosine) still restarts, and weights that channel sorting
             permutes start afresh. OFA restarts fresh. Only ``Trainer`` reads it: the NNI strategy steps the
@@ -48,6 +52,7 @@ class Stage:
     subnets_per_step: int = 1
     kd_ratio: float = 1.0
     sampling: str = 'uniform'
+    inplace_kd: bool = True
     carry_optimizer: bool = False
 
     def __post_init__(self) -> None:

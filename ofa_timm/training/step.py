@@ -93,17 +93,18 @@ def stage_scheduler(
 
 
 def distills_from_teacher(stage: Stage) -> bool:
-    """Whether ``stage`` distills from the frozen teacher (the max subnet as the stage before it left it): it has a
-    KD ratio, samples uniformly (sandwich sampling distills in place from the max subnet), and unlocks something (a
-    stage that trains only the full network would distill from a frozen copy of itself)."""
-    return stage.kd_ratio > 0 and stage.sampling == 'uniform' and bool(stage.unlock)
+    """Whether ``stage`` distils from the frozen teacher (the max subnet as the run's first shrinking stage found
+    it): it has a KD ratio, samples uniformly or sandwiches without in-place distillation, and unlocks something (a
+    stage that trains only the full network would distil from a frozen copy of itself)."""
+    return (stage.kd_ratio > 0 and (stage.sampling == 'uniform' or not stage.inplace_kd)
+            and bool(stage.unlock))
 
 
 def teacher_logits(
         teacher: Optional[nn.Module], images: torch.Tensor, stage: Stage,
         autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> Optional[torch.Tensor]:
-    """The frozen teacher's logits for the batch, when the stage distills from it (once per batch, for every
+    """The frozen teacher's logits for the batch, when the stage distils from it (once per batch, for every
     subnet of the step); None otherwise (no KD, sandwich sampling's in-place distillation, or a stage that trains
     only the full network, whose teacher would be itself)."""
     if not distills_from_teacher(stage) or teacher is None:
@@ -152,7 +153,7 @@ def shrinking_step(
     for i, subnet in enumerate(subnets):
         supernet.set_active(subnet)
         loss, logits = forward(subnet)
-        if stage.sampling == 'sandwich' and i == 0:
+        if stage.sampling == 'sandwich' and stage.inplace_kd and i == 0:
             teacher = logits.detach()  # in-place distillation from the max subnet
         elif teacher is not None and stage.kd_ratio > 0:
             loss = loss + stage.kd_ratio * distillation_loss(logits, teacher, config.kd_kind, config.kd_temperature)
