@@ -176,3 +176,20 @@ def test_measure_refuses_a_changed_kit_and_an_unknown_provider(kit, tmp_path):
     graph.write_bytes(graph.read_bytes() + b'\0')
     done = measure(copy)
     assert done.returncode == 2 and 'does not match its checksum' in done.stderr
+
+
+def test_drawn_weights_give_finite_outputs_and_graphs_can_be_written_for_other_runtimes(kit, tmp_path):
+    """The weights measure.py draws keep each tensor's recorded range: whole subnets run without NaN or inf (a
+    runtime's speed on NaNs or denormals would not be the model's), and --write-graphs hands them to other tools."""
+    import onnxruntime as ort
+    from ofa_timm.search.kit import measure as measure_module
+    kit_dir, _ = kit
+    assert measure_module.main(['--kit', str(kit_dir), '--write-graphs', str(tmp_path / 'graphs')]) == 0
+    manifest = json.loads((kit_dir / 'manifest.json').read_text())
+    for m in manifest['models'][-5:] + manifest['models'][:3]:  # whole subnets and the first blocks
+        path = tmp_path / 'graphs' / m['file']
+        assert path.is_file() and (not m['weights'] or (path.parent / m['weights']['file']).is_file())
+        session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+        x = np.random.default_rng(0).standard_normal(m['input']).astype(np.float32)
+        out = session.run(None, {session.get_inputs()[0].name: x})[0]
+        assert np.isfinite(out).all() and np.abs(out).max() < 1e6, m['id']

@@ -215,6 +215,8 @@ def main(argv=None):
     p.add_argument('--passes', type=int, default=2, help='passes over the models; the smallest median is kept')
     p.add_argument('--seed', type=int, default=0, help='seed of the drawn weights')
     p.add_argument('--list-providers', action='store_true', help="print this onnxruntime's providers and exit")
+    p.add_argument('--write-graphs', default=None, metavar='DIR',
+                   help='write every graph with its drawn weights into DIR (for another runtime to time) and exit')
     args = p.parse_args(argv)
     try:
         import onnxruntime as ort
@@ -226,6 +228,8 @@ def main(argv=None):
         print('\n'.join(ort.get_available_providers()))
         return 0
     try:
+        if args.write_graphs:
+            return write_graphs(args)
         return run(ort, args)
     except KitError as e:
         print('measure.py: error: {}'.format(e), file=sys.stderr)
@@ -233,6 +237,18 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('\nmeasure.py: interrupted; run the same command again to continue', file=sys.stderr)
         return 130
+
+
+def write_graphs(args):
+    """Every graph of the kit with its weights drawn, for runtimes other than onnxruntime (trtexec, benchmark_app,
+    a TFLite converter): ``DIR/<file>.onnx`` next to its ``.weights`` file."""
+    manifest, _ = load_kit(args.kit)
+    for m in manifest['models']:
+        folder = os.path.join(args.write_graphs, os.path.dirname(m['file']))
+        os.makedirs(folder, exist_ok=True)
+        materialise(m, args.kit, folder, args.seed)
+    print('Wrote {} graphs with their weights into {}'.format(len(manifest['models']), args.write_graphs))
+    return 0
 
 
 def run(ort, args):
