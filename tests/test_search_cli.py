@@ -35,7 +35,7 @@ def test_latency_predictor_search_export(run, capsys):
     assert main(['latency', 'build', *model, '--threads', '1', '--warmup', '1', '--repeats', '3', '--calibrate', '2',
                  '--validate', '2', '--out', str(table), '--no-progress']) == 0
     printed = capsys.readouterr().out
-    assert 'Validation on 2 held-out subnets, measured in the same rounds as the calibration: median |error|' in \
+    assert 'Validation: 2 held-out subnets (measured in the same rounds as the calibration): median |error|' in \
         printed and 'within ±10%' in printed and 'latency = ' in printed
     loaded = LatencyTable.load(table)
     assert loaded.validation['n'] == 2 and loaded.meta['batch_size'] == 1

@@ -13,7 +13,7 @@ __all__ = ['add_parsers']
 def _latency(args: argparse.Namespace) -> int:
     from ..search.latency import LatencySettings, build_latency_table, validation_summary
     settings = LatencySettings(args.backend, args.batch_size, args.threads, args.amp, args.channels_last,
-                               args.warmup, args.repeats)
+                               args.warmup, args.repeats, passes=args.passes)
     supernet = load_supernet_from_args(args)
     table = build_latency_table(supernet, args.out, settings, calibrate=args.calibrate, seed=args.seed,
                                 model=args.model, progress=not args.no_progress, validate=args.validate)
@@ -217,6 +217,7 @@ def add_parsers(sub: Any) -> None:
     b.add_argument('--channels-last', action='store_true')
     b.add_argument('--warmup', type=int, default=10, help='untimed calls per entry')
     b.add_argument('--repeats', type=int, default=30, help='timed samples per entry (median)')
+    b.add_argument('--passes', type=int, default=2, help='passes over the entries; each keeps its smallest median')
     b.add_argument('--calibrate', type=int, default=10, help='subnets measured end to end to fit scale and offset')
     b.add_argument('--validate', type=int, default=0,
                    help='held-out subnets to measure end to end, in the same rounds as the calibration subnets')

@@ -55,6 +55,9 @@ class LatencySettings:
         warmup: Untimed calls before timing.
         repeats: Timed samples; the latency is their median.
         min_sample_ms: A sample repeats the call until it lasts this long (fast blocks are timed over many calls).
+        passes: Passes over everything measured, apart in time; each entry keeps its smallest median. A slow spell of
+            a shared machine (another job, a throttled core) only ever adds time, and it lasts seconds to minutes:
+            measured here, a whole subnet ran 35 % slower for a minute, then as before.
     """
     backend: str = 'torch-cpu'
     batch_size: int = 1
@@ -64,6 +67,7 @@ class LatencySettings:
     warmup: int = 10
     repeats: int = 30
     min_sample_ms: float = 1.0
+    passes: int = 2
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -75,8 +79,9 @@ class LatencySettings:
         if self.backend == 'onnxruntime' and (self.amp or self.channels_last):
             raise ValueError('The onnxruntime backend runs the float32 ONNX graph: --amp and --channels-last apply to '
                              'the torch-cpu and torch-cuda backends only')
-        if self.warmup < 0 or self.repeats < 1:
-            raise ValueError(f'warmup must be >= 0 and repeats >= 1, got {self.warmup}, {self.repeats}')
+        if self.warmup < 0 or self.repeats < 1 or self.passes < 1:
+            raise ValueError(f'warmup must be >= 0, repeats and passes >= 1, got {self.warmup}, {self.repeats}, '
+                             f'{self.passes}')
 
     @property
     def dtype(self) -> str:
@@ -207,14 +212,15 @@ def measure_subnets(
     """End-to-end latency (ms, median) of each extracted subnet, measured in interleaved rounds.
 
     Every round takes ``settings.repeats / rounds`` samples of each subnet in turn, so a slow spell of a shared
-    machine touches all subnets alike instead of spoiling one.
+    machine touches all subnets alike instead of spoiling one; the rounds are run ``settings.passes`` times and each
+    subnet keeps its smallest median (slow spells only add time).
     """
     from tqdm import tqdm
     subnets = [supernet.resolve(s) for s in subnets]
     per_round = max(1, settings.repeats // rounds)
-    samples: List[List[float]] = [[] for _ in subnets]
+    medians = np.full((settings.passes, len(subnets)), np.inf)
     # disable=None: no bar when the output is not a terminal (a log file would fill with carriage returns)
-    bar = tqdm(total=len(subnets) * (rounds + 1), desc=desc, disable=None if progress else True)
+    bar = tqdm(total=len(subnets) * (rounds * settings.passes + 1), desc=desc, disable=None if progress else True)
     with _backend_context(settings), bar:
         runners, numbers = [], []
         for s in subnets:
@@ -223,11 +229,14 @@ def measure_subnets(
             runners.append(runner)
             numbers.append(runner.warm_up())
             bar.update()
-        for _ in range(rounds):
-            for i, runner in enumerate(runners):
-                samples[i].extend(runner.sample(numbers[i]) for _ in range(per_round))
-                bar.update()
-    return np.array([float(np.median(s)) for s in samples])
+        for p in range(settings.passes):
+            samples: List[List[float]] = [[] for _ in subnets]
+            for _ in range(rounds):
+                for i, runner in enumerate(runners):
+                    samples[i].extend(runner.sample(numbers[i]) for _ in range(per_round))
+                    bar.update()
+            medians[p] = [np.median(s) for s in samples]
+    return medians.min(axis=0)
 
 
 # --- the table -----------------------------------------------------------------------------------------------------
@@ -369,7 +378,7 @@ def _table_meta(supernet: nn.Module, settings: LatencySettings, model: str) -> D
         num_classes=supernet.num_classes, backend=settings.backend, device=_device_name(settings),
         batch_size=settings.batch_size, threads=settings.threads or torch.get_num_threads(), dtype=settings.dtype,
         channels_last=settings.channels_last, warmup=settings.warmup, repeats=settings.repeats,
-        min_sample_ms=settings.min_sample_ms, versions=_versions(settings))
+        min_sample_ms=settings.min_sample_ms, passes=settings.passes, versions=_versions(settings))
 
 
 # Meta fields a resumed build must share with the file it continues.
@@ -395,7 +404,8 @@ def _plan(layout: BlockLayout, settings: LatencySettings):
                 if eid not in positions:
                     positions[eid] = len(entries)
                     entries.append(dict(id=eid, desc=_entry_desc(spec, size),
-                                        input=[settings.batch_size, spec.in_chs, size, size], ms=None, iqr=None))
+                                        input=[settings.batch_size, spec.in_chs, size, size], ms=None, iqr=None,
+                                        passes=[]))
                     sources.append((b, c))
                 index[c, r] = positions[eid]
         blocks.append((block.name, block.genes, index))
@@ -488,23 +498,29 @@ def build_latency_table(
         measured = {e['id']: e for e in old.entries if e.get('ms') is not None}
         for e in entries:
             if e['id'] in measured:
-                e.update(ms=measured[e['id']]['ms'], iqr=measured[e['id']].get('iqr'))
+                m = measured[e['id']]
+                e.update(ms=m['ms'], iqr=m.get('iqr'), passes=m.get('passes') or [m['ms']])
         calibration = old.calibration
     table = LatencyTable(space, blocks, entries, meta, calibration)
     table.save(path)  # fails early on an unwritable path
-    todo = [i for i, e in enumerate(entries) if e['ms'] is None]
     last_save = time.monotonic()
+    left = sum(max(0, settings.passes - len(e['passes'])) for e in entries)
     try:
-        with _backend_context(settings), tqdm(total=len(todo), desc='latency table', unit='entry',
+        with _backend_context(settings), tqdm(total=left, desc='latency table', unit='entry',
                                                disable=None if progress else True) as bar:
-            for i, modules in entry_modules(supernet, layout, sources, todo):
-                runner = _Runner(modules, tuple(entries[i]['input']), settings)
-                entries[i]['ms'], entries[i]['iqr'] = _median_ms(runner, settings)
-                bar.set_postfix_str(entries[i]['desc'][:40])
-                bar.update()
-                if time.monotonic() - last_save > _SAVE_EVERY_S:
-                    LatencyTable(space, blocks, entries, meta, calibration).save(path)
-                    last_save = time.monotonic()
+            for p in range(settings.passes):  # each pass after the last: a slow spell spoils one pass at most
+                todo = [i for i, e in enumerate(entries) if len(e['passes']) <= p]
+                for i, modules in entry_modules(supernet, layout, sources, todo):
+                    median, iqr = _median_ms(_Runner(modules, tuple(entries[i]['input']), settings), settings)
+                    e = entries[i]
+                    e['passes'].append(median)
+                    if e['ms'] is None or median < e['ms']:
+                        e['ms'], e['iqr'] = median, iqr
+                    bar.set_postfix_str(f'pass {p + 1}: {e["desc"][:36]}')
+                    bar.update()
+                    if time.monotonic() - last_save > _SAVE_EVERY_S:
+                        LatencyTable(space, blocks, entries, meta, calibration).save(path)
+                        last_save = time.monotonic()
     finally:
         table = LatencyTable(space, blocks, entries, meta, calibration)
         table.save(path)
@@ -588,7 +604,7 @@ def _theil_sen(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
 def _settings_of(table: LatencyTable) -> LatencySettings:
     m = table.meta
     return LatencySettings(m['backend'], m['batch_size'], m['threads'], 'bf16' if 'bfloat16' in m['dtype'] else None,
-                           m['channels_last'], m['warmup'], m['repeats'], m['min_sample_ms'])
+                           m['channels_last'], m['warmup'], m['repeats'], m['min_sample_ms'], m.get('passes', 1))
 
 
 def _score(table: LatencyTable, subnets: Sequence[Subnet], measured: np.ndarray) -> Dict[str, Any]:

@@ -225,7 +225,8 @@ def import_kit_results(results: Union[str, os.PathLike], kit: Optional[Union[str
                              f'{missing[0]}); run measure.py again with the same options to finish them')
     device = data['device']
     table_dict = dict(manifest['table'])
-    entries = [dict(e, ms=measured[e['id']]['ms'], iqr=_last_iqr(measured[e['id']])) for e in table_dict['entries']]
+    entries = [dict(e, ms=measured[e['id']]['ms'], iqr=_last_iqr(measured[e['id']]),
+                    passes=[p['ms'] for p in measured[e['id']]['passes']]) for e in table_dict['entries']]
     meta = dict(model=manifest['model'], num_classes=manifest['num_classes'], backend='onnxruntime',
                 provider=device['provider'], device=device['cpu'], platform=device['platform'],
                 batch_size=manifest['batch_size'], threads=device['threads'] or 'default', dtype='float32',
