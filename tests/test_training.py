@@ -153,6 +153,25 @@ def test_sandwich_with_a_frozen_teacher_distils_the_max_subnet_too():
         assert losses[1].item() > 1.0  # the min subnet is distilled either way
 
 
+def test_a_stage_clips_its_gradients_unless_the_run_overrides_it(data, tmp_path, monkeypatch):
+    train, val, calib, _ = data
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *args, **kwargs):
+        seen.append(max_norm)
+        return real(params, max_norm, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', clip)
+    schedule = Schedule((Stage('full', 1, 1e-2, kd_ratio=0., clip_grad=7.0),))
+    Trainer(tiny_supernet(), schedule, train, val, calib, config(tmp_path / 'a')).run()
+    assert len(seen) == 4 and set(seen) == {7.0}  # every step of the stage
+    seen.clear()
+    Trainer(tiny_supernet(), schedule, train, val, calib, config(tmp_path / 'b', clip_grad=3.0)).run()
+    assert set(seen) == {3.0}
+    with pytest.raises(ValueError, match='clip_grad must be > 0'):
+        Stage('x', 1, 0.1, clip_grad=0)
+
+
 def test_stages_that_do_not_apply_are_dropped():
     mbv3 = timm.create_model('ofa_mbv3').space
     r50 = timm.create_model('ofa_resnet50d').space

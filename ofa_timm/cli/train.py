@@ -39,7 +39,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument('--opt', default=default.opt, help='timm optimizer (sgd = Nesterov SGD)')
     g.add_argument('--momentum', type=float, default=default.momentum)
     g.add_argument('--weight-decay', type=float, default=default.weight_decay)
-    g.add_argument('--clip-grad', type=float, default=default.clip_grad)
+    g.add_argument('--clip-grad', type=float, default=default.clip_grad,
+                   help="clip the gradient norm in every stage (default: the schedule's own clipping)")
     g.add_argument('--ema-decay', type=float, default=default.ema_decay)
     g.add_argument('--smoothing', dest='label_smoothing', type=float, default=default.label_smoothing)
     g.add_argument('--kd', dest='kd_kind', choices=('ce', 'kl'), default=default.kd_kind)

@@ -39,6 +39,9 @@ class Stage:
             distillation, which improves with the max); False distils every subnet, the max included, from the frozen
             teacher (the max subnet as the run's first shrinking stage found it), which holds a converged max where
             it started. Uniform sampling always distils from the frozen teacher.
+        clip_grad: Clip the total gradient norm of each optimizer step to this (None: no clipping;
+            ``TrainConfig.clip_grad``, when set, overrides it). Rare huge gradients, as EfficientNet's at the start of
+            training and in its expand stages, then cannot undo what was learned.
         carry_optimizer: Start from the previous stage's optimizer state (momentum, Adam moments) instead of a fresh
             one; the learning-rate schedule (warmup, cosine) still restarts, and weights that channel sorting
             permutes start afresh. OFA restarts fresh. Only ``Trainer`` reads it: the NNI strategy steps the
@@ -53,6 +56,7 @@ class Stage:
     kd_ratio: float = 1.0
     sampling: str = 'uniform'
     inplace_kd: bool = True
+    clip_grad: Optional[float] = None
     carry_optimizer: bool = False
 
     def __post_init__(self) -> None:
@@ -64,6 +68,8 @@ class Stage:
             raise ValueError(f"Stage '{self.name}': lr must be > 0, got {self.lr}")
         if self.subnets_per_step < 1:
             raise ValueError(f"Stage '{self.name}': subnets_per_step must be >= 1, got {self.subnets_per_step}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"Stage '{self.name}': clip_grad must be > 0 or None, got {self.clip_grad}")
         if self.kd_ratio < 0:
             raise ValueError(f"Stage '{self.name}': kd_ratio must be >= 0, got {self.kd_ratio}")
         if self.sampling not in SAMPLING_RULES:

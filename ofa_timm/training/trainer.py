@@ -66,7 +66,7 @@ class TrainConfig(ShrinkingConfig):
         opt: timm optimizer name ('sgd' is SGD with Nesterov momentum, as OFA).
         momentum: Optimizer momentum.
         weight_decay: Weight decay (not applied to biases and norms).
-        clip_grad: Clip the gradient norm to this value (None: no clipping).
+        clip_grad: Clip the gradient norm to this value in every stage (None: each stage's own ``clip_grad``).
         ema_decay: Keep a ``ModelEmaV3`` of the supernet with this decay (None: no EMA).
         label_smoothing: Label smoothing of the classification loss.
         mixup: Mixup alpha (0 disables).
@@ -642,9 +642,10 @@ class Trainer:
             step=self.position.step, is_finite=_all_finite,
             hint=f'Global step {self.position.global_step}; the last good checkpoint is kept at '
                  f'{self.output / CHECKPOINT}: lower the learning rate or enable --clip-grad, then --resume.')
-        if cfg.clip_grad is not None:
+        clip = cfg.clip_grad if cfg.clip_grad is not None else stage.clip_grad
+        if clip is not None:
             self._scaler.unscale_(self._optimizer)
-            torch.nn.utils.clip_grad_norm_(self.supernet.parameters(), cfg.clip_grad)
+            torch.nn.utils.clip_grad_norm_(self.supernet.parameters(), clip)
         self._scaler.step(self._optimizer)
         self._scaler.update()
         if self.ema is not None:

@@ -148,6 +148,8 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
                                   step=self._step_in_stage)
         finally:
             hook.remove()
+        if stage.clip_grad is not None:  # the stage's own clipping, as ofa-timm train applies it
+            self.clip_gradients(optimizer, gradient_clip_val=stage.clip_grad, gradient_clip_algorithm='norm')
         optimizer.step()
         self._step_in_stage += 1
         self.log('train_ps_loss', loss, prog_bar=True)
