@@ -127,7 +127,7 @@ def _alone(bench: Bench, supernet: torch.nn.Module, subnet: Subnet, steps: int, 
     """``subnet`` extracted from ``supernet`` and trained alone for ``steps`` optimizer steps with ``stage``'s lr and
     warmup (no distillation)."""
     alone = single_subnet(supernet.extract(subnet), subnet.resolution)  # nothing elastic: a plain model
-    probe = Trainer(alone, Schedule((stage,)), bench.train, bench.val, bench.calib, bench.config(name))
+    probe = Trainer(alone, Schedule((replace(stage, unlock={}),)), bench.train, bench.val, bench.calib, bench.config(name))
     spe = probe.steps_per_epoch
     epochs = steps / spe
     alone_stage = replace(stage, name='alone', epochs=epochs, unlock={}, kd_ratio=0., sampling='uniform',

@@ -58,6 +58,8 @@ def add_parsers(sub: Any) -> None:
     d.add_argument('--output', default='ofa_timm_demo', help='folder for the data and the run (a rerun continues it)')
     d.add_argument('--image-size', type=int, default=32, help='digits are upscaled from 8x8 to this size')
     d.add_argument('--epochs-scale', type=float, default=None)
+    d.add_argument('--min-steps', type=int, default=None,
+                   help="floor in optimizer steps (default: the recipe's; 0 for a quick look)")
     d.add_argument('--subnets', type=int, default=100, help='random subnets evaluated for the predictor')
     d.add_argument('--seed', type=int, default=0)
     d.add_argument('--no-progress', action='store_true')
@@ -98,7 +100,7 @@ def _demo(args: argparse.Namespace) -> int:
         model=args.model, data_dir=str(root), out=str(out / 'run'),
         budgets='25%flops,50%flops,25%latency,50%latency', latency='torch-cpu',
         resolutions=(size * 3 // 4, size * 7 // 8, size), image_size=size, scale=(0.6, 1.0), hflip=0.,
-        epochs_scale=args.epochs_scale, subnets=args.subnets, formats=('timm', 'onnx'),
+        epochs_scale=args.epochs_scale, min_steps=args.min_steps, subnets=args.subnets, formats=('timm', 'onnx'),
         # Validation during training at stage ends only, at the largest resolution: each subnet costs a BN
         # recalibration and an evaluation, so a denser grid would cost more than the training.
         train=TrainConfig(batch_size=32, workers=0, calib_images=256, val_resolutions=[size], val_every=1000,

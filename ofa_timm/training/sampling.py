@@ -75,8 +75,10 @@ def applicable_stages(schedule: Schedule, space: SearchSpace, pretrained: bool) 
             kept.append(stage)
             previous = current
     if not kept:
-        raise ValueError('No stage of the schedule trains anything for this supernet: nothing is unlocked and it is '
-                         'pretrained')
+        skipped = ' (the full stage is skipped for a pretrained start)' if pretrained else ''
+        raise ValueError(f'No stage of the schedule trains anything for this supernet{skipped}: stages '
+                         f'{[s.name for s in schedule.stages]} unlock nothing that its space {space_dimensions(space)} '
+                         'lets vary')
     return replace(schedule, stages=tuple(kept))
 
 
