@@ -20,19 +20,20 @@ reference predictor, random weights seeded once), so the best predicted accuraci
 
 What differs in the algorithms (same population, parents and children per generation):
 
-- mutation: ours redraws each gene (every kernel, expand, depth and the resolution) with probability 0.1; the tutorial
-  redraws a block's kernel and expand together, each stage's depth and the resolution with probability 0.1; ``ofa.nas``
-  the same per block and stage, and the resolution with probability 0.5;
-- crossover: ours and ``ofa.nas`` take each gene from either parent; the tutorial never crosses the resolution (the
-  child keeps its first parent's);
+- mutation: ours and the tutorial redraw a block's kernel and expand together, each stage's depth and the resolution
+  with probability 0.1; ``ofa.nas`` the same per block and stage, and the resolution with probability 0.5;
+- crossover: all three take each gene (the resolution included) from either parent;
 - an infeasible child: ours redraws it at most 10 times, then keeps its (feasible) parent; both reference setups
   redraw it until it fits, which never ends when nothing fits.
+
+``quality``: the best predicted accuracy of the tutorial setup and ours over ``--seeds`` seeds, without timing.
 
 ``flops``: analytic FLOPs and parameters against ``FlopCounterMode`` / parameter counts of the extracted models, for
 random subnets of every registered space at its own resolutions.
 
 Usage:
     python benchmarks/bench_search.py [search] [--budget 400] [--repeats 3] [--threads 2] [--setups tutorial nas]
+    python benchmarks/bench_search.py quality [--seeds 10]
     python benchmarks/bench_search.py flops [--subnets 200]
 """
 import argparse
@@ -235,6 +236,23 @@ def bench_search(args: argparse.Namespace) -> None:
               f'{best["ours"]:.2f}% |')
 
 
+def bench_quality(args: argparse.Namespace) -> None:
+    """Best predicted accuracy of the tutorial setup and ours over ``--seeds`` seeds (no timing): three interleaved
+    rounds say little about search quality."""
+    torch.set_num_threads(args.threads)
+    supernet = timm.create_model('ofa_mbv3_w12', resolutions=RESOLUTIONS).eval()
+    setup = _tutorial_setup(supernet, args.budget, EvolutionConfig())
+    ref, ours = [], []
+    for seed in range(args.seeds):
+        ref.append(setup.run_reference(seed)[0])
+        ours.append(setup.run_ours(seed)[0])
+        print(f'seed {seed}: reference {ref[-1]:.2f}%, ours {ours[-1]:.2f}%', flush=True)
+    print(f'{args.seeds} seeds, tutorial predictor, FLOPs <= {args.budget:g} M: median reference '
+          f'{statistics.median(ref):.2f}%, ours {statistics.median(ours):.2f}%; mean {statistics.mean(ref):.2f}% / '
+          f'{statistics.mean(ours):.2f}%; ours below the reference in {sum(o < r for o, r in zip(ours, ref))} of '
+          f'{args.seeds}')
+
+
 def bench_flops(args: argparse.Namespace) -> None:
     from ofa_timm.testing import cost_mismatches
     names = sorted(set(timm.list_models('ofa_*')) - {'ofa_mbv3'})
@@ -255,14 +273,15 @@ def bench_flops(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('what', nargs='?', choices=('search', 'flops'), default='search')
+    parser.add_argument('what', nargs='?', choices=('search', 'quality', 'flops'), default='search')
     parser.add_argument('--budget', type=float, default=400, help='MFLOPs budget of the search')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--subnets', type=int, default=200)
+    parser.add_argument('--seeds', type=int, default=10, help='quality: seeds of each search')
     parser.add_argument('--setups', nargs='+', choices=SETUPS, default=list(SETUPS), help='reference setups to run')
     args = parser.parse_args()
-    (bench_search if args.what == 'search' else bench_flops)(args)
+    {'search': bench_search, 'quality': bench_quality, 'flops': bench_flops}[args.what](args)
 
 
 if __name__ == '__main__':

@@ -465,6 +465,18 @@ class SearchSpace:
             genes.append(Gene('resolution', None, self.resolutions))
         return tuple(genes)
 
+    @functools.cached_property
+    def gene_groups(self) -> np.ndarray:
+        """Mutation group of each gene, shape ``(len(genes),)``: a block slot's kernel and expand genes share one
+        (OFA's evolution redraws a block's kernel and expand together), every other gene is a group of its own."""
+        owners: Dict[Tuple[Any, ...], int] = {}
+        groups = []
+        for g in self.genes:
+            key = ('block',) + self.slot_owner(g.field, g.index) if g.field in ('kernels', 'expands') else (
+                g.field, g.index)
+            groups.append(owners.setdefault(key, len(owners)))
+        return np.array(groups, dtype=np.int64)
+
     def gene_index(self, field_name: str, index: Optional[int] = None) -> int:
         """Position of gene ``field_name[index]`` (or ``resolution``) in :attr:`genes`."""
         return self._gene_positions[(field_name, index)]

@@ -98,3 +98,16 @@ def test_space_only_search_and_bad_arguments(supernet):
         specialize(supernet, GeneSum(space), flops_model(other), [3e8], FAST)
     with pytest.raises(ValueError, match='dict name -> value'):
         specialize(supernet, GeneSum(space), ['flops', 'params'], [3e8], FAST)
+
+
+def test_mutation_groups_a_blocks_kernel_and_expand_as_ofa_does(supernet):
+    space = supernet.space
+    groups = space.gene_groups
+    assert groups.shape == (len(space.genes),)
+    for i in range(len(space.kernel_slots)):  # the same block slot: one group
+        assert groups[space.gene_index('kernels', i)] == groups[space.gene_index('expands', i)]
+    others = [space.gene_index('depths', s) for s in range(len(space.stages))] + [space.gene_index('resolution')]
+    assert len({groups[i] for i in others}) == len(others)  # each depth and the resolution alone
+    assert groups.max() + 1 == len(space.kernel_slots) + len(others)
+    resnet = timm.create_model('ofa_resnet50').space  # no kernel genes: every expand is its own group
+    assert len(set(resnet.gene_groups.tolist())) == len(resnet.genes)

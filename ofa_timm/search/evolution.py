@@ -33,7 +33,8 @@ class EvolutionConfig:
         generations: Number of generations.
         parent_ratio: Share of the population kept as parents.
         mutation_ratio: Share of the children made by mutation (the rest by crossover).
-        mutate_prob: Probability that a mutation redraws each gene.
+        mutate_prob: Probability that a mutation redraws each gene group (a block's kernel and expand together, a
+            stage's depth, a width, the resolution; ``SearchSpace.gene_groups``).
         resample_rounds: Times an infeasible child is redrawn before its parent takes its place (so the search
             never loops forever on a tight budget).
     """
@@ -199,8 +200,12 @@ def evolve(
     scores = score(population)
     history = np.empty(config.generations)
 
+    groups = space.gene_groups
+
     def mutate(parents: np.ndarray) -> np.ndarray:
-        redraw = rng.random(parents.shape) < config.mutate_prob
+        # One draw per group: a block's kernel and expand are redrawn together, as in OFA (redrawing each gene on
+        # its own changes about 1.5x as many blocks per mutation, and found subnets predicted about a point worse).
+        redraw = (rng.random((len(parents), int(groups.max()) + 1)) < config.mutate_prob)[:, groups]
         return np.where(redraw, rng.integers(0, counts, size=parents.shape), parents)
 
     def cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
