@@ -39,6 +39,10 @@ def test_latency_predictor_search_export(run, capsys):
         printed and 'within ±10%' in printed and 'latency = ' in printed
     loaded = LatencyTable.load(table)
     assert loaded.validation['n'] == 2 and loaded.meta['batch_size'] == 1
+    # later, apart in time: the table names its model, class count and resolutions
+    assert main(['latency', 'validate', '--table', str(table), '--n', '2', '--no-progress']) == 0
+    assert 'measured in a later, separate run' in capsys.readouterr().out
+    assert LatencyTable.load(table).validation['apart']
 
     dataset = root / 'acc.jsonl'
     assert main(['predictor', 'dataset', *model, '--data-dir', str(data), '--n', '8', '--calib-images', '8',

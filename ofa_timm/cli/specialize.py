@@ -3,7 +3,7 @@
 import argparse
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Optional
 
 from ._common import HelpFormatter, data_loaders, load_supernet_from_args
 
@@ -61,8 +61,17 @@ def _latency_import(args: argparse.Namespace) -> int:
 
 
 def _latency_validate(args: argparse.Namespace) -> int:
+    from ..search.export import load_supernet
     from ..search.latency import LatencyTable, validate_latency_table, validation_summary
-    supernet = load_supernet_from_args(args)
+    if args.model is None:  # the table names its model, class count and resolutions; weights do not change latency
+        table = LatencyTable.load(args.table)
+        if not table.meta.get('model'):
+            raise ValueError(f'{args.table} does not name its model: pass --model')
+        supernet = load_supernet(table.meta['model'], args.checkpoint,
+                                 num_classes=args.num_classes or table.meta.get('num_classes'),
+                                 resolutions=args.resolutions or table.space.resolutions)
+    else:
+        supernet = load_supernet_from_args(args)
     table = LatencyTable.load(args.table, space=supernet.space)
     result = validate_latency_table(table, supernet, n=args.n, seed=args.seed, progress=not args.no_progress)
     table.save(args.table)
@@ -195,8 +204,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """The ``latency``, ``predictor``, ``search`` and ``export`` verbs."""
-    def model_args(p: argparse.ArgumentParser, checkpoint_help: str = 'trained supernet weights') -> None:
-        p.add_argument('--model', required=True, help='registered ofa_* name')
+    def model_args(p: argparse.ArgumentParser, checkpoint_help: str = 'trained supernet weights',
+                   model_help: Optional[str] = None) -> None:
+        p.add_argument('--model', required=model_help is None, default=None,
+                       help=model_help or 'registered ofa_* name')
         p.add_argument('--checkpoint', default=None, help=checkpoint_help + ' (supernet.safetensors of ofa-timm train)')
         p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
         p.add_argument('--resolutions', type=int, nargs='+', default=None,
@@ -243,7 +254,8 @@ def add_parsers(sub: Any) -> None:
     i.set_defaults(func=_latency_import, command='latency import')
     v = verbs.add_parser('validate', help='measure held-out subnets now and report the error of a table built earlier',
                          formatter_class=HelpFormatter)
-    model_args(v, 'weights (only the space and the class count matter)')
+    model_args(v, 'weights (only the space and the class count matter)',
+               model_help="registered ofa_* name (default: the table's, with its class count and resolutions)")
     v.add_argument('--table', required=True, help='latency table JSON (the validation is stored in it)')
     v.add_argument('--n', type=int, default=30, help='held-out subnets')
     v.add_argument('--seed', type=int, default=1, help='seed of the held-out draw')
