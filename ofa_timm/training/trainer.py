@@ -36,6 +36,7 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
+from .._dist import barrier as _barrier, rank_and_world as _dist
 from .._io import atomic_path, checkpoint_metadata, load_weights
 from ..space import Subnet
 from .data import EpochSampler, SeededDataset, resize_to, train_loader
@@ -204,17 +205,6 @@ def _carry_optimizer_state(previous: Dict[str, Any], optimizer: torch.optim.Opti
 
 
 # --- distributed helpers --------------------------------------------------------------------------------------------
-def _dist() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        dist.barrier()
-
-
 def _all_finite(loss: torch.Tensor) -> bool:
     finite = torch.isfinite(loss.detach()).float()
     if _dist()[1] > 1:
