@@ -77,7 +77,8 @@ def main() -> None:
         print(f'n={n}: Spearman {rows[-1][1]:.3f} ({rows[-1][2]:.3f}-{rows[-1][3]:.3f}), RMSE {rows[-1][4]:.2f}',
               flush=True)
     text = '\n'.join([
-        f'`python benchmarks/predictor_curve.py` ({(time.time() - start) / 60:.1f} minutes on the 2-core machine): '
+        f'`python benchmarks/predictor_curve.py --sizes {" ".join(map(str, args.sizes))}` '
+        f'({(time.time() - start) / 60:.1f} minutes on the 2-core machine): '
         f"the supernet of `ofa-timm demo` (`{config.model}`, digits, resolutions 24/28/32); {n_pool + args.held_out} "
         f'random subnets BN-recalibrated on {train.calib_images} training images and evaluated on the '
         f'{len(splits.val)} validation images (top-1 {top1.min():.1f}-{top1.max():.1f}%, std {top1.std():.2f} '
@@ -88,7 +89,7 @@ def main() -> None:
     print(text)
     if args.results:
         path = Path(args.results)
-        doc = path.read_text()
+        doc = path.read_text() if path.is_file() else ''
         begin, end = MARKERS
         block = f'{begin}\n{text}\n{end}'
         pattern = re.compile(re.escape(begin) + '.*?' + re.escape(end), re.S)

@@ -29,7 +29,7 @@ the binomial standard error of a top-1 near 95 % is 0.7 points). Stage-end figur
 split at the end of each stage. The tables go into ``docs/results.md`` between markers named after the model and part.
 
 Usage: python benchmarks/ps_quality.py --model ofa_mobilenetv3_large_100 [--image-size 32] [--parts scratch
-       pretrained small] [--results docs/results.md] [--output /tmp/ps_quality] [--seed 0] [--smoke]
+       pretrained small] [--no-ablations] [--results docs/results.md] [--output /tmp/ps_quality] [--seed 0] [--smoke]
 """
 import argparse
 import math
@@ -69,7 +69,9 @@ class Bench:
         cfg = DataConfig(str(root), image_size=size, scale=(0.6, 1.0), hflip=0.)  # digits are not mirror-symmetric
         self.train, self.val, self.calib, self.num_classes = build_datasets(cfg, seed=args.seed)
         self.test = build_datasets(replace(cfg, val_split='test'), seed=args.seed)[1]
-        self.evaluator = SubnetEvaluator(self.calib, self.test, calib_images=500, batch_size=64, seed=args.seed)
+        self.calib_images = 64 if args.smoke else 500  # the smoke run checks the plumbing, not the figures
+        self.evaluator = SubnetEvaluator(self.calib, self.test, calib_images=self.calib_images, batch_size=64,
+                                         seed=args.seed)
         self.schedule_scale = 1.0  # the epoch scale the schedule ran at (its floor), for the runs alone
 
     def config(self, name: str, resolution: Optional[int] = None, **kwargs: Any) -> TrainConfig:
@@ -77,7 +79,7 @@ class Bench:
         for f in ('last.pth', 'metrics.jsonl'):
             (run / f).unlink(missing_ok=True)
         # Validation (on the validation split) at stage ends only, at one resolution: the tables measure on test.
-        return TrainConfig(output=str(run), batch_size=32, workers=0, calib_images=500,
+        return TrainConfig(output=str(run), batch_size=32, workers=0, calib_images=self.calib_images,
                            val_resolutions=[resolution or self.resolutions[-1]], val_every=10_000, seed=self.args.seed,
                            progress=False, **kwargs)
 
@@ -127,7 +129,8 @@ def _alone(bench: Bench, supernet: torch.nn.Module, subnet: Subnet, steps: int, 
     """``subnet`` extracted from ``supernet`` and trained alone for ``steps`` optimizer steps with ``stage``'s lr and
     warmup (no distillation)."""
     alone = single_subnet(supernet.extract(subnet), subnet.resolution)  # nothing elastic: a plain model
-    probe = Trainer(alone, Schedule((replace(stage, unlock={}),)), bench.train, bench.val, bench.calib, bench.config(name))
+    probe = Trainer(alone, Schedule((replace(stage, unlock={}),)), bench.train, bench.val, bench.calib,
+                    bench.config(name))
     spe = probe.steps_per_epoch
     epochs = steps / spe
     alone_stage = replace(stage, name='alone', epochs=epochs, unlock={}, kd_ratio=0., sampling='uniform',
@@ -146,12 +149,12 @@ def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     zero_init_residual(initial)  # what the trainer does at the start of a run; the subnets trained alone share it
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
-    randoms = [space.sample(random.Random(args.seed + i)) for i in range(10)]
+    randoms = _randoms(space, args)
     ps = applicable_stages(load_schedule('auto', pretrained=False), space, pretrained=False)
     rows: Dict[str, Dict[str, Any]] = {}
     steps = None
     for label, schedule in _variants(ps).items():
-        if args.smoke and label != 'PS':
+        if (args.smoke or args.no_ablations) and label != 'PS':
             continue
         initial.load_state_dict(state)
         trainer = Trainer(initial, _smoke(schedule, args), bench.train, bench.val, bench.calib,
@@ -198,7 +201,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     state = {k: v.clone() for k, v in supernet.state_dict().items()}
     space = supernet.space
     source_top1 = bench.test_top1(supernet, space.max())
-    randoms = [space.sample(random.Random(args.seed + i)) for i in range(10)]
+    randoms = _randoms(space, args)
     schedule = load_schedule('auto', pretrained=True)
     trainer = Trainer(supernet, _smoke(schedule, args), bench.train, bench.val, bench.calib, bench.config('ps_fast'),
                       pretrained=True)
@@ -225,7 +228,7 @@ def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     zero_init_residual(initial)
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
-    randoms = [space.sample(random.Random(args.seed + i)) for i in range(10)]
+    randoms = _randoms(space, args)
     trainer = Trainer(initial, _smoke(load_schedule('auto'), args), bench.train, bench.val, bench.calib,
                       bench.config('small_ps'))
     tick = time.time()
@@ -240,6 +243,11 @@ def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
         alone[name] = _alone(bench, initial, subnet, steps, full, f'small_alone_{name}', from_weights=False)
         print(f'alone {name}: {alone[name]:.2f}', flush=True)
     return 'small', dict(ps=ps, alone=alone, steps=steps, n_train=len(bench.train), schedule=trainer.schedule)
+
+
+def _randoms(space: Any, args: argparse.Namespace) -> List[Subnet]:
+    """The fixed random subnets whose mean and worst the tables give (two in the smoke run)."""
+    return [space.sample(random.Random(args.seed + i)) for i in range(2 if args.smoke else 10)]
 
 
 def _smoke(schedule: Schedule, args: argparse.Namespace) -> Schedule:
@@ -266,8 +274,9 @@ def _schedule_text(schedule: Schedule, steps: int, n_train: int) -> str:
 
 
 def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: float) -> str:
-    cmd = (f'`python benchmarks/ps_quality.py --model {args.model} --image-size {args.image_size} --parts {part}`'
-           f' ({seconds / 60:.1f} minutes on the 2-core machine)')
+    flags = ' --no-ablations' if args.no_ablations and part == 'scratch' else ''
+    cmd = (f'`python benchmarks/ps_quality.py --model {args.model} --image-size {args.image_size} --parts {part}'
+           f'{flags}` ({seconds / 60:.1f} minutes on the 2-core machine)')
     res = f'{args.image_size * 3 // 4}/{args.image_size * 7 // 8}/{args.image_size} px'
     lines = [f'### `{args.model}`, {part}', '', f'{cmd}; resolutions {res}; '
              f"{_schedule_text(data['schedule'], data['steps'], data['n_train'])}. Test top-1 (%).", '']
@@ -282,7 +291,7 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
             f"{label}: {_stage_line(r['stages'])}" for label, r in rows.items() if 'stages' in r), '']
         ps = rows['PS']
         alone = [r for label, r in rows.items() if label.startswith('Alone')]
-        if alone and 'No PS, sandwich' in rows:
+        if alone:
             equal, third = alone
             full_max = ps['stages'][0][1]
             worst = min(acc for _, acc in ps['stages'][1:])
@@ -294,10 +303,11 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
                           f"{k} {ps[k]:.1f} vs {equal[k]:.1f} ({_verdict(ps[k] >= equal[k] - 1, ps[k] - equal[k] + 1)})"
                           for k in ('min', 'mid', 'max')) + '.',
                       f'- No stage lowers the max subnet by more than 1 point: lowest stage end {worst:.1f} against '
-                      f'{full_max:.1f} after the full stage ({_verdict(worst >= full_max - 1, worst - full_max + 1)}).',
-                      f"- Like-for-like ablations: PS, uniform {rows['PS, uniform']['mean']:.1f} against No PS, "
-                      f"uniform {rows['No PS, uniform']['mean']:.1f} (random mean); PS {ps['mean']:.1f} against No "
-                      f"PS, sandwich {rows['No PS, sandwich']['mean']:.1f}."]
+                      f'{full_max:.1f} after the full stage ({_verdict(worst >= full_max - 1, worst - full_max + 1)}).']
+            if 'No PS, sandwich' in rows:
+                lines.append(f"- Like-for-like ablations: PS, uniform {rows['PS, uniform']['mean']:.1f} against No "
+                             f"PS, uniform {rows['No PS, uniform']['mean']:.1f} (random mean); PS {ps['mean']:.1f} "
+                             f"against No PS, sandwich {rows['No PS, sandwich']['mean']:.1f}.")
     elif part == 'pretrained':
         ps, alone = data['ps'], data['alone']
         lines += [f"Source `{args.model[4:]}` trained alone for {data['source_steps']:,} steps: {data['source']:.1f}.",
@@ -348,6 +358,8 @@ def main() -> None:
                         help="Markdown file whose sections are replaced ('' to only print)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--smoke', action='store_true', help='a few steps of each run (the test suite runs it)')
+    parser.add_argument('--no-ablations', action='store_true',
+                        help='scratch part: PS and the subnets alone, without the four ablation runs')
     args = parser.parse_args()
     (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
     parts = {'scratch': part_scratch, 'pretrained': part_pretrained, 'small': part_small}

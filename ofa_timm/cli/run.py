@@ -60,7 +60,7 @@ def add_parsers(sub: Any) -> None:
     d.add_argument('--epochs-scale', type=float, default=None)
     d.add_argument('--min-steps', type=int, default=None,
                    help="floor in optimizer steps (default: the recipe's; 0 for a quick look)")
-    d.add_argument('--subnets', type=int, default=100, help='random subnets evaluated for the predictor')
+    d.add_argument('--subnets', type=int, default=DEFAULT_SUBNETS, help='random subnets evaluated for the predictor')
     d.add_argument('--seed', type=int, default=0)
     d.add_argument('--no-progress', action='store_true')
     d.set_defaults(func=_demo)
