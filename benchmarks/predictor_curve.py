@@ -20,11 +20,11 @@ import numpy as np
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
 from ofa_timm.example_data import make_digits_dataset
-from ofa_timm.pipeline import RunConfig, run
+from ofa_timm.pipeline import demo_config, run
 from ofa_timm.pipeline.data import load_splits
 from ofa_timm.search import FitConfig, build_accuracy_dataset, fit_predictor, load_supernet, read_accuracy_dataset
 from ofa_timm.search.predictor import sample_subnets, spearman
-from ofa_timm.training import DataConfig, SubnetEvaluator, TrainConfig
+from ofa_timm.training import DataConfig, SubnetEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ('<!-- predictor_curve:begin -->', '<!-- predictor_curve:end -->')
@@ -44,11 +44,8 @@ def main() -> None:
     work = Path(args.work)
     size = 32
     root = make_digits_dataset(work / 'data', val_per_class=100, image_size=size, seed=args.seed)
-    train = TrainConfig(batch_size=32, workers=0, calib_images=256, val_resolutions=[size], val_every=1000,
-                        log_every=5)
-    config = RunConfig(model='ofa_mobilenetv3_large_100', data_dir=str(root), out=str(work / 'run'),
-                       budgets='50%flops', latency=None, resolutions=(24, 28, 32), image_size=size, scale=(0.6, 1.0),
-                       hflip=0., train=train, seed=args.seed)
+    config = demo_config(root, work / 'run', size, seed=args.seed)
+    train = config.train
     run(config, until='train')  # the demo's supernet (reused when the work folder holds it)
     supernet = load_supernet(config.model, work / 'run' / 'train' / 'supernet.safetensors').eval()
     splits = load_splits(DataConfig(str(root), image_size=size), None, config.test_fraction, args.seed)

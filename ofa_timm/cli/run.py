@@ -88,24 +88,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from ..example_data import make_digits_dataset
-    from ..pipeline import RunConfig, run
-    from ..training import TrainConfig
+    from ..pipeline import demo_config, run
     start = time.time()
     out = Path(args.output)
     size = args.image_size
     root = make_digits_dataset(out / 'data', val_per_class=100, image_size=size, seed=args.seed)
     print(f"Handwritten digits (scikit-learn's 1,797 real 8x8 scans, 10 classes) written as a {size} px ImageFolder "
           f"in {root}: 797 training and 1,000 validation images, half of which the run holds out as its test split")
-    config = RunConfig(
-        model=args.model, data_dir=str(root), out=str(out / 'run'),
-        budgets='25%flops,50%flops,25%latency,50%latency', latency='torch-cpu',
-        resolutions=(size * 3 // 4, size * 7 // 8, size), image_size=size, scale=(0.6, 1.0), hflip=0.,
-        epochs_scale=args.epochs_scale, min_steps=args.min_steps, subnets=args.subnets, formats=('timm', 'onnx'),
-        # Validation during training at stage ends only, at the largest resolution: each subnet costs a BN
-        # recalibration and an evaluation, so a denser grid would cost more than the training.
-        train=TrainConfig(batch_size=32, workers=0, calib_images=256, val_resolutions=[size], val_every=1000,
-                          log_every=5),
-        seed=args.seed, progress=not args.no_progress)
+    config = demo_config(root, out / 'run', size, model=args.model, epochs_scale=args.epochs_scale,
+                         min_steps=args.min_steps, subnets=args.subnets, seed=args.seed, progress=not args.no_progress)
     result = run(config)
     print(f'\n{result.report.read_text()}\nReport: {result.report}; plot: {result.plot}; run folder: {out / "run"}')
     print(f'Done in {time.time() - start:.0f} s.')

@@ -6,9 +6,9 @@
 ``ofa-timm run`` is the same from the command line. See :mod:`ofa_timm.pipeline.core` for the steps.
 """
 from .core import (
-    DEFAULT_SUBNETS, STEPS, BudgetResult, PipelineInterrupted, PipelineResult, RunConfig, run)
+    DEFAULT_SUBNETS, STEPS, BudgetResult, PipelineInterrupted, PipelineResult, RunConfig, demo_config, run)
 from .data import Splits, carve_test_split, load_splits
 from .workdir import WorkDir
 
 __all__ = ['run', 'RunConfig', 'BudgetResult', 'PipelineResult', 'PipelineInterrupted', 'STEPS', 'DEFAULT_SUBNETS',
-           'Splits', 'carve_test_split', 'load_splits', 'WorkDir']
+           'demo_config', 'Splits', 'carve_test_split', 'load_splits', 'WorkDir']

@@ -39,7 +39,8 @@ from ..space import Subnet
 from ..training import DataConfig, SubnetEvaluator, TrainConfig
 from .workdir import WorkDir, canonical, file_digest
 
-__all__ = ['STEPS', 'RunConfig', 'BudgetResult', 'PipelineResult', 'PipelineInterrupted', 'run', 'DEFAULT_SUBNETS']
+__all__ = ['STEPS', 'RunConfig', 'BudgetResult', 'PipelineResult', 'PipelineInterrupted', 'run', 'DEFAULT_SUBNETS',
+           'demo_config']
 
 STEPS: Tuple[str, ...] = ('train', 'latency', 'accuracy', 'predictor', 'search', 'finalists', 'export', 'report')
 LOCAL_BACKENDS = ('torch-cpu', 'torch-cuda', 'onnxruntime')
@@ -714,6 +715,24 @@ class Pipeline:
 def _brief(validation: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """A table's validation without its per-subnet rows."""
     return None if validation is None else {k: v for k, v in validation.items() if k != 'rows'}
+
+
+def demo_config(data_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], image_size: int = 32,
+                **overrides: Any) -> RunConfig:
+    """The run of ``ofa-timm demo`` on the digits ImageFolder ``data_dir`` (``make_digits_dataset``) written at
+    ``image_size``: resolutions at 3/4, 7/8 and 1 of it, FLOPs and latency budgets, small-image augmentation;
+    ``overrides`` replace any field (``model``, ``seed``, ``subnets``, ...)."""
+    size = image_size
+    config = dict(
+        model='ofa_mobilenetv3_large_100', data_dir=str(data_dir), out=str(out),
+        budgets='25%flops,50%flops,25%latency,50%latency', latency='torch-cpu',
+        resolutions=(size * 3 // 4, size * 7 // 8, size), image_size=size, scale=(0.6, 1.0), hflip=0.,
+        formats=('timm', 'onnx'),
+        # Validation during training at stage ends only, at the largest resolution: each subnet costs a BN
+        # recalibration and an evaluation, so a denser grid would cost more than the training.
+        train=TrainConfig(batch_size=32, workers=0, calib_images=256, val_resolutions=[size], val_every=1000,
+                          log_every=5))
+    return RunConfig(**{**config, **overrides})
 
 
 def run(config: Optional[RunConfig] = None, until: Optional[str] = None, **kwargs: Any) -> Optional[PipelineResult]:
