@@ -100,14 +100,14 @@ def _flops_table(supernet: torch.nn.Module) -> Any:
     space = supernet.space
     table.efficiency_dict = {}
     for res in space.resolutions:
-        blocks: List[Dict[Tuple[int, int], float]] = [{} for _ in range(len(space.kernel_slots) + 1)]
+        blocks: List[Dict[Tuple[int, int], float]] = [{} for _ in range(len(space['kernels'].choices) + 1)]
         other: Dict[int, float] = {}
         for k in (3, 5, 7):
             for e in (3, 4, 6):
-                subnet = space.max().replace(kernels=[k] * len(space.kernel_slots),
-                                             expands=[e] * len(space.expand_slots), resolution=res)
+                subnet = space.max().replace(kernels=[k] * len(space['kernels'].choices),
+                                             expands=[e] * len(space['expands'].choices), resolution=res)
                 specs = supernet.describe(subnet)  # stem, first block, the 20 slots, final conv, head
-                assert len(specs) == len(space.kernel_slots) + 4, [s.name for s in specs]
+                assert len(specs) == len(space['kernels'].choices) + 4, [s.name for s in specs]
                 blocks[0][(3, 1)] = specs[1].flops(res) / 1e6
                 for i, spec in enumerate(specs[2:-2]):
                     blocks[i + 1][(k, e)] = spec.flops(res) / 1e6

@@ -25,7 +25,7 @@ import torch.nn as nn
 import ofa_timm  # noqa: F401  registers the ofa_* models
 from ofa_timm.search.cost import BlockLayout
 from ofa_timm.search.kit import make_kit
-from ofa_timm.search.latency import LatencySettings, _plan, entry_modules
+from ofa_timm.search.latency import LatencySettings, entry_modules, plan_entries
 
 RESOLUTIONS = (160, 176, 192, 208, 224)
 
@@ -68,7 +68,7 @@ def main() -> None:
     start = time.time()
     supernet = timm.create_model('ofa_mbv3_w12', resolutions=RESOLUTIONS).eval()
     layout = BlockLayout.from_supernet(supernet)
-    entries, sources, _ = _plan(layout, LatencySettings('onnxruntime', 1))
+    entries, sources, _ = plan_entries(layout, LatencySettings('onnxruntime', 1))
     # one entry per distinct computation (key), then all the input sizes of the sampled keys
     by_key = {}
     for i, e in enumerate(entries):
@@ -81,7 +81,7 @@ def main() -> None:
     ratios, rows = [], []
     for key in chosen:
         first = by_key[key][0]
-        module = modules[first][0] if len(modules[first]) == 1 else nn.Sequential(*modules[first])
+        module = modules[first]
         dynamic = session(ort, export(module, entries[first]['input'], True), args.threads)
         for i in by_key[key]:
             shape = entries[i]['input']

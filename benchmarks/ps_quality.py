@@ -48,7 +48,7 @@ from ofa_timm.elastic import single_subnet
 from ofa_timm.example_data import make_digits_dataset
 from ofa_timm.space import Subnet
 from ofa_timm.training import (
-    DataConfig, Schedule, Stage, SubnetEvaluator, TrainConfig, Trainer, build_datasets, load_schedule,
+    DataConfig, Schedule, Stage, SubnetEvaluator, TrainConfig, Trainer, build_datasets, build_schedule,
     zero_init_residual)
 from ofa_timm.training.sampling import applicable_stages
 
@@ -150,7 +150,7 @@ def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
     randoms = _randoms(space, args)
-    ps = applicable_stages(load_schedule('auto', pretrained=False), space, pretrained=False)
+    ps = applicable_stages(build_schedule('auto', space, pretrained=False), space, pretrained=False)
     rows: Dict[str, Dict[str, Any]] = {}
     steps = None
     for label, schedule in _variants(ps).items():
@@ -185,7 +185,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     source = timm.create_model(source_name, num_classes=bench.num_classes)
     # The source trained alone to convergence: the scratch recipe's full stage, for --source-steps steps.
     plain = single_subnet(source, args.image_size)
-    full = load_schedule('scratch').stages[0]
+    full = build_schedule('scratch', plain.space).stages[0]
     probe = Trainer(plain, Schedule((full,)), bench.train, bench.val, bench.calib, bench.config('source'))
     epochs = args.source_steps / probe.steps_per_epoch
     stage = replace(full, epochs=epochs, warmup_epochs=min(full.warmup_epochs, epochs / 10), kd_ratio=0.)
@@ -202,7 +202,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     space = supernet.space
     source_top1 = bench.test_top1(supernet, space.max())
     randoms = _randoms(space, args)
-    schedule = load_schedule('auto', pretrained=True)
+    schedule = build_schedule('auto', space, pretrained=True)
     trainer = Trainer(supernet, _smoke(schedule, args), bench.train, bench.val, bench.calib, bench.config('ps_fast'),
                       pretrained=True)
     tick = time.time()
@@ -229,7 +229,7 @@ def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
     randoms = _randoms(space, args)
-    trainer = Trainer(initial, _smoke(load_schedule('auto'), args), bench.train, bench.val, bench.calib,
+    trainer = Trainer(initial, _smoke(build_schedule('auto', space), args), bench.train, bench.val, bench.calib,
                       bench.config('small_ps'))
     tick = time.time()
     stage_max = _run_by_stage(bench, trainer)

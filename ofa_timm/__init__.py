@@ -6,7 +6,7 @@ from .elastic import ElasticMobileNetV3, elasticize, ofa_mobilenetv3
 from .space import SearchSpace, StageChoices, Subnet
 from .plugins import ofa_models as _ofa_models  # noqa: F401  registers the timm entrypoints
 
-__version__ = '0.2.0'
+__version__ = '0.3.0.dev0'
 
 __all__ = ['Subnet', 'SearchSpace', 'StageChoices', 'elasticize', 'ElasticMobileNetV3', 'ofa_mobilenetv3', 'run']
 

@@ -8,11 +8,13 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
-__all__ = ['atomic_path', 'respect_umask', 'write_text_atomic', 'load_weights', 'save_safetensors', 'save_supernet',
-           'checkpoint_metadata', 'model_args_from_metadata']
+__all__ = ['atomic_path', 'staged_folder', 'respect_umask', 'write_text_atomic', 'load_weights', 'save_safetensors',
+           'save_supernet', 'checkpoint_metadata', 'model_args_from_metadata']
 
 PathLike = Union[str, os.PathLike]
 
@@ -46,6 +48,42 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def staged_folder(out: PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder next to the folder ``out``; on success its files move into ``out`` (a rename
+    when ``out`` does not exist yet, replacing files of the same names otherwise), with the permissions of files the
+    user writes; on failure it is removed. A failure never leaves a partial folder behind.
+
+    Raises:
+        ValueError: If ``out`` is a file, or its parent cannot be written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'{str(out)!r} is a file; give a folder')
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.partial', dir=out.parent))
+    except OSError as e:
+        raise ValueError(f'Cannot write to {str(out)!r}: {e.strerror}') from None
+    try:
+        yield staging
+        respect_umask(staging, *staging.rglob('*'))  # not mkdtemp's 0700 nor safetensors' 0600
+        if not out.exists():
+            os.replace(staging, out)
+            return
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir() and not item.is_dir():
+                raise ValueError(f'{str(target)!r} is a folder; cannot replace it with a file')
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        staging.rmdir()
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def respect_umask(*paths: PathLike) -> None:

@@ -48,7 +48,7 @@ def cost_mismatches(supernet: nn.Module, subnets: Sequence[Subnet]) -> List[Tupl
     out = []
     for subnet, f, p in zip(subnets, flops, params):
         model = supernet.extract(subnet)
-        res = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+        res = supernet.resolution_of(subnet)
         counted_f, counted_p = count_flops(model, res), count_params(model)
         if f != counted_f:
             out.append((subnet, 'flops', int(f), counted_f))

@@ -40,30 +40,9 @@ _OFA_NETS_URL = 'https://raw.githubusercontent.com/han-cai/files/master/ofa/ofa_
 # The reference downloads OFA-ResNet50 from Google Drive; pass pretrained_cfg_overlay=dict(file=...) if that fails.
 _OFA_RESNET50_URL = 'https://drive.google.com/uc?id=1xy6VIPEHXqbbqNu3xEZUxhp5FbTVs5cQ'
 
-# Converted supernets: registered name -> timm source model. Their weights are the source's own timm weights.
-_CONVERTED = {
-    'ofa_mobilenetv3_large_100': 'mobilenetv3_large_100',
-    'ofa_mobilenetv3_large_075': 'mobilenetv3_large_075',
-    'ofa_mobilenetv3_small_100': 'mobilenetv3_small_100',
-    'ofa_mobilenetv4_conv_small': 'mobilenetv4_conv_small',
-    'ofa_mobilenetv4_conv_medium': 'mobilenetv4_conv_medium',
-    'ofa_lcnet_100': 'lcnet_100',
-    'ofa_efficientnet_b0': 'efficientnet_b0',
-    'ofa_efficientnet_b1': 'efficientnet_b1',
-    'ofa_efficientnet_b2': 'efficientnet_b2',
-    'ofa_efficientnet_b3': 'efficientnet_b3',
-    'ofa_efficientnet_lite0': 'efficientnet_lite0',
-    'ofa_mobilenetv2_100': 'mobilenetv2_100',
-    'ofa_mobilenetv2_140': 'mobilenetv2_140',
-    'ofa_mnasnet_100': 'mnasnet_100',
-    'ofa_fbnetc_100': 'fbnetc_100',
-    'ofa_spnasnet_100': 'spnasnet_100',
-    'ofa_tinynet_a': 'tinynet_a',
-    'ofa_resnet50d': 'resnet50d',
-    'ofa_resnet26d': 'resnet26d',
-    'ofa_resnet101': 'resnet101',
-    'ofa_resnet34': 'resnet34',
-}
+# Converted supernets: registered name -> timm source model, for every model a family converts. Their weights are the
+# source's own timm weights.
+_CONVERTED = {f'ofa_{source}': source for family in FAMILIES for source in family.timm_sources}
 # Keyword arguments that shape a converted supernet's space rather than the timm source model.
 _SPACE_OPTIONS = frozenset(option for family in FAMILIES for option in family.space_options)
 # Model kwargs of a checkpoint's metadata that apply to any registered model it is loaded into; the others apply to the
@@ -88,9 +67,8 @@ def _source_cfgs(name: str, source: str) -> Dict[str, Dict[str, Any]]:
         for key in ('architecture', 'tag'):
             cfg.pop(key, None)
         cfgs[f'{name}.{tag}'] = cfg
-    if not cfgs:  # no timm weights: still a registered (randomly initialised) supernet
-        resnet = 'resnet' in source
-        cfgs[name] = _cfg(first_conv='conv1.0' if resnet else 'conv_stem', classifier='fc' if resnet else 'classifier')
+    if not cfgs:  # no timm weights: still a registered (randomly initialised) supernet, with the source's layer names
+        cfgs[name] = _cfg(**{k: getattr(default, k) for k in ('first_conv', 'classifier')} if default else {})
     return cfgs
 
 
@@ -136,11 +114,7 @@ def checkpoint_filter_fn(
     state_dict = _unwrap(state_dict)
     state_dict = model.convert_reference_state_dict(state_dict) or state_dict
     own = model.state_dict()
-    out = dict(state_dict)
-    for key, value in own.items():
-        if key not in out and re.search(r'kernel_transform_\d+to\d+$', key):
-            out[key] = torch.eye(value.shape[0], dtype=value.dtype)  # timm source weights: identity transforms
-    out = _fit_head(out, model, own, new_head)
+    out = _fit_head(model.complete_state(state_dict), model, own, new_head)
     first = f"{model.pretrained_cfg.get('first_conv', '')}.weight"
     if first in out and first in own and out[first].shape[1] != own[first].shape[1]:
         out[first] = adapt_input_conv(own[first].shape[1], out[first])

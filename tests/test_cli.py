@@ -77,3 +77,14 @@ def test_demo_end_to_end(tmp_path, capsys):
         reloaded = timm.create_model(f'local-dir:{export}', pretrained=True).eval()
         assert type(reloaded).__name__ == 'MobileNetV3'
         assert reloaded(torch.randn(1, 3, 16, 16)).shape == (1, 10)  # the ten digits
+
+
+def test_run_passes_every_schedule_option_to_the_pipeline(shapes, tmp_path, monkeypatch):
+    """--lr-scale and --sampling reach the run's schedule (they were accepted and ignored once)."""
+    import ofa_timm.pipeline
+    seen = {}
+    monkeypatch.setattr(ofa_timm.pipeline, 'run', lambda config, until=None: seen.update(config=config))
+    assert main(['run', '--data-dir', str(shapes), '--budgets', '50%flops', '--latency', 'none', '--lr-scale', '0.5',
+                 '--sampling', 'uniform', '--min-steps', '7', '--epochs-scale', '0.1', '--out', str(tmp_path)]) == 0
+    config = seen['config']
+    assert (config.lr_scale, config.sampling, config.min_steps, config.epochs_scale) == (0.5, 'uniform', 7, 0.1)

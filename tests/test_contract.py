@@ -133,22 +133,30 @@ def test_forward_intermediates_match_extracted_features(supernet):
         assert_close(a, b)
 
 
-def test_channel_sorting_keeps_trained_subnets(supernet):
+def test_ranking_keeps_trained_subnets(supernet):
+    """Ranking a dimension (OFA's channel sorting) changes no subnet whose value of it was trained: the max subnet,
+    then the subnet at the second-largest choices once those are trained too."""
     space = supernet.space
     x = torch.randn(2, 3, RES, RES)
-    second = space.max().replace(expands=tuple(c[-2] if len(c) > 1 else c[-1] for c in space.expand_slots))
+    ranked = [d for d in space.dimensions if d.ranked and d.elastic]
     state = {k: v.clone() for k, v in supernet.state_dict().items()}
     try:
-        with torch.no_grad():
-            before = supernet(x)
-            sort_channels(supernet, trained=1)
-            assert_close(supernet(x), before)  # the max subnet computes the same function
-            supernet.set_active(second)
-            band_before = supernet(x)
-            sort_channels(supernet, trained=2)  # the 2nd-largest expand was trained: its channels stay its channels
-            assert_close(supernet(x), band_before)
-            supernet.set_active(None)
-            assert_close(supernet(x), before)
+        if not ranked:  # e.g. LCNet: depthwise-separable blocks have no mid channels of their own
+            assert sort_channels(supernet, trained=1) == []
+            assert all(torch.equal(v, state[k]) for k, v in supernet.state_dict().items())
+        for d in ranked:
+            second = space.max().replace(**{d.name: [c[-2] if len(c) > 1 else c[-1] for c in d.choices]})
+            with torch.no_grad():
+                supernet.set_active(None)
+                before = supernet(x)
+                assert sort_channels(supernet, trained=1, dimensions=[d.name]) == [d.name]
+                assert_close(supernet(x), before, what=f'max subnet after ranking {d.name}')
+                supernet.set_active(second)
+                band_before = supernet(x)
+                sort_channels(supernet, trained=2, dimensions=[d.name])  # its 2nd-largest choices were trained
+                assert_close(supernet(x), band_before, what=f'{d.name} at its 2nd-largest choices')
+                supernet.set_active(None)
+                assert_close(supernet(x), before)
     finally:
         supernet.load_state_dict(state)
 
@@ -180,7 +188,7 @@ def test_describe_counts_what_the_extracted_model_runs(supernet):
         with counter, torch.no_grad():
             model(torch.zeros(1, 3, res, res))
         assert sum(s.flops(res) for s in specs) == counter.get_total_flops()
-        assert sum(s.params() for s in specs) == count_params(model)
+        assert sum(s.params(res) for s in specs) == count_params(model)
         names = dict(model.named_modules())
         assert all(m in names for s in specs for m in s.modules)
 
@@ -204,11 +212,14 @@ def test_describe_genes_name_what_a_block_depends_on(supernet):
 
 def test_contract_hooks(supernet):
     space = supernet.space
-    for slot, choices in enumerate(space.expand_slots):
-        mids = [supernet.mid_channels(slot, e) for e in choices]
-        assert mids == sorted(mids) and mids[0] > 0
     assert supernet.resolve('min') == space.min() and supernet.resolve(None) == space.max()
     assert supernet.resolve(space.sample(0).to_dict()) == space.sample(0)
+    assert all(d.doc for d in space.dimensions), 'each dimension says what its values mean for the family'
+    assert supernet.resolution_of(space.max()) == max(space.resolutions)
+    # what conversion adds is there in a fresh supernet, and only that is filled into a source's state dict
+    own = supernet.state_dict()
+    added = {k for k in supernet.complete_state({}) if k in own}
+    assert set(supernet.complete_state({k: v for k, v in own.items() if k not in added})) == set(own)
 
 
 def test_single_subnet_is_the_model_alone(supernet):

@@ -123,7 +123,7 @@ def test_reset_classifier(mbv3_large):
 
 
 def test_invalid_subnets_and_models(mbv3_supernet):
-    with pytest.raises(ValueError, match=r'kernels\[0\] = 7 is not allowed for stage 0 block 0: allowed \[3\]'):
+    with pytest.raises(ValueError, match=r'kernels\[0\] \(stage 0 block 0\) = 7 is not allowed: allowed \[3\]'):
         mbv3_supernet.set_active(mbv3_supernet.space.max().replace(kernels=(7,) * 14))
     with pytest.raises(ValueError, match=r'depths has 3 entries'):
         mbv3_supernet.extract({'depths': [2, 2, 2], 'kernels': [3] * 14, 'expands': [3] * 14})

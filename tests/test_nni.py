@@ -71,6 +71,30 @@ def test_labels_round_trip_to_subnet():
         space.to_subnet({'stage1.depth': 7})
 
 
+def test_strategy_builds_the_schedule_as_ofa_timm_train_does():
+    """'auto' with a pretrained start is the pretrained recipe (it once ran the from-scratch one), and the recipe's
+    floor in optimizer steps applies at the evaluator's steps per epoch."""
+    from ofa_timm.training import PRESETS, applicable_stages, build_schedule
+    space = SupernetSpace(supernet())
+    strategy = OFAProgressiveShrinking('auto', pretrained=True, lr_scale=0.5)
+    expected = applicable_stages(build_schedule('fast', space.supernet.space, pretrained=True, lr_scale=0.5),
+                                 space.supernet.space, pretrained=True)
+    assert strategy.stages_for(space) == expected and 'full' not in [s.name for s in expected.stages]
+    fitted = strategy.stages_for(space, steps_per_epoch=3)
+    assert fitted.total_steps(3) >= PRESETS['fast'].min_steps
+    assert strategy.total_epochs(space, steps_per_epoch=3) > strategy.total_epochs(space)
+    scratch = OFAProgressiveShrinking('auto').stages_for(space)
+    assert scratch.stages[0].name == 'full' and scratch.min_steps == PRESETS['scratch'].min_steps
+
+
+def test_strategy_refuses_an_evaluator_too_short_for_the_floor(data, tmp_path):
+    space = SupernetSpace(supernet())
+    strategy = OFAProgressiveShrinking('auto', pretrained=True)
+    strategy.mutate_model(space)
+    with pytest.raises(ValueError, match=r'floor of 1000 optimizer steps at 3 per epoch\): set max_epochs='):
+        strategy.mutate_evaluator(classification(data, 5, tmp_path))
+
+
 @pytest.mark.slow
 def test_ofa_strategy_in_nas_experiment(data, tmp_path):
     net = supernet()
@@ -109,8 +133,10 @@ def test_ofa_strategy_in_nas_experiment(data, tmp_path):
     # The strategy's state round-trips for NNI experiment checkpoints
     state = strategy.state_dict()
     assert state['schedule'] == SCHEDULE.to_dict()
+    other = OFAProgressiveShrinking('fast')
+    other.mutate_model(space)
     with pytest.raises(ValueError, match='another progressive-shrinking schedule'):
-        OFAProgressiveShrinking('fast').load_state_dict(state)
+        other.load_state_dict(state)
 
 
 def test_strategy_checks_epochs(data, tmp_path):

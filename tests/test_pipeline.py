@@ -16,7 +16,7 @@ import torch
 from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.pipeline import STEPS, PipelineInterrupted, RunConfig, carve_test_split, run
 from ofa_timm.pipeline import core as pipeline_core
-from ofa_timm.training import Schedule, Stage, TrainConfig, TrainingInterrupted, load_schedule
+from ofa_timm.training import PRESETS, Schedule, Stage, TrainConfig, TrainingInterrupted
 
 MODEL = 'ofa_mobilenetv3_small_100'
 ALL = {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'resolution': 'all'}
@@ -186,7 +186,8 @@ def test_an_interrupt_in_each_step_then_a_rerun_continues(data, base, tmp_path, 
         record = json.loads((copy / 'steps' / f'{step}.json').read_text())
         assert not record['complete'], step
         if step == 'accuracy':  # what it measured before the signal is kept and not measured again
-            assert 1 < len((copy / 'accuracy' / 'accuracy.jsonl').read_text().splitlines()) < 13
+            shard = copy / 'accuracy' / 'evaluated' / 'evaluated.rank0.jsonl'
+            assert 1 < len(shard.read_text().splitlines()) < 13
         if step == 'train':
             assert (copy / 'train' / 'last.pth').is_file()
     resumed = run(config(data, copy))
@@ -216,9 +217,13 @@ def test_pretrained_start_end_to_end(data, tmp_path):
     source = timm.create_model('mobilenetv3_small_100', num_classes=3)
     path = tmp_path / 'source.pth'
     torch.save(source.state_dict(), path)
-    result = run(config(data, tmp_path / 'run', pretrained_file=str(path), schedule='auto', epochs_scale=0.02))
+    result = run(config(data, tmp_path / 'run', pretrained_file=str(path), schedule='auto', epochs_scale=0.02,
+                        lr_scale=0.5, sampling='uniform'))
     train = json.loads((tmp_path / 'run' / 'steps' / 'train.json').read_text())
-    assert train['inputs']['schedule']['stages'] == load_schedule('fast').to_dict()['stages']  # 'auto' picked it
+    fast = PRESETS['fast'].schedule(timm.create_model(MODEL, resolutions=(24, 32)).space)
+    # 'auto' picked the pretrained recipe, and lr_scale and sampling apply to every stage
+    assert train['inputs']['schedule']['stages'] == [
+        dict(s, lr=s['lr'] * 0.5, sampling='uniform') for s in fast.to_dict()['stages']]
     assert 'full' not in [s['stage'] for s in train['summary']['stages']]  # a pretrained start skips the full stage
     assert len(result.budgets) == 2
 
@@ -289,4 +294,4 @@ def test_the_accuracy_dataset_sharded_over_two_processes_equals_one_process(data
         lines = (folder / 'accuracy' / 'accuracy.jsonl').read_text().splitlines()[1:]
         return [(json.dumps(r['subnet'], sort_keys=True), r['top1'], r['top5']) for r in map(json.loads, lines)]
     assert rows(tmp_path / 'two') == rows(tmp_path / 'one') and len(rows(tmp_path / 'one')) == 12
-    assert (tmp_path / 'two' / 'accuracy' / 'accuracy.rank1.jsonl').is_file()  # rank 1 evaluated its own share
+    assert (tmp_path / 'two' / 'accuracy' / 'evaluated' / 'evaluated.rank1.jsonl').is_file()  # rank 1's own share

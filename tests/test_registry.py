@@ -69,9 +69,9 @@ def test_bad_inputs():
         timm.create_model('ofa_mbv9')
     with pytest.raises(ValueError, match=r"subnet='biggest': expected 'max', 'min'"):
         timm.create_model('ofa_mbv3', subnet='biggest')
-    with pytest.raises(ValueError, match=r'kernels\[0\] = 9 is not allowed'):
+    with pytest.raises(ValueError, match=r'kernels\[0\] \(stage 0 block 0\) = 9 is not allowed'):
         timm.create_model('ofa_mbv3', subnet={'ks': [9] * 20, 'e': [3] * 20, 'd': [2] * 5})
-    with pytest.raises(ValueError, match='Unknown subnet dict keys'):
+    with pytest.raises(ValueError, match=r"values for \['kernel'\], which this space does not have"):
         timm.create_model('ofa_mbv3', subnet={'kernel': [3]})
 
 

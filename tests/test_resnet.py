@@ -102,9 +102,9 @@ def test_invalid_resnet_subnets(r50d_supernet):
     space = r50d_supernet.space
     with pytest.raises(ValueError, match=r'widths\[2\] = 0.5 is not allowed: allowed \[0.65, 0.8, 1.0\]'):
         r50d_supernet.set_active(space.max().replace(widths=(1.0, 1.0, 0.5, 1.0, 1.0, 1.0)))
-    with pytest.raises(ValueError, match=r'expands\[0\] = 0.35 is not allowed for stage 0 block 0'):
+    with pytest.raises(ValueError, match=r'expands\[0\] \(stage 0 block 0\) = 0.35 is not allowed'):
         r50d_supernet.set_active(space.max().replace(expands=(0.35,) + space.max().expands[1:]))
-    with pytest.raises(ValueError, match=r'depths\[2\] = 7 is not allowed for stage 2'):
+    with pytest.raises(ValueError, match=r'depths\[2\] \(stage 2\) = 7 is not allowed'):
         r50d_supernet.extract(space.max().replace(depths=(3, 4, 7, 3)))
     with pytest.raises(ValueError, match='ResNeXt'):
         ofa_timm.elasticize(timm.create_model('resnext50_32x4d'))

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
 from ofa_timm.example_data import make_shapes_dataset
+from ofa_timm import Subnet
 from ofa_timm.cli import main
 from ofa_timm.search import LatencyTable
 
@@ -65,9 +66,17 @@ def test_latency_predictor_search_export(run, capsys):
     reloaded = timm.create_model(f'local-dir:{folders[0]}', pretrained=True).eval()
     assert reloaded(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
-    assert main(['search', *model, '--predictor', str(predictor), '--flops', '--budgets', '20M', '--population',
-                 '20', '--generations', '10', '--export-format', 'none', '--out', str(root / 'flops')]) == 0
+    assert main(['search', *model, '--predictor', str(predictor), '--budgets', '20MFLOPs,25%flops+3Mparams',
+                 '--population', '20', '--generations', '10', '--export-format', 'none', '--out',
+                 str(root / 'flops')]) == 0
     assert (root / 'flops' / 'flops_20M' / 'subnet.json').is_file()
+    assert (root / 'flops' / 'flops_25pct+params_3M' / 'subnet.json').is_file()
+    # 0.2.0's form still works, and says what to write instead
+    assert main(['search', *model, '--predictor', str(predictor), '--flops', '--budgets', '20M', '--population',
+                 '20', '--generations', '10', '--export-format', 'none', '--out', str(root / 'old')]) == 0
+    assert '--flops --budgets 20M is the old form; write --budgets 20MFLOPs' in capsys.readouterr().err
+    assert Subnet.from_json(root / 'old' / 'flops_20M' / 'subnet.json') == Subnet.from_json(
+        root / 'flops' / 'flops_20M' / 'subnet.json')
 
     pytest.importorskip('onnxruntime')
     assert main(['export', *model, '--subnet', str(folders[1] / 'subnet.json'), '--format', 'onnx,timm',
@@ -94,9 +103,12 @@ def test_cli_errors(run, capsys, tmp_path):
     assert main(['search', *model, '--predictor', str(tmp_path / 'p.safetensors'), '--flops', '--budgets', '1M',
                  '--out', str(tmp_path / 's')]) == 2
     assert 'smallest achievable flops' in capsys.readouterr().err
-    assert main(['search', *model, '--predictor', str(tmp_path / 'p.safetensors'), '--flops', '--budgets', '20ms',
+    assert main(['search', *model, '--predictor', str(tmp_path / 'p.safetensors'), '--budgets', '20ms',
                  '--out', str(tmp_path / 's')]) == 2
-    assert 'does not fit the constraint' in capsys.readouterr().err
+    assert 'Budget latency_20ms needs a latency cost model (a latency table)' in capsys.readouterr().err
+    assert main(['search', *model, '--predictor', str(tmp_path / 'p.safetensors'), '--budgets', '20 apples',
+                 '--out', str(tmp_path / 's')]) == 2
+    assert "Cannot read budget '20 apples'" in capsys.readouterr().err
     other = timm.create_model(MODEL, num_classes=3)
     AccuracyPredictor(other.space, hidden_size=8, n_layers=1).save(tmp_path / 'q.safetensors')
     assert main(['search', *model, '--predictor', str(tmp_path / 'q.safetensors'), '--flops', '--budgets', '30M',

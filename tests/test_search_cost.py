@@ -70,7 +70,7 @@ def test_minimum_and_maximum_are_exact(_supernets):
 
 def test_minimum_of_a_non_monotonic_cost_matches_brute_force():
     """Measured costs need not grow with every choice: the exact minimum comes from variable elimination."""
-    space = SearchSpace(
+    space = SearchSpace.from_stages(
         (StageChoices((1, 2, 3), ((3, 5), (3, 5, 7), (3,)), ((2., 3.), (2.,), (2., 4.))),
          StageChoices((1, 2), ((3, 5), (3, 5)), ())),
         widths=((0.5, 1.),), resolutions=(8, 16))

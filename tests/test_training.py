@@ -14,9 +14,9 @@ import ofa_timm
 from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.training import (
     PRESETS, DataConfig, NonFiniteLossError, Schedule, Stage, StepSampler, TrainConfig, Trainer, band_permutation,
-    build_datasets, calibrate_bn, distillation_loss, distills_from_teacher, load_checkpoint, load_schedule,
-    restrict_space)
-from ofa_timm.training.sampling import applicable_stages
+    build_datasets, build_schedule, calibrate_bn, distillation_loss, distills_from_teacher, load_checkpoint,
+    load_schedule, restrict_space)
+from ofa_timm.training.sampling import applicable_stages, unknown_unlocks
 from ofa_timm.training.trainer import _Position
 
 
@@ -50,9 +50,13 @@ def config(tmp_path, **kw) -> TrainConfig:
 
 
 # --- schedule -----------------------------------------------------------------------------------------------------
+def mbv3_space():
+    return timm.create_model('ofa_mbv3').space
+
+
 def test_presets_follow_the_reference_order():
-    ofa = PRESETS['ofa']
-    assert [s.name for s in ofa.stages][:6] == ['full', 'kernel', 'depth_1', 'depth_2', 'expand_1', 'expand_2']
+    ofa = PRESETS['ofa'].schedule(mbv3_space())
+    assert [s.name for s in ofa.stages] == ['full', 'kernel', 'depth_1', 'depth_2', 'expand_1', 'expand_2']
     table = {s.name: (s.epochs, s.lr, s.subnets_per_step) for s in ofa.stages}
     assert table['kernel'] == (120, 3e-2, 1)
     assert table['depth_1'] == (25, 2.5e-3, 2) and table['depth_2'] == (120, 7.5e-3, 2)
@@ -62,14 +66,15 @@ def test_presets_follow_the_reference_order():
 
 def test_schedule_yaml_round_trip_and_scale(tmp_path):
     path = tmp_path / 's.yaml'
-    PRESETS['fast'].to_yaml(path)
+    fast = PRESETS['fast'].schedule(mbv3_space())
+    fast.to_yaml(path)
     again = load_schedule(str(path), epochs_scale=0.5)
-    assert again.stages == PRESETS['fast'].stages and again.epochs_scale == 0.5
-    assert again.stage_epochs(again.stages[1]) == PRESETS['fast'].stages[1].epochs * 0.5
+    assert again.stages == fast.stages and again.epochs_scale == 0.5 and again.min_steps == fast.min_steps
+    assert again.stage_epochs(again.stages[1]) == fast.stages[1].epochs * 0.5
 
 
 @pytest.mark.parametrize('bad, match', [
-    (dict(name='x', epochs=1, lr=0.1, unlock={'colour': 'all'}), "unknown dimension 'colour'"),
+    (dict(name='x', epochs=1, lr=0.1, unlock={'not a name': 'all'}), 'unlock keys are dimension labels'),
     (dict(name='x', epochs=1, lr=0.1, unlock={'depth': 0}), "must be 'all' or a positive int"),
     (dict(name='x', epochs=1, lr=-1), 'lr must be > 0'),
     (dict(name='x', epochs=1, lr=0.1, sampling='random'), "sampling 'random' not in"),
@@ -82,6 +87,8 @@ def test_bad_stages(bad, match):
 def test_bad_schedule_inputs(tmp_path):
     with pytest.raises(ValueError, match='Unknown schedule'):
         load_schedule('fastest')
+    with pytest.raises(ValueError, match='pass space=supernet.space'):
+        load_schedule('ofa')
     (tmp_path / 'bad.yaml').write_text('stages:\n  - {name: a, epochs: 1, lr: 0.1, foo: 2}\n')
     with pytest.raises(ValueError, match="stage 0: .*'foo'"):
         load_schedule(str(tmp_path / 'bad.yaml'))
@@ -101,12 +108,54 @@ def test_min_steps_floor_lengthens_every_stage_in_proportion():
 
 
 def test_auto_picks_fast_for_a_pretrained_start_and_scratch_otherwise():
-    assert load_schedule('auto', pretrained=True) == PRESETS['fast']
-    assert load_schedule('auto', pretrained=False) == PRESETS['scratch']
-    assert load_schedule('auto', epochs_scale=0.5).epochs_scale == 0.5
+    space = mbv3_space()
+    assert load_schedule('auto', pretrained=True, space=space) == PRESETS['fast'].schedule(space)
+    assert load_schedule('auto', pretrained=False, space=space) == PRESETS['scratch'].schedule(space)
+    assert load_schedule('auto', epochs_scale=0.5, space=space).epochs_scale == 0.5
     assert PRESETS['fast'].min_steps > 0 and PRESETS['scratch'].min_steps > 0
     assert PRESETS['ofa'].min_steps == 0  # the reference recipe is left as it is
-    assert all(s.sampling == 'uniform' and not s.carry_optimizer for s in PRESETS['ofa'].stages)
+    assert all(s.sampling == 'uniform' and not s.carry_optimizer for s in PRESETS['ofa'].schedule(space).stages)
+
+
+def test_build_schedule_applies_every_override():
+    space = mbv3_space()
+    plain = build_schedule('auto', space, pretrained=True)
+    assert plain == PRESETS['fast'].schedule(space)
+    built = build_schedule('auto', space, pretrained=True, epochs_scale=0.5, min_steps=7, lr_scale=2.0,
+                           sampling='uniform')
+    assert built.epochs_scale == 0.5 and built.min_steps == 7
+    assert [s.lr for s in built.stages] == [2.0 * s.lr for s in plain.stages]
+    assert {s.sampling for s in built.stages} == {'uniform'}
+    with pytest.raises(ValueError, match='lr_scale'):
+        build_schedule('ofa', space, lr_scale=0)
+
+
+@pytest.mark.parametrize('name, order', [
+    ('ofa_mbv3', ['full', 'kernel', 'depth_1', 'depth_2', 'expand_1', 'expand_2']),
+    ('ofa_resnet50', ['full', 'depth_1', 'depth_2', 'expand_1', 'expand_2', 'width_1', 'width_2']),
+])
+def test_recipes_are_written_from_the_declared_dimensions(name, order):
+    """The stages come from each dimension's shrink order and phases; the k-th two-phase dimension trains
+    min(4, 2**k) subnets per step, as OFA's depth (2) and expand (4) stages do."""
+    space = timm.create_model(name).space
+    schedule = PRESETS['ofa'].schedule(space)
+    assert [s.name for s in schedule.stages] == order
+    by_name = {s.name: s for s in schedule.stages}
+    assert by_name['depth_1'].subnets_per_step == 2 and by_name['expand_2'].subnets_per_step == 4
+    assert by_name['depth_1'].unlock == {**({'kernel': 'all'} if 'kernel' in by_name else {}), 'depth': 2,
+                                         'resolution': 'all'}
+    assert all('resolution' in s.unlock for s in schedule.stages[1:])
+
+
+def test_a_schedule_of_0_2_0_runs_on_a_family_without_some_of_its_dimensions():
+    """0.2.0's presets unlocked kernel, depth, expand and width for every family: the dimensions a space lacks unlock
+    nothing, and the stages they alone would train are dropped."""
+    old = Schedule((Stage('kernel', 1, 0.1, {'kernel': 'all', 'resolution': 'all'}),
+                    Stage('depth_1', 1, 0.1, {'kernel': 'all', 'depth': 2, 'resolution': 'all'})))
+    r50 = timm.create_model('ofa_resnet50d').space
+    assert unknown_unlocks(old, r50) == ['kernel']
+    kept = applicable_stages(old, r50, pretrained=True)
+    assert [s.name for s in kept.stages] == ['depth_1'] and kept.stages[0].unlock == {'depth': 2, 'resolution': 'all'}
 
 
 def test_a_short_schedule_says_so_in_one_line(data, tmp_path):
@@ -173,20 +222,19 @@ def test_a_stage_clips_its_gradients_unless_the_run_overrides_it(data, tmp_path,
 
 
 def test_stages_that_do_not_apply_are_dropped():
-    mbv3 = timm.create_model('ofa_mbv3').space
+    mbv3 = mbv3_space()
     r50 = timm.create_model('ofa_resnet50d').space
-    ofa = PRESETS['ofa']
-    assert [s.name for s in applicable_stages(ofa, mbv3, pretrained=True).stages] == [
+    assert [s.name for s in applicable_stages(PRESETS['ofa'].schedule(mbv3), mbv3, pretrained=True).stages] == [
         'kernel', 'depth_1', 'depth_2', 'expand_1', 'expand_2']
-    names = [s.name for s in applicable_stages(ofa, r50, pretrained=False).stages]
+    names = [s.name for s in applicable_stages(PRESETS['ofa'].schedule(r50), r50, pretrained=False).stages]
     assert names[0] == 'full' and 'kernel' not in names and 'width_2' in names
 
 
 # --- sampling -----------------------------------------------------------------------------------------------------
 def test_each_stage_unlocks_only_its_dimensions():
-    space = timm.create_model('ofa_mbv3').space
+    space = mbv3_space()
     mx = space.max()
-    for stage in PRESETS['ofa'].stages[:6]:
+    for stage in PRESETS['ofa'].schedule(space).stages:
         sampler = StepSampler(space, stage, seed=0)
         seen = {'kernels': set(), 'expands': set(), 'depths': set(), 'resolution': set()}
         for step in range(40):
@@ -209,8 +257,8 @@ def test_each_stage_unlocks_only_its_dimensions():
 
 
 def test_sampling_is_seeded_by_step_and_sandwich_rule():
-    space = timm.create_model('ofa_mbv3').space
-    stage = PRESETS['ofa'].stages[5]
+    space = mbv3_space()
+    stage = PRESETS['ofa'].schedule(space).stages[5]
     a, b = StepSampler(space, stage, seed=1), StepSampler(space, stage, seed=1)
     assert a.sample(7) == b.sample(7) and a.sample(7) != a.sample(8)  # what every rank and a resumed run draw
     sandwich = StepSampler(space, Stage('s', 1, 0.1, stage.unlock, subnets_per_step=4, sampling='sandwich'))
@@ -221,8 +269,8 @@ def test_sampling_is_seeded_by_step_and_sandwich_rule():
 
 
 def test_validation_grid_covers_corners():
-    space = timm.create_model('ofa_mbv3').space
-    grid = StepSampler(space, PRESETS['ofa'].stages[5]).validation_grid()
+    space = mbv3_space()
+    grid = StepSampler(space, PRESETS['ofa'].schedule(space).stages[5]).validation_grid()
     assert len(grid) == 2 ** 3 * 2  # kernel/depth/expand min-max corners x min and max resolution
     labels = [label for label, _ in grid]
     assert 'k=max,d=max,e=max@224' in labels and 'k=min,d=min,e=min@128' in labels

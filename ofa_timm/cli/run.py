@@ -13,6 +13,7 @@ __all__ = ['add_parsers']
 def add_parsers(sub: Any) -> None:
     from ..pipeline import DEFAULT_SUBNETS, STEPS
     from ..search.export import EXPORT_FORMATS
+    from ..training import TrainConfig
     r = sub.add_parser('run', help='from a timm model and a dataset to a tested, exported subnet per budget, in one '
                                    'resumable command (torchrun for several processes)', formatter_class=HelpFormatter)
     g = r.add_argument_group('model')
@@ -32,7 +33,8 @@ def add_parsers(sub: Any) -> None:
     g.add_argument('--aa', default=None, help="auto-augment policy, e.g. 'rand-m9-mstd0.5'")
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random-resized-crop area range')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal-flip probability (0 for digits, text)')
-    g.add_argument('--workers', type=int, default=4, help='data-loader workers per process')
+    g.add_argument('--workers', type=int, default=TrainConfig().workers,
+                   help='data-loader workers per process (default: 4, or the CPUs here if fewer)')
     g = r.add_argument_group('specialization')
     g.add_argument('--budgets', required=True,
                    help='one exported subnet per budget: 5ms,10ms | 300MFLOPs | 3Mparams | 10ms+300MFLOPs | '
@@ -77,9 +79,10 @@ def _run(args: argparse.Namespace) -> int:
         image_size=args.img_size, dataset=args.dataset, train_split=args.train_split, val_split=args.val_split,
         test_dir=args.test_dir, test_fraction=args.test_fraction, auto_augment=args.aa, scale=tuple(args.scale),
         hflip=args.hflip, schedule=args.schedule, epochs_scale=args.epochs_scale, min_steps=args.min_steps,
-        subnets=args.subnets, finalists=args.finalists, formats=[f for f in args.formats.split(',') if f],
-        latency_batch_size=args.latency_batch_size, latency_threads=args.threads, calibrate=args.calibrate,
-        validate=args.validate, train=config_from_args(TrainConfig, args), seed=args.seed, progress=args.progress)
+        lr_scale=args.lr_scale, sampling=args.sampling, subnets=args.subnets, finalists=args.finalists,
+        formats=[f for f in args.formats.split(',') if f], latency_batch_size=args.latency_batch_size,
+        latency_threads=args.threads, calibrate=args.calibrate, validate=args.validate,
+        train=config_from_args(TrainConfig, args), seed=args.seed, progress=args.progress)
     result = run(config, until=args.until)
     if rank == 0 and result is not None:
         print(f'\n{result.report.read_text()}\nReport: {result.report}; plot: {result.plot}')

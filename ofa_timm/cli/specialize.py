@@ -1,9 +1,11 @@
 """Specialization verbs of ``ofa-timm``: ``latency`` (build, kit, import, validate), ``predictor`` (dataset, fit),
 ``search`` and ``export``."""
 import argparse
+import re
+import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from ._common import HelpFormatter, data_loaders, load_supernet_from_args
 
@@ -83,7 +85,7 @@ def _predictor_dataset(args: argparse.Namespace) -> int:
     from ..search.predictor import build_accuracy_dataset
     supernet = load_supernet_from_args(args)
     space = supernet.space
-    image_size = args.img_size or max(space.resolutions or (int(supernet.pretrained_cfg['input_size'][-1]),))
+    image_size = args.img_size or max(space.resolutions or (supernet.input_resolution,))
     calib, val = data_loaders(args.data_dir, image_size, args.batch_size, args.workers, args.seed)
     rows = build_accuracy_dataset(supernet, calib, val, args.out, n=args.n, seed=args.seed,
                                   calib_images=args.calib_images, device=args.device, progress=not args.no_progress,
@@ -107,36 +109,24 @@ def _predictor_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_budgets(text: str, unit: str) -> List[float]:
-    """'10ms,20ms' (latency) or '150M,300M' (FLOPs / parameters; k, M, G suffixes) -> numbers in the cost's unit."""
-    budgets = []
-    for item in (t.strip() for t in text.split(',') if t.strip()):
-        value, suffix = item, ''
-        for s in ('ms', 'k', 'K', 'M', 'G'):
-            if item.endswith(s):
-                value, suffix = item[:-len(s)], s
-                break
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f'Cannot read budget {item!r}: expected e.g. 20ms (latency) or 300M (FLOPs)') from None
-        if suffix == 'ms' and unit != 'ms' or suffix in ('k', 'K', 'M', 'G') and unit == 'ms':
-            raise ValueError(f'Budget {item!r} does not fit the constraint: use ms with --latency-table, and a plain '
-                             f'number or k/M/G with --flops / --params')
-        budgets.append(number * {'k': 1e3, 'K': 1e3, 'M': 1e6, 'G': 1e9}.get(suffix, 1.0))
-    if not budgets:
-        raise ValueError('--budgets is empty; give e.g. 10ms,20ms or 150M,300M')
-    return budgets
-
-
-def _budget_label(value: float, name: str, unit: str) -> str:
-    from ..search.cost import format_cost
-    return f'{name}_' + format_cost(value, name, unit).replace(' ', '')
+def _budget_text(args: argparse.Namespace) -> str:
+    """``--budgets`` in the one budget grammar (``ofa_timm.search.parse_budgets``). 0.2.0's form, bare numbers after
+    ``--flops`` or ``--params`` (``--flops --budgets 150M,300M``), still reads, with a note saying what to write."""
+    old = 'flops' if args.flops else 'params' if args.params else None
+    if old is None:
+        return args.budgets
+    terms = [t.strip() for t in args.budgets.split(',') if t.strip()]
+    new = ','.join(t if re.search(r'(ms|flops|params)$', t, re.I) else f'{t}{"FLOPs" if old == "flops" else "params"}'
+                   for t in terms)
+    print(f'ofa-timm search: note: --{old} --budgets {args.budgets} is the old form; write --budgets {new}',
+          file=sys.stderr)
+    return new
 
 
 def _search(args: argparse.Namespace) -> int:
     import numpy as np
-    from ..search import AccuracyPredictor, EvolutionConfig, flops_model, params_model, specialize
+    from ..search import AccuracyPredictor, EvolutionConfig, flops_model, params_model, parse_budgets, specialize
+    from ..search.budget import COSTS
     from ..search.export import export_subnet
     from ..search.latency import LatencyTable
     from ..search.report import plot_pareto, write_results
@@ -144,43 +134,41 @@ def _search(args: argparse.Namespace) -> int:
     supernet = load_supernet_from_args(args)
     space = supernet.space
     predictor = AccuracyPredictor.load(args.predictor, space=space)
+    budgets = parse_budgets(_budget_text(args))
+    models = {'flops': flops_model(supernet), 'params': params_model(supernet)}
     if args.latency_table:
-        model = LatencyTable.load(args.latency_table, space=space)
-    else:
-        model = params_model(supernet) if args.params else flops_model(supernet)
-    budgets = _parse_budgets(args.budgets, model.unit)
+        models['latency'] = LatencyTable.load(args.latency_table, space=space)
+    limits = [b.resolve(models) for b in budgets]
+    used = {k: models[k] for k in dict.fromkeys(k for limit in limits for k in limit)}
     config = EvolutionConfig(population_size=args.population, generations=args.generations)
     start = time.time()
-    results = specialize(supernet, predictor, {model.name: model}, budgets, config, seed=args.seed,
-                         progress=not args.no_progress)
+    results = specialize(supernet, predictor, used, limits, config, seed=args.seed, progress=not args.no_progress)
     elapsed = time.time() - start
     out = Path(args.out)
     calib = None
     if args.calibrate_bn:
         calib, _ = data_loaders(args.calibrate_bn, max(space.resolutions), 32, 0, args.seed)
-    rows = []
-    for r in results:
-        label = _budget_label(r.budgets[model.name], model.name, model.unit)
-        folder = out / label
+    for budget, r in zip(budgets, results):
+        folder = out / budget.label
         if args.export_format == 'none':
             r.subnet.to_json(folder / 'subnet.json')
         else:
             export_subnet(supernet, r.subnet, folder, formats=args.export_format.split(','), calib_loader=calib,
                           model_name=args.model)
-        rows.append(label)
-        print(f"  {label}: predicted top-1 {r.accuracy:.2f}%, {model.name} {r.costs[model.name]:.4g} "
-              f"-> {folder}")
+        costs = ', '.join(f'{k} {r.costs[k]:.4g}' for k in r.budgets)
+        print(f'  {budget.label}: predicted top-1 {r.accuracy:.2f}%, {costs} -> {folder}')
+    main = next(iter(used))  # the Pareto plot's axis: the first budget's first cost
     rng = np.random.default_rng(args.seed)
     sample = rng.integers(0, space.choice_counts, size=(2000, len(space.genes)))
-    plot_pareto(results, model.name, out / 'pareto.png', unit=model.unit,
-                background=(model(sample), predictor.predict(sample)), title=f'{args.model}: best subnet per budget')
+    plot_pareto(results, main, out / 'pareto.png', unit=COSTS[main], background=(
+        used[main](sample), predictor.predict(sample)), title=f'{args.model}: best subnet per budget')
     header = (f'# Search results: {args.model}\n\n{len(results)} budgets, population {config.population_size}, '
               f'{config.generations} generations, {elapsed:.2f} s. Predictor: `{args.predictor}`'
               + (f' (held-out RMSE {predictor.metrics["rmse"]:.2f}, Spearman {predictor.metrics["spearman"]:.3f})'
-                 if 'rmse' in predictor.metrics else '') + '. Cost: '
-              + (f'latency table `{args.latency_table}` ({model.describe()})' if args.latency_table else model.name)
-              + '.\n')
-    write_results(results, out / 'results.md', units={model.name: model.unit}, header=header)
+                 if 'rmse' in predictor.metrics else '') + '. Costs: ' + ', '.join(
+                  f'latency table `{args.latency_table}` ({models["latency"].describe()})' if k == 'latency' else k
+                  for k in used) + '.\n')
+    write_results(results, out / 'results.md', units={k: COSTS[k] for k in used}, header=header)
     print(f'Searched {len(results)} budgets in {elapsed:.2f} s. Wrote {out / "results.md"} and {out / "pareto.png"}')
     return 0
 
@@ -191,7 +179,7 @@ def _export(args: argparse.Namespace) -> int:
     calib = None
     if args.calibrate_bn:
         subnet = supernet.resolve(args.subnet)
-        res = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+        res = supernet.resolution_of(subnet)
         calib, _ = data_loaders(args.calibrate_bn, res, 32, 0, args.seed)
     result = export_subnet(supernet, args.subnet, args.out, formats=args.format.split(','), calib_loader=calib,
                            calib_images=args.calib_images, model_name=args.model)
@@ -296,11 +284,13 @@ def add_parsers(sub: Any) -> None:
                        formatter_class=HelpFormatter)
     model_args(p)
     p.add_argument('--predictor', required=True, help='predictor .safetensors')
-    cost = p.add_mutually_exclusive_group(required=True)
-    cost.add_argument('--latency-table', default=None, help='latency table JSON (budgets in ms)')
-    cost.add_argument('--flops', action='store_true', help='budgets in FLOPs (k/M/G)')
-    cost.add_argument('--params', action='store_true', help='budgets in parameters (k/M/G)')
-    p.add_argument('--budgets', required=True, help='comma-separated: 10ms,20ms or 150M,300M')
+    p.add_argument('--budgets', required=True,
+                   help='one subnet per budget: 10ms,20ms | 300MFLOPs | 3Mparams | 10ms+300MFLOPs | 25%%latency (a '
+                        'share of the way from the cheapest subnet to the most expensive), as ofa-timm run takes them')
+    p.add_argument('--latency-table', default=None, help='latency table JSON (for latency budgets)')
+    old = p.add_mutually_exclusive_group()
+    old.add_argument('--flops', action='store_true', help='old form: bare budgets (150M) are FLOPs')
+    old.add_argument('--params', action='store_true', help='old form: bare budgets (3M) are parameters')
     p.add_argument('--population', type=int, default=100)
     p.add_argument('--generations', type=int, default=500)
     p.add_argument('--export-format', default='timm',

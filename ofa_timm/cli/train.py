@@ -8,7 +8,7 @@ import torch
 
 from ._common import HelpFormatter, config_from_args, init_distributed
 
-__all__ = ['add_parsers', 'add_model_arguments', 'add_training_arguments', 'build_supernet', 'schedule_from_args']
+__all__ = ['add_parsers', 'add_model_arguments', 'add_training_arguments', 'schedule_options']
 
 
 def add_model_arguments(g: Any) -> None:
@@ -64,7 +64,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument('--progress-seconds', type=float, default=default.progress_seconds,
                    help='seconds between progress lines when stdout is not a terminal')
     g.add_argument('--seed', type=int, default=default.seed)
-    g.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar or lines')
+    g.add_argument('--no-progress', dest='progress', action='store_false',
+                   help='no progress bars (step lines and a line every --progress-seconds stay)')
 
 
 def add_parsers(sub: Any) -> None:
@@ -85,47 +86,26 @@ def add_parsers(sub: Any) -> None:
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random-resized-crop area range')
     g.add_argument('--mixup', type=float, default=default.mixup)
     g.add_argument('--cutmix', type=float, default=default.cutmix)
-    g.add_argument('--workers', type=int, default=default.workers, help='data-loader workers per process')
+    g.add_argument('--workers', type=int, default=default.workers,
+                   help='data-loader workers per process (default: 4, or the CPUs here if fewer)')
     add_training_arguments(t)
     t.add_argument('--output', default='output/ofa', help='run folder')
     t.add_argument('--resume', action='store_true', help='continue the run in --output exactly where it stopped')
     t.set_defaults(func=train)
 
 
-def build_supernet(model: str, num_classes: int, pretrained: bool = False, pretrained_file: str = None,
-                   resolutions: Any = None) -> torch.nn.Module:
-    """``timm.create_model`` of a registered ``ofa_*`` name, with local weights through ``pretrained_cfg_overlay``."""
-    import timm
-    import ofa_timm  # noqa: F401  registers the ofa_* models
-    if not model.startswith('ofa_'):
-        raise ValueError(f"--model must be a registered ofa_* name (see timm.list_models('ofa_*')), got {model!r}")
-    kwargs: Dict[str, Any] = dict(num_classes=num_classes)
-    if resolutions:
-        kwargs['resolutions'] = tuple(resolutions)
-    if pretrained_file:
-        kwargs['pretrained_cfg_overlay'] = dict(file=pretrained_file)
-    return timm.create_model(model, pretrained=pretrained or bool(pretrained_file), **kwargs)
-
-
-def schedule_from_args(args: argparse.Namespace, pretrained: bool) -> Any:
-    """The schedule ``--schedule`` names (``auto``: for a start from ``pretrained`` weights or not), with
-    ``--epochs-scale``, ``--min-steps``, ``--lr-scale`` and ``--sampling`` applied."""
-    from dataclasses import replace
-    from ..training import load_schedule
-    schedule = load_schedule(args.schedule, args.epochs_scale, pretrained=pretrained)
-    if args.min_steps is not None:
-        schedule = replace(schedule, min_steps=args.min_steps)
-    if args.lr_scale != 1.0:
-        schedule = replace(schedule, stages=tuple(replace(s, lr=s.lr * args.lr_scale) for s in schedule.stages))
-    if args.sampling:
-        schedule = replace(schedule, stages=tuple(replace(s, sampling=args.sampling) for s in schedule.stages))
-    return schedule
+def schedule_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """``build_schedule``'s keyword arguments from ``--schedule``, ``--epochs-scale``, ``--min-steps``,
+    ``--lr-scale`` and ``--sampling`` (``ofa-timm train`` and ``ofa-timm run`` take the same)."""
+    return dict(spec=args.schedule, epochs_scale=args.epochs_scale, min_steps=args.min_steps,
+                lr_scale=args.lr_scale, sampling=args.sampling)
 
 
 def train(args: argparse.Namespace) -> int:
     from .._io import save_supernet
     from .._lock import folder_lock
-    from ..training import DataConfig, TrainConfig, Trainer, build_datasets
+    from ..search.export import load_supernet
+    from ..training import DataConfig, TrainConfig, Trainer, build_datasets, build_schedule
     from ..training.report import write_run_report
 
     rank = init_distributed()
@@ -135,7 +115,6 @@ def train(args: argparse.Namespace) -> int:
                          'root with --dataset)')
     with folder_lock(output) if rank == 0 else contextlib.nullcontext():
         pretrained = args.pretrained or bool(args.pretrained_file)
-        schedule = schedule_from_args(args, pretrained)
         # The loaders produce the largest resolution; each step resizes its batch to the step's resolution.
         image_size = args.img_size or (max(args.resolutions) if args.resolutions else 224)
         data_cfg = DataConfig(
@@ -145,7 +124,10 @@ def train(args: argparse.Namespace) -> int:
         train_set, val_set, calib_set, num_classes = build_datasets(data_cfg, seed=args.seed)
         num_classes = args.num_classes or num_classes
         torch.manual_seed(args.seed)
-        supernet = build_supernet(args.model, num_classes, args.pretrained, args.pretrained_file, args.resolutions)
+        supernet = load_supernet(args.model, num_classes=num_classes, resolutions=args.resolutions,
+                                 pretrained=args.pretrained, pretrained_file=args.pretrained_file)
+        options = schedule_options(args)
+        schedule = build_schedule(options.pop('spec'), supernet.space, pretrained=pretrained, **options)
         config = config_from_args(TrainConfig, args, output=str(output))
         trainer = Trainer(supernet, schedule, train_set, val_set, calib_set, config, pretrained=pretrained)
         if args.resume and (output / 'last.pth').is_file():

@@ -1,15 +1,19 @@
 """The family contract: what every elastic supernet provides, and what the families share.
 
-A supernet family (MobileNetV3, ResNet, ...) is one module in ``ofa_timm.elastic`` with one :class:`ElasticSupernet`
-subclass. Training, search, NNI and the timm registry talk to this contract only:
+A supernet family (MobileNetV3, ResNet, ViT, ...) is one module in ``ofa_timm.elastic`` with one
+:class:`ElasticSupernet` subclass. Training, search, NNI and the timm registry talk to this contract only:
 
+* ``space``: the :class:`~ofa_timm.space.SearchSpace` of the dimensions the family declares (``_finish_init``);
 * ``set_active(subnet)`` / ``extract(subnet)``: run a subnet inside the supernet, or build it as a stock timm model
   (the extraction template is here; families provide ``static_state`` and ``build_static``);
-* ``mid_channels(slot, expand)``: the mid channels of a block slot at an expand ratio;
-* ``sort_block_channels(slot, bands)``: channel sorting of one block slot;
-* ``describe(subnet)``: a :class:`BlockSpec` per block (shapes, channels, kernel, stride, expand and the exact
-  conv / linear / norm layers), from which cost models count FLOPs, parameters and latency without building a model;
-* ``subnet_from_reference(d)``: the reference implementation's subnet dicts of the family.
+* ``rank(dimension, trained)``: rank what a ranked dimension keeps (channels, heads) before the stage that shrinks it;
+* ``describe(subnet)``: a :class:`BlockSpec` per block (input shape, channels, tokens and the exact conv / linear /
+  norm / attention layers), from which cost models count FLOPs, parameters and latency without building a model;
+* ``subnet_from_reference(d)`` / ``convert_reference_state_dict(sd)``: the reference implementation's subnet dicts and
+  checkpoints of the family, where it has some;
+* ``complete_state(sd)``: a source model's state dict completed with what conversion adds (kernel transforms);
+* ``zero_init_residual()``: the family's zero init of residual branches for a run from scratch;
+* ``timm_sources``: the timm models the registry converts as ``ofa_<name>``.
 """
 import abc
 import copy
@@ -23,7 +27,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import checkpoint_seq
 
 from .._timm import feature_take_indices
-from ..space import OFA_RESOLUTIONS, SearchSpace, StageChoices, Subnet, SubnetLike, read_json
+from ..space import (
+    _REFERENCE_KEYS, OFA_RESOLUTIONS, RESOLUTION, Constraint, Dimension, SearchSpace, Subnet, SubnetLike, read_json)
 from ._build import assign_state
 
 __all__ = [
@@ -109,18 +114,22 @@ def permute_channels(module: nn.Module, perm: torch.Tensor, dim: int = 0) -> Non
 # --- descriptions for cost models ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerSpec:
-    """One conv, linear or norm layer of an extracted subnet, as cost models count it.
+    """One layer of an extracted subnet, as cost models count it.
 
     Args:
-        kind: ``'conv'``, ``'linear'`` or ``'norm'`` (a batch norm: two parameters per channel, no FLOPs counted).
+        kind: ``'conv'``, ``'linear'``, ``'norm'`` (a batch or layer norm: two parameters per channel, no FLOPs
+            counted), ``'attention'`` (the two matmuls of attention over ``in_chs`` = heads x head width channels: no
+            parameters), ``'param'`` (``out_chs`` parameters used without FLOPs counted: a class token, a layer
+            scale) or ``'embedding'`` (an ``out_chs``-wide parameter per position: a position embedding).
         in_chs: Input channels (features for a linear layer).
         out_chs: Output channels (equal to ``in_chs`` for a norm).
         kernel: Square kernel size.
         stride: Stride.
         groups: Conv groups.
         bias: Whether the layer has a bias.
-        reduction: The layer's input is ``ceil(resolution / reduction)`` pixels wide; 0 for a pooled 1x1 input (SE,
-            heads after pooling, linear layers).
+        reduction: The layer's input is ``ceil(resolution / reduction)`` pixels (or patches) wide; 0 for a pooled 1x1
+            input (SE, heads after pooling, linear layers).
+        tokens: Positions the layer runs on besides its grid (a class token).
     """
     kind: str
     in_chs: int
@@ -130,25 +139,42 @@ class LayerSpec:
     groups: int = 1
     bias: bool = False
     reduction: int = 1
+    tokens: int = 0
 
-    def params(self) -> int:
-        if self.kind == 'norm':
-            return 2 * self.out_chs
-        weight = self.out_chs * (self.in_chs // self.groups) * self.kernel * self.kernel
-        return weight + (self.out_chs if self.bias else 0)
-
-    def output_size(self, resolution: int) -> int:
+    def output_size(self, resolution: Any) -> Any:
         """Output width at input ``resolution`` (every layer pads to ``ceil(in / stride)``, as timm's do)."""
         if self.reduction == 0:
             return 1
         return -(-resolution // (self.reduction * self.stride))
 
-    def flops(self, resolution: int) -> int:
-        """Multiply-adds x 2 per image, as ``torch.utils.flop_counter`` counts convs and matmuls."""
-        if self.kind == 'norm':
-            return 0
+    def positions(self, resolution: Any) -> Any:
+        """Output positions per image: the grid's, plus ``tokens``."""
         size = self.output_size(resolution)
-        return 2 * self.out_chs * (self.in_chs // self.groups) * self.kernel * self.kernel * size * size
+        return size * size + self.tokens
+
+    def params(self, resolution: Any = None) -> Any:
+        """Parameters; an ``'embedding'``'s grow with the resolution (numbers or numpy arrays)."""
+        if self.kind == 'norm':
+            return 2 * self.out_chs
+        if self.kind == 'attention':
+            return 0
+        if self.kind == 'param':
+            return self.out_chs
+        if self.kind == 'embedding':
+            if resolution is None:
+                raise ValueError('The parameters of a position embedding depend on the resolution: pass it')
+            return self.out_chs * self.positions(resolution)
+        weight = self.out_chs * (self.in_chs // self.groups) * self.kernel * self.kernel
+        return weight + (self.out_chs if self.bias else 0)
+
+    def flops(self, resolution: Any) -> Any:
+        """Multiply-adds x 2 per image, as ``torch.utils.flop_counter`` counts convs and matmuls."""
+        if self.kind in ('norm', 'param', 'embedding'):
+            return 0
+        n = self.positions(resolution)
+        if self.kind == 'attention':
+            return 4 * n * n * self.in_chs  # q @ k^T and attn @ v
+        return 2 * self.out_chs * (self.in_chs // self.groups) * self.kernel * self.kernel * n
 
 
 @dataclass(frozen=True)
@@ -160,21 +186,24 @@ class BlockSpec:
 
     Args:
         name: Name of the block in the extracted model (``'blocks.2.1'``, ``'layer3.0'``, ``'stem'``, ``'head'``).
-        kind: Block type (``'ir'``, ``'ds'``, ``'cn'``, ``'bottleneck'``, ``'basic'``, ``'stem'``, ``'head'``).
+        kind: Block type (``'ir'``, ``'ds'``, ``'cn'``, ``'bottleneck'``, ``'basic'``, ``'vit'``, ``'stem'``,
+            ``'head'``).
         in_chs: Input channels.
         out_chs: Output channels.
         mid_chs: Hidden channels (the expanded width), or ``out_chs``.
-        kernel: Spatial kernel size of the block's main conv.
+        kernel: Spatial kernel size of the block's main conv (for an attention block: its head count).
         stride: Stride of the block.
         expand: Expand ratio (1.0 where there is none).
-        reduction: The block's input is ``ceil(resolution / reduction)`` pixels wide.
+        reduction: The block's input is ``ceil(resolution / reduction)`` pixels (or patches) wide.
         se: Whether the block has squeeze-excitation.
         act: Activation name.
         skip: Whether the block adds its input to its output.
-        layers: The conv, linear and norm layers of the block, in order.
+        layers: The layers of the block, in order.
         modules: Modules of the extracted model that run the block, in order (latency tables time them).
         genes: Positions of ``SearchSpace.genes`` whose choices the description depends on (resolution excluded:
             it only scales spatial sizes). A block that a subnet's depth removes depends on that depth gene.
+        layout: ``'NCHW'`` (a feature map) or ``'NLC'`` (a sequence of tokens) input.
+        tokens: Tokens of an ``'NLC'`` input besides the grid's (a class token).
     """
     name: str
     kind: str
@@ -191,20 +220,29 @@ class BlockSpec:
     layers: Tuple[LayerSpec, ...] = ()
     modules: Tuple[str, ...] = ()
     genes: Tuple[int, ...] = field(default=(), compare=False)
+    layout: str = 'NCHW'
+    tokens: int = 0
 
     @property
     def key(self) -> Tuple[Any, ...]:
         """What the block computes, position excluded (pair it with the input size)."""
         return (self.kind, self.in_chs, self.out_chs, self.mid_chs, self.kernel, self.stride, self.se, self.act,
-                self.skip, self.layers)
+                self.skip, self.layers, self.layout, self.tokens)
 
     def input_size(self, resolution: int) -> int:
         return -(-resolution // self.reduction)
 
-    def params(self) -> int:
-        return sum(layer.params() for layer in self.layers)
+    def input_shape(self, resolution: int, batch_size: int = 1) -> List[int]:
+        """The block's input: ``[B, C, s, s]``, or ``[B, s * s + tokens, C]`` for a sequence of tokens."""
+        size = self.input_size(resolution)
+        if self.layout == 'NLC':
+            return [batch_size, size * size + self.tokens, self.in_chs]
+        return [batch_size, self.in_chs, size, size]
 
-    def flops(self, resolution: int) -> int:
+    def params(self, resolution: Any = None) -> Any:
+        return sum(layer.params(resolution) for layer in self.layers)
+
+    def flops(self, resolution: Any) -> Any:
         return sum(layer.flops(resolution) for layer in self.layers)
 
 
@@ -222,11 +260,13 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
     """Base of the elastic supernets: a :class:`SearchSpace`, an active :class:`Subnet`, timm's model attributes,
     the extraction template and the forward passes over the active blocks.
 
-    Subclasses set ``source_types`` and ``space_options``, call :meth:`_adopt_source_attributes` and
-    :meth:`_finish_init`, and implement the abstract methods.
+    Subclasses set ``source_types``, ``space_options`` and ``timm_sources``, call :meth:`_adopt_source_attributes`
+    and :meth:`_finish_init` (with the dimensions they declare), and implement the abstract methods.
     """
     #: timm model classes the family converts (``ofa_timm.elasticize`` dispatches on them).
     source_types: ClassVar[Tuple[type, ...]] = ()
+    #: timm models the registry converts, each as ``ofa_<name>`` (``import ofa_timm`` registers them).
+    timm_sources: ClassVar[Tuple[str, ...]] = ()
     #: Keyword arguments of ``__init__`` that shape the space (the timm registry separates them from model kwargs).
     space_options: ClassVar[Tuple[str, ...]] = ()
     #: The space options that leave the source model as the space's only subnet (besides the resolution).
@@ -268,28 +308,29 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
         """An explicit list as given; by default OFA's 128..224 plus the source's own resolution."""
         if resolutions:
             return tuple(resolutions)
-        source_res = int(self.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
-        return tuple(sorted(set(OFA_RESOLUTIONS) | {source_res}))
+        return tuple(sorted(set(OFA_RESOLUTIONS) | {self.input_resolution}))
+
+    def _resolution_dimension(self, resolutions: Optional[Sequence[int]]) -> Dimension:
+        """The ``resolution`` dimension of the ``resolutions`` option (see :meth:`_default_resolutions`)."""
+        return Dimension.network(RESOLUTION, self._default_resolutions(resolutions), shrink_order=0,
+                                 doc='input resolution (pixels)')
 
     def _finish_init(
             self,
             stages: Sequence[nn.Sequential],
-            stage_choices: Sequence[StageChoices],
-            resolutions: Optional[Sequence[int]],
-            widths: Sequence[Tuple[float, ...]] = (),
+            dimensions: Sequence[Dimension],
+            constraints: Sequence[Constraint] = (),
     ) -> None:
-        """Build the space and activate its max subnet.
+        """Build the space of the declared dimensions and activate its max subnet.
 
         Args:
             stages: Every stage of blocks, in order (elastic or not).
-            stage_choices: Choices of the elastic stages.
-            resolutions: The ``resolutions`` option (see :meth:`_default_resolutions`).
-            widths: Width choices per width slot.
+            dimensions: The family's dimensions, in gene order.
+            constraints: Relations between them.
         """
         self._stages = list(stages)
         self._stage_depths: List[int] = [len(s) for s in self._stages]
-        self.space = SearchSpace(tuple(stage_choices), widths=tuple(widths),
-                                 resolutions=self._default_resolutions(resolutions))
+        self.space = SearchSpace(dimensions, constraints)
         self.active_subnet = self.space.max()
         self.set_active(self.active_subnet)
 
@@ -311,7 +352,7 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
         return self.space.validate(value)
 
     def _parse_dict(self, d: Any) -> Subnet:
-        if isinstance(d, Mapping) and d and set(d) <= {'ks', 'e', 'd', 'r', 'w', 'wid'}:
+        if isinstance(d, Mapping) and d and set(d) <= _REFERENCE_KEYS:
             return self.subnet_from_reference(d)
         return Subnet.from_dict(d)
 
@@ -332,6 +373,39 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
             ValueError: On a reference checkpoint with keys this family cannot place.
         """
         return None
+
+    def complete_state(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``state_dict`` (e.g. timm's weights of the source model) with what conversion adds and it lacks (kernel
+        transforms), at the value conversion gives it (identity), so that it loads into the supernet."""
+        out = dict(state_dict)
+        for name, module in self.named_modules():
+            added = getattr(module, 'conversion_state', None)
+            if callable(added):
+                for key, value in added().items():
+                    out.setdefault(f'{name}.{key}' if name else key, value)
+        return out
+
+    @property
+    def input_resolution(self) -> int:
+        """The input size of the model's ``pretrained_cfg`` (the source model's)."""
+        return int(self.pretrained_cfg.get('input_size', (3, 224, 224))[-1])
+
+    def resolution_of(self, subnet: Optional[Subnet] = None) -> int:
+        """The input resolution of ``subnet`` (default: the active one): its own, or the model's input size."""
+        subnet = self.active_subnet if subnet is None else subnet
+        return int(subnet.resolution or self.input_resolution)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        """Whether the supernet has batch norms (whose statistics each subnet recalibrates); ViT and ConvNeXt have
+        none."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+
+    def zero_init_residual(self) -> int:
+        """Zero the last norm scale of every residual branch, so each block starts as the identity (BigNAS; timm's
+        ResNets' ``zero_init_last``); a run from scratch calls it. Returns the blocks initialised (0: the family
+        starts its blocks otherwise, e.g. with a small layer scale)."""
+        return 0
 
     def sample_active(self, seed: Any = None) -> Subnet:
         """Activate a random subnet of the space (see ``SearchSpace.sample``) and return it."""
@@ -375,15 +449,20 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
         return model
 
     # --- family hooks for training and search -------------------------------------------------------------------
-    @abc.abstractmethod
-    def mid_channels(self, slot: int, expand: float) -> int:
-        """Mid channels of block slot ``slot`` (``Subnet.expands`` order) at ``expand``, at full width."""
+    def rank(self, dimension: str, trained: int = 1) -> None:
+        """Rank what the ranked ``dimension`` keeps (channels, heads) by importance, keeping each within the band of
+        the ``trained`` largest choices it belongs to, without changing the function of any subnet whose value of
+        ``dimension`` is one of those choices.
 
-    @abc.abstractmethod
-    def sort_block_channels(self, slot: int, bands: Sequence[int]) -> None:
-        """Sort the mid channels of block slot ``slot`` by importance, keeping each channel within its band
-        (``bands`` are mid-channel counts whose subnets were already trained), without changing the function of
-        any subnet whose mid channels are one of ``bands`` or the full width."""
+        Raises:
+            ValueError: If the family does not rank ``dimension``.
+        """
+        raise ValueError(f'{type(self).__name__} does not rank {dimension!r}')
+
+    def latency_module(self, model: nn.Module, spec: BlockSpec) -> nn.Module:
+        """What a latency table times for block ``spec`` of the extracted ``model``: its modules in sequence."""
+        modules = [model.get_submodule(m) for m in spec.modules]
+        return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
 
     @abc.abstractmethod
     def describe(self, subnet: Optional[SubnetLike] = None) -> Tuple[BlockSpec, ...]:

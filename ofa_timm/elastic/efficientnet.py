@@ -25,6 +25,8 @@ class ElasticEfficientNet(EfficientNetBuilderSupernet):
     """Elastic supernet over a timm ``EfficientNet`` (e.g. ``efficientnet_b0``, ``mobilenetv2_100``, ``mnasnet_100``,
     ``fbnetc_100``, ``spnasnet_100``, ``tinynet_a``); extracted subnets are stock ``EfficientNet`` models."""
     source_types = (EfficientNet,)
+    timm_sources = ('efficientnet_b0', 'efficientnet_b1', 'efficientnet_b2', 'efficientnet_b3', 'efficientnet_lite0',
+                    'mobilenetv2_100', 'mobilenetv2_140', 'mnasnet_100', 'fbnetc_100', 'spnasnet_100', 'tinynet_a')
     se_rules = ((False, round), (False, round_channels))  # EfficientNet builds with se_from_exp=False
 
     def _adopt_head(self, model: EfficientNet) -> None:

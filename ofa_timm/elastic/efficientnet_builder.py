@@ -31,7 +31,7 @@ from timm.layers import BatchNormAct2d, Conv2dSame, get_act_layer, make_divisibl
 from .._timm import (
     ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual, SqueezeExcite, UniversalInvertedResidual,
     decode_arch_def, round_channels)
-from ..space import StageChoices, Subnet, SubnetLike
+from ..space import DEPTHS, Dimension, Subnet, SubnetLike
 from ._build import build_on_meta
 from .base import (
     BlockSpec, ElasticSupernet, LayerSpec, band_permutation, conv_layers, input_importance, permute_channels)
@@ -394,8 +394,8 @@ class EfficientNetBuilderSupernet(ElasticSupernet):
         self._adopt_head(model)
         self.stage_ends = tuple(f['stage'] for f in self.feature_info)
         self._stem_act = _act_code(model.bn1.act, 'bn1')
-        stage_choices = self._make_stages_elastic(kernels, expands, depths, grow_kernels)
-        self._finish_init(self.blocks, stage_choices, resolutions)
+        dimensions = self._make_stages_elastic(kernels, expands, depths, grow_kernels)
+        self._finish_init(self.blocks, [*dimensions, self._resolution_dimension(resolutions)])
 
     # --- construction -------------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -425,8 +425,9 @@ class EfficientNetBuilderSupernet(ElasticSupernet):
 
     def _make_stages_elastic(
             self, kernels: Sequence[int], expands: Sequence[float], depths: Sequence[int], grow_kernels: bool,
-    ) -> List[StageChoices]:
-        """Turn the stages of the network's main block type elastic; returns the stages' choices."""
+    ) -> List[Dimension]:
+        """Turn the stages of the network's main block type elastic; returns their dimensions: the depth of each
+        elastic stage, the depthwise kernel and the expand ratio of each of their block slots."""
         kinds = [{b.kind for b in specs} for specs in self._block_specs]
         elastic = [s for s, k in enumerate(kinds) if k <= {'ir', 'uir'}]
         if not elastic:  # a depthwise-separable network (LCNet): its blocks are the elastic ones
@@ -439,13 +440,12 @@ class EfficientNetBuilderSupernet(ElasticSupernet):
         self._slot_blocks: List[Tuple[int, int]] = [
             (s, i) for s in self.elastic_stages for i in range(len(self.blocks[s]))]
         expands = tuple(_arch_ratio(e) for e in expands)
-        stage_choices = []
-        for s in self.elastic_stages:
+        depth_choices, kernel_slots, expand_slots = [], {}, {}
+        for n, s in enumerate(self.elastic_stages):
             specs = self._block_specs[s]
             min_depth = max([i for i, b in enumerate(specs) if not b.droppable] + [0]) + 1
-            depth_choices = tuple(d for d in _allowed(depths, len(specs)) if d >= min_depth)
-            kernel_slots, expand_slots = [], []
-            for block, spec in zip(self.blocks[s], specs):
+            depth_choices.append(tuple(d for d in _allowed(depths, len(specs)) if d >= min_depth))
+            for i, (block, spec) in enumerate(zip(self.blocks[s], specs)):
                 layout = spec.layout
                 k_opts = (spec.kernel,)
                 if layout.dw:
@@ -453,11 +453,18 @@ class EfficientNetBuilderSupernet(ElasticSupernet):
                     if grow_kernels and kernels and max(kernels) > spec.kernel:
                         k_opts = tuple(sorted(set(kernels) | {spec.kernel}))
                 e_opts = _allowed(expands, spec.exp_ratio) if layout.expand else (spec.exp_ratio,)
-                kernel_slots.append(k_opts)
-                expand_slots.append(e_opts)
+                kernel_slots[(n, i)] = k_opts
+                expand_slots[(n, i)] = e_opts
                 self._make_block_elastic(block, spec, k_opts, e_opts)
-            stage_choices.append(StageChoices(depth_choices, tuple(kernel_slots), tuple(expand_slots)))
-        return stage_choices
+        return [
+            Dimension.per_stage(DEPTHS, depth_choices, shrink_order=2,
+                                doc='blocks each elastic stage runs: its first d'),
+            Dimension.per_block('kernels', kernel_slots, shrink_order=1, phases=1,
+                                doc='depthwise kernel size; a smaller kernel is the centre of the next larger one '
+                                    'through a learned transform'),
+            Dimension.per_block('expands', expand_slots, shrink_order=3, integer=False, ranked=True,
+                                doc='expand ratio: mid channels = make_divisible(in_chs * e), the leading ones'),
+        ]
 
     def _make_block_elastic(self, block: nn.Module, spec: _Block, k_opts: Tuple[int, ...], e_opts: Tuple[float, ...]):
         layout = spec.layout
@@ -583,12 +590,34 @@ class EfficientNetBuilderSupernet(ElasticSupernet):
 
     # --- family hooks -------------------------------------------------------------------------------------------
     def mid_channels(self, slot: int, expand: float) -> int:
+        """Mid channels of block slot ``slot`` at ``expand``."""
         s, i = self._slot_blocks[slot]
         spec = self._block_specs[s][i]
         return _mid_channels(spec.in_chs, expand) if spec.layout.expand else spec.in_chs
 
+    def rank(self, dimension: str, trained: int = 1) -> None:
+        """Sort every block's mid channels (``'expands'``) by the L1 norm of the weights that read them, within the
+        bands of the ``trained`` largest expand ratios."""
+        if dimension != 'expands':
+            return super().rank(dimension, trained)
+        for slot, choices in enumerate(self.space['expands'].choices):
+            self.sort_block_channels(slot, [self.mid_channels(slot, e) for e in choices[::-1][:trained]])
+
+    @torch.no_grad()
+    def zero_init_residual(self) -> int:
+        """Zero the scale of the last batch norm of every block that adds its input to its output."""
+        count = 0
+        for stage in self.blocks:
+            for block in stage:
+                bns = [m for m in block.children() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+                if getattr(block, 'has_skip', False) and bns:
+                    nn.init.zeros_(bns[-1].weight)
+                    count += 1
+        return count
+
     @torch.no_grad()
     def sort_block_channels(self, slot: int, bands: Sequence[int]) -> None:
+        """Sort the mid channels of block slot ``slot``, each within its band of ``bands`` (mid-channel counts)."""
         s, i = self._slot_blocks[slot]
         block, layout = self.blocks[s][i], self._block_specs[s][i].layout
         if not layout.expand:  # no mid channels of its own: its channels are its neighbours'

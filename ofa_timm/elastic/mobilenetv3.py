@@ -36,6 +36,8 @@ class ElasticMobileNetV3(EfficientNetBuilderSupernet):
     """Elastic supernet over a timm ``MobileNetV3`` (e.g. ``mobilenetv3_large_100``, ``lcnet_100``,
     ``mobilenetv4_conv_small``); extracted subnets are stock ``MobileNetV3`` models."""
     source_types = (MobileNetV3,)
+    timm_sources = ('mobilenetv3_large_100', 'mobilenetv3_large_075', 'mobilenetv3_small_100', 'mobilenetv4_conv_small',
+                    'mobilenetv4_conv_medium', 'lcnet_100')
     # MobileNetV3's generators size SE from the mid channels with round_channels; LCNet rounds, FBNetV3 reduces
     # relative to the block input.
     se_rules = ((True, round_channels), (True, round), (False, round_channels), (False, round))

@@ -184,6 +184,11 @@ class ElasticConv2d(nn.Conv2d):
             small = int(name.rsplit('to', 1)[1])
             self.register_parameter(name, nn.Parameter(torch.eye(small * small, device=device, dtype=dtype)))
 
+    def conversion_state(self) -> Dict[str, torch.Tensor]:
+        """What conversion adds to a source conv, at the value it starts from: identity kernel transforms."""
+        return {name: torch.eye(getattr(self, name).shape[0], dtype=self.weight.dtype)
+                for name in self._transform_names}
+
     @staticmethod
     def transform_name(big: int, small: int) -> str:
         """Parameter name of the ``big -> small`` kernel transform matrix."""

@@ -27,7 +27,7 @@ from timm.layers import make_divisible
 from timm.models import ResNet, adapt_model_from_string
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from ..space import OFA_RESOLUTIONS, StageChoices, Subnet, SubnetLike
+from ..space import DEPTHS, OFA_RESOLUTIONS, Dimension, Subnet, SubnetLike
 from ._build import build_on_meta, reshape_on_meta
 from .base import (
     BlockSpec, ElasticSupernet, LayerSpec, band_permutation, conv_layers, convert_reference_keys, imagenet_cfg,
@@ -149,6 +149,7 @@ class ElasticResNet(ElasticSupernet):
     subnet computes exactly the source model.
     """
     source_types = (ResNet,)
+    timm_sources = ('resnet50d', 'resnet26d', 'resnet101', 'resnet34')
     space_options = ('expands', 'widths', 'depth_reductions', 'resolutions', 'stem_depths')
     single_subnet_options = dict(expands=(), widths=(), depth_reductions=(), stem_depths=(1,))
     stage_ends = (0, 1, 2, 3, 4)
@@ -178,9 +179,12 @@ class ElasticResNet(ElasticSupernet):
         self._adopt_source_attributes(model)
         self._adopt_modules(model)
         width_choices = self._make_widths_elastic(widths)
-        stage_choices = self._make_stages_elastic(expands, depth_reductions, stem_depths)
-        self._finish_init([getattr(self, n) for n in _LAYERS], stage_choices, resolutions,
-                          widths=(width_choices,) * len(self._width_bases))
+        depths, expands = self._make_stages_elastic(expands, depth_reductions, stem_depths)
+        widths = Dimension('widths', 'network', (width_choices,) * len(self._width_bases), integer=False,
+                           shrink_order=4, doc='width multiplier of a stem conv or a stage: its leading '
+                                               'make_divisible(channels * w) channels')
+        self._finish_init([getattr(self, n) for n in _LAYERS],
+                          [depths, expands, widths, self._resolution_dimension(resolutions)])
 
     # --- construction -------------------------------------------------------------------------------------------
     @staticmethod
@@ -255,22 +259,23 @@ class ElasticResNet(ElasticSupernet):
 
     def _make_stages_elastic(
             self, expands: Optional[Sequence[float]], depth_reductions: Sequence[int], stem_depths: Sequence[int],
-    ) -> List[StageChoices]:
-        """Convert every block; returns the choices of the stem (OFA stem only) and of each stage."""
+    ) -> Tuple[Dimension, Dimension]:
+        """Convert every block; returns the depth dimension (of the stem, for an OFA stem, and of each stage) and
+        the expand dimension of every block slot."""
         default_expands = OFA_RESNET_EXPANDS if self._block_type is Bottleneck else BASIC_BLOCK_EXPANDS
         candidates = tuple(sorted(float(e) for e in (default_expands if expands is None else expands)))
-        stage_choices = []
+        depth_choices, expand_slots = [], {}
         if self._stem.kind == 'residual':
-            stem_choices = tuple(d for d in stem_depths if d in (0, 1))
+            stem_choices = tuple(sorted({d for d in stem_depths if d in (0, 1)}))
             if not stem_choices:
                 raise ValueError(f'stem_depths {list(stem_depths)} must contain 0 and/or 1')
-            stage_choices.append(StageChoices(depths=stem_choices))
+            depth_choices.append(stem_choices)
+        offset = len(depth_choices)
         self._slot_blocks: List[Tuple[int, int]] = []
         for s, name in enumerate(_LAYERS):
             stage = getattr(self, name)
             n = len(stage)
-            depth_choices = tuple(sorted({n - r for r in depth_reductions if n - r >= 1} | {n}))
-            slot_expands = []
+            stage_depths = tuple(sorted({n - r for r in depth_reductions if n - r >= 1} | {n}))
             for i, block in enumerate(stage):
                 self._convert_block(block)
                 width, mid = _block_out(block), block.conv1.out_channels
@@ -278,10 +283,16 @@ class ElasticResNet(ElasticSupernet):
                 src_e = max(fitting) if fitting else mid / width
                 if _mid_channels(width, src_e) != mid:
                     raise ValueError(f'{name}.{i}: {mid} mid channels are not make_divisible(round({width} * e))')
-                slot_expands.append(tuple(sorted({e for e in candidates if e < src_e} | {src_e})))
+                expand_slots[(s + offset, i)] = tuple(sorted({e for e in candidates if e < src_e} | {src_e}))
                 self._slot_blocks.append((s, i))
-            stage_choices.append(StageChoices(depths=depth_choices, expands=tuple(slot_expands)))
-        return stage_choices
+            depth_choices.append(stage_depths)
+        depth = Dimension.per_stage(DEPTHS, depth_choices, shrink_order=2,
+                                    doc='blocks each stage runs (its first d); for an OFA stem, whether it runs its '
+                                        'residual conv')
+        expand = Dimension.per_block('expands', expand_slots, shrink_order=3, integer=False, ranked=True,
+                                     doc='mid width of a block = make_divisible(round(stage width * e)), the leading '
+                                         'channels')
+        return depth, expand
 
     @staticmethod
     def _convert_block(block: nn.Module) -> None:
@@ -457,11 +468,28 @@ class ElasticResNet(ElasticSupernet):
 
     # --- family hooks -------------------------------------------------------------------------------------------
     def mid_channels(self, slot: int, expand: float) -> int:
+        """Mid channels of block slot ``slot`` at ``expand``, at full width."""
         s, i = self._slot_blocks[slot]
         return _mid_channels(_block_out(getattr(self, _LAYERS[s])[i]), expand)
 
+    def rank(self, dimension: str, trained: int = 1) -> None:
+        """Sort every block's mid channels (``'expands'``) by the L1 norm of the weights that read them, within the
+        bands of the ``trained`` largest expand ratios."""
+        if dimension != 'expands':
+            return super().rank(dimension, trained)
+        for slot, choices in enumerate(self.space['expands'].choices):
+            self.sort_block_channels(slot, [self.mid_channels(slot, e) for e in choices[::-1][:trained]])
+
+    def zero_init_residual(self) -> int:
+        """timm's ``zero_init_last`` of every block: the last batch norm scale of each residual branch is zero."""
+        blocks = [b for name in _LAYERS for b in getattr(self, name)]
+        for block in blocks:
+            block.zero_init_last()
+        return len(blocks)
+
     @torch.no_grad()
     def sort_block_channels(self, slot: int, bands: Sequence[int]) -> None:
+        """Sort the mid channels of block slot ``slot``, each within its band of ``bands`` (mid-channel counts)."""
         s, i = self._slot_blocks[slot]
         block = getattr(self, _LAYERS[s])[i]
         if isinstance(block, Bottleneck):

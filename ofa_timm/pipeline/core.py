@@ -15,198 +15,37 @@ Steps, each writing its files into the work folder and recording the inputs it u
    meets the same budget; its latency predicted and measured here; ``report.md`` and ``pareto.png``.
 
 The test split is carved from the validation data (stratified, fixed by the seed) or given as ``test_dir``, and is
-read by the report alone.
+read by the report alone. Each ``_step_<name>`` method says what its step reads (its inputs) and hands the work to a
+function of ``steps.py``.
 """
 import contextlib
+import json
 import os
 import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from .._dist import barrier as _barrier, rank_and_world as _dist
-from .._io import save_supernet
+from .._io import write_text_atomic
 from .._lock import folder_lock
-from ..search.budget import Budget, parse_budgets
 from ..space import Subnet
-from ..training import DataConfig, SubnetEvaluator, TrainConfig
+from ..training import DataConfig, SubnetEvaluator
+from . import steps
+from .config import (
+    DEFAULT_SUBNETS, LOCAL_BACKENDS, STEPS, BudgetResult, PipelineInterrupted, PipelineResult, RunConfig, demo_config)
 from .workdir import WorkDir, canonical, file_digest
 
 __all__ = ['STEPS', 'RunConfig', 'BudgetResult', 'PipelineResult', 'PipelineInterrupted', 'run', 'DEFAULT_SUBNETS',
-           'demo_config']
+           'demo_config', 'Pipeline']
 
-STEPS: Tuple[str, ...] = ('train', 'latency', 'accuracy', 'predictor', 'search', 'finalists', 'export', 'report')
-LOCAL_BACKENDS = ('torch-cpu', 'torch-cuda', 'onnxruntime')
-# Subnets the accuracy dataset evaluates by default: on the digits supernet the predictor's held-out Spearman is 0.68
-# at 25, 0.83 at 50, 0.90 at 100 and 0.92 at 200 (docs/search.md, "How many subnets to evaluate"); the finalists step
-# measures the best candidates anyway, so twice the evaluations for +0.02 is left to --subnets.
-DEFAULT_SUBNETS = 100
-
-
-@dataclass
-class RunConfig:
-    """What ``run`` does.
-
-    Args:
-        model: A registered ``ofa_*`` name.
-        data_dir: Dataset root: an ImageFolder with ``train`` and ``validation`` folders, or a timm dataset root with
-            ``dataset``.
-        budgets: One per exported subnet (``'5ms,10ms,20ms'``, ``'300MFLOPs'``, ``'10ms+300MFLOPs'``,
-            ``'25%latency'``; see ``ofa_timm.search.parse_budgets``).
-        out: The work folder.
-        latency: ``'torch-cpu'``, ``'torch-cuda'`` or ``'onnxruntime'`` (measured here), the path of a latency
-            table, ``'kit:RESULTS.json'`` (a kit measured on another device), or None (FLOPs and parameters only).
-        pretrained: Start from the model's pretrained weights.
-        pretrained_file: Start from these local weights (timm weights of the source model, or a checkpoint).
-        checkpoint: A trained supernet (``supernet.safetensors``): the train step uses it instead of training.
-        resolutions: Elastic resolutions (default: the model's).
-        image_size: Side the loaders produce (default: the largest resolution).
-        dataset: timm dataset name ('' for an ImageFolder).
-        train_split: Training split name.
-        val_split: Validation split name.
-        test_dir: An ImageFolder of test images; default: carved from the validation split.
-        test_fraction: Share of the validation split carved out as the test split.
-        auto_augment: timm auto-augment policy for training.
-        scale: Random-resized-crop area range.
-        hflip: Horizontal-flip probability (0 for data that is not mirror-symmetric).
-        schedule: ``'auto'``, a preset, or a YAML file.
-        epochs_scale: Multiplies every stage's epochs.
-        min_steps: The schedule's floor in optimizer steps (default: the recipe's).
-        subnets: Random subnets in the accuracy dataset.
-        finalists: Candidates per budget measured on the validation split.
-        formats: Export formats (``timm``, ``safetensors``, ``onnx``, ``pt2``).
-        latency_batch_size: Batch size the latency is measured at.
-        latency_threads: Intra-op threads for latency (default: PyTorch's).
-        calibrate: Calibration subnets of a latency table built here.
-        validate: Held-out subnets of a latency table built here.
-        train: Training settings (its ``output`` and ``seed`` are set by the run).
-        seed: Seed of everything: training, subnet draws, the test split, the search.
-        progress: Progress bars and lines.
-    """
-    model: str
-    data_dir: str
-    budgets: Union[str, Sequence[Union[str, Budget]]]
-    out: str = 'ofa_run'
-    latency: Optional[str] = 'torch-cpu'
-    pretrained: bool = False
-    pretrained_file: Optional[str] = None
-    checkpoint: Optional[str] = None
-    resolutions: Optional[Sequence[int]] = None
-    image_size: Optional[int] = None
-    dataset: str = ''
-    train_split: str = 'train'
-    val_split: str = 'validation'
-    test_dir: Optional[str] = None
-    test_fraction: float = 0.5
-    auto_augment: Optional[str] = None
-    scale: Tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    schedule: str = 'auto'
-    epochs_scale: Optional[float] = None
-    min_steps: Optional[int] = None
-    subnets: int = DEFAULT_SUBNETS
-    finalists: int = 5
-    formats: Sequence[str] = ('timm', 'onnx')
-    latency_batch_size: int = 1
-    latency_threads: Optional[int] = None
-    calibrate: int = 10
-    validate: int = 20
-    train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.budgets = parse_budgets(self.budgets)
-        if self.subnets < 10:
-            raise ValueError(f'subnets must be >= 10 (the predictor holds 20% of them out), got {self.subnets}')
-        if self.finalists < 1:
-            raise ValueError(f'finalists must be >= 1, got {self.finalists}')
-        if self.latency is not None and self.latency not in LOCAL_BACKENDS and not (
-                self.latency.startswith('kit:') or self.latency.endswith('.json')):
-            raise ValueError(f"latency must be one of {list(LOCAL_BACKENDS)}, a table's .json path, "
-                             f"'kit:RESULTS.json' or None, got {self.latency!r}")
-        needs = {c for b in self.budgets for c in b.costs}
-        if 'latency' in needs and self.latency is None:
-            raise ValueError(f'Latency budgets ({", ".join(b.label for b in self.budgets)}) need a latency table: '
-                             f'pass latency=torch-cpu (or a table / kit results)')
-
-
-@dataclass
-class BudgetResult:
-    """The subnet exported for one budget, and how it does.
-
-    Args:
-        label: The budget's name (``latency_10ms``).
-        limits: The budget's absolute limits by cost.
-        subnet: The winner.
-        predicted_top1: Its predicted top-1 (%).
-        val_top1: Its top-1 on the validation split (what chose it among the finalists).
-        test_top1: Its top-1 on the test split.
-        test_top5: Its top-5 on the test split.
-        costs: FLOPs, parameters and predicted latency (ms).
-        latency_measured: Its latency measured here at the table's settings (ms), where the table is local.
-        random_best: The best of the randomly evaluated subnets that meet the budget (by validation top-1): its
-            ``subnet``, ``val_top1`` and ``test_top1``.
-        files: The exported files.
-        load: A line that loads the subnet in timm.
-    """
-    label: str
-    limits: Dict[str, float]
-    subnet: Subnet
-    predicted_top1: float
-    val_top1: float
-    test_top1: float
-    test_top5: float
-    costs: Dict[str, float]
-    latency_measured: Optional[float]
-    random_best: Optional[Dict[str, Any]]
-    files: List[str]
-    load: str
-
-
-@dataclass
-class PipelineResult:
-    """What a run produced.
-
-    Args:
-        out: The work folder.
-        budgets: One result per budget.
-        predictor: The predictor's held-out scores (``rmse``, ``spearman``, ``n_train``, ``n_val``).
-        latency: The latency table's description and validation, or None.
-        data: Split sizes.
-        train: The training summary.
-        report: ``report.md``.
-        plot: ``pareto.png``.
-    """
-    out: Path
-    budgets: List[BudgetResult]
-    predictor: Dict[str, Any]
-    latency: Optional[Dict[str, Any]]
-    data: Dict[str, int]
-    train: Dict[str, Any]
-    report: Path
-    plot: Path
-
-
-class PipelineInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run; rerunning the same command continues it.
-
-    Args:
-        signum: The signal.
-        step: The step it stopped in.
-    """
-
-    def __init__(self, signum: int, step: str, detail: str = ''):
-        self.signum, self.step = signum, step
-        super().__init__(f'{signal.Signals(signum).name}: stopped in step {step!r}'
-                         + (f'; {detail}' if detail else '; what it wrote is kept') + ', and a rerun continues it')
+Work = Callable[[bool], Tuple[Dict[str, Any], List[Path]]]
 
 
 def _fmt_s(seconds: float) -> str:
@@ -232,7 +71,8 @@ class Pipeline:
 
     # --- orchestration -------------------------------------------------------------------------------------------
     def log(self, text: str) -> None:
-        if self.is_main and self.config.progress:
+        """One line of the run's account (rank 0), with or without progress bars."""
+        if self.is_main:
             print(text, flush=True)
 
     def run(self, until: Optional[str] = None) -> Optional[PipelineResult]:
@@ -252,17 +92,13 @@ class Pipeline:
         return self.result if until is None or until == STEPS[-1] else None
 
     def _prepare(self) -> None:
-        import ofa_timm  # noqa: F401  registers the ofa_* models
+        from ..search.export import load_supernet
         from .data import load_splits
         cfg = self.config
-        if not cfg.model.startswith('ofa_'):
-            raise ValueError(f"model must be a registered ofa_* name (see timm.list_models('ofa_*')), got "
-                             f'{cfg.model!r}')
-        import timm
-        if not timm.is_model(cfg.model):
-            raise ValueError(f"Unknown model {cfg.model!r}; see timm.list_models('ofa_*')")
-        size = cfg.image_size or (max(cfg.resolutions) if cfg.resolutions else
-                                  max(timm.create_model(cfg.model, pretrained=False).space.resolutions or (224,)))
+        # The space (of a randomly initialised supernet: no download) sets the loaders' size and the schedule.
+        initial = load_supernet(cfg.model, resolutions=cfg.resolutions)
+        self.space = initial.space
+        size = cfg.image_size or max(self.space.resolutions or (initial.input_resolution,))
         data_cfg = DataConfig(cfg.data_dir, dataset=cfg.dataset, train_split=cfg.train_split,
                               val_split=cfg.val_split, image_size=size, auto_augment=cfg.auto_augment,
                               scale=tuple(cfg.scale), hflip=cfg.hflip)
@@ -274,8 +110,8 @@ class Pipeline:
                  f'{cfg.test_dir or f"{cfg.test_fraction:.0%} of the validation split, stratified, seed {cfg.seed}"}, '
                  f'read by the report alone)')
 
-    def _step(self, index: int, name: str, inputs: Dict[str, Any], work: Callable[[bool], Tuple[
-            Dict[str, Any], List[Path]]], what: str, main_only: bool = False) -> Dict[str, Any]:
+    def _step(self, index: int, name: str, inputs: Dict[str, Any], work: Work, what: str,
+              main_only: bool = False) -> Dict[str, Any]:
         """Run step ``name`` unless it is done with ``inputs``; returns its summary."""
         head = f'[{index + 1}/{len(STEPS)}] {name}'
         from .. import __version__
@@ -297,7 +133,9 @@ class Pipeline:
         summary, outputs = ({}, []) if main_only and not self.is_main else work(resumable)
         _barrier()
         if main_only and self.world > 1:  # the other ranks take the summary from the record rank 0 wrote
-            summary = self._broadcast(summary)
+            box = [summary]
+            dist.broadcast_object_list(box, src=0)
+            summary = box[0]
         seconds = time.time() - start
         if self.is_main:
             self.work.finish(name, inputs, outputs, summary, seconds)
@@ -307,11 +145,6 @@ class Pipeline:
         self.log(f'{head}: done in {_fmt_s(seconds)} (elapsed {_fmt_s(time.time() - self.started)}'
                  + (f', about {_fmt_s(left)} left)' if left is not None else ')'))
         return summary
-
-    def _broadcast(self, obj: Any) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     def _estimate_left(self, index: int) -> Optional[float]:
         """Seconds the remaining steps should take, from the time one evaluation took; None before it is known."""
@@ -343,7 +176,7 @@ class Pipeline:
             for s, h in previous.items():
                 signal.signal(s, h if h is not None else signal.SIG_DFL)
 
-    # --- helpers -------------------------------------------------------------------------------------------------
+    # --- what the steps share ------------------------------------------------------------------------------------
     def _evaluator(self, split: str) -> SubnetEvaluator:
         t = self.config.train
         data = self.splits.val if split == 'val' else self.splits.test
@@ -354,10 +187,6 @@ class Pipeline:
     def supernet_path(self) -> Path:
         return self.out / 'train' / 'supernet.safetensors'
 
-    def _load_supernet(self) -> torch.nn.Module:
-        from ..search.export import load_supernet
-        return load_supernet(self.config.model, self.supernet_path).to(self.device).eval()
-
     def _cost_models(self) -> Dict[str, Any]:
         from ..search import flops_model, params_model
         from ..search.latency import LatencyTable
@@ -366,68 +195,56 @@ class Pipeline:
             models['latency'] = LatencyTable.load(self.table_path, space=self.supernet.space)
         return models
 
+    def _evaluate_sharded(self, subnets: Sequence[Subnet], folder: Path, resumable: bool) -> Dict[Subnet, Dict]:
+        """Evaluate ``subnets`` on the validation split, shared out across ranks: each rank appends its share to
+        ``folder/evaluated.rank{r}.jsonl`` as it goes (a rerun continues it), and every row comes back by subnet on
+        rank 0 (nothing on the other ranks)."""
+        from ..search.predictor import build_accuracy_dataset, read_accuracy_rows
+        if not resumable and self.is_main and folder.exists():
+            shutil.rmtree(folder)
+        _barrier()
+        evaluator = self._evaluator('val')
+        build_accuracy_dataset(self.supernet, None, None, folder / f'evaluated.rank{self.rank}.jsonl',
+                               subnets=list(subnets)[self.rank::self.world], model=self.config.model,
+                               progress=self.config.progress and self.is_main,
+                               evaluate=lambda s: evaluator(self.supernet, s))
+        _barrier()
+        if not self.is_main:
+            return {}
+        return {Subnet.from_dict(row['subnet']): row for r in range(self.world)
+                for row in read_accuracy_rows(folder / f'evaluated.rank{r}.jsonl', self.supernet.space)}
+
     # --- the steps -----------------------------------------------------------------------------------------------
     def _step_train(self, index: int) -> None:
-        from ..training import load_schedule
+        from ..search.export import load_supernet
+        from ..training import build_schedule
         cfg = self.config
         if cfg.checkpoint:
-            inputs = dict(checkpoint=file_digest(cfg.checkpoint), model=cfg.model)
-
             def use(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
                 if self.is_main:
                     self.supernet_path.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(cfg.checkpoint, self.supernet_path)
                 return dict(checkpoint=str(cfg.checkpoint)), [self.supernet_path]
-            self._step(index, 'train', inputs, use, f'the trained supernet {cfg.checkpoint}', main_only=True)
+            self._step(index, 'train', dict(checkpoint=file_digest(cfg.checkpoint), model=cfg.model), use,
+                       f'the trained supernet {cfg.checkpoint}', main_only=True)
         else:
             pretrained = cfg.pretrained or bool(cfg.pretrained_file)
-            schedule = load_schedule(cfg.schedule, cfg.epochs_scale, pretrained=pretrained)
-            if cfg.min_steps is not None:
-                from dataclasses import replace
-                schedule = replace(schedule, min_steps=cfg.min_steps)
+            schedule = build_schedule(cfg.schedule, self.space, pretrained=pretrained, epochs_scale=cfg.epochs_scale,
+                                      min_steps=cfg.min_steps, lr_scale=cfg.lr_scale, sampling=cfg.sampling)
             skip = ('output', 'progress', 'progress_seconds', 'log_every', 'checkpoint_every', 'checkpoint_minutes',
                     'workers', 'seed')
             inputs = dict(model=cfg.model, pretrained=cfg.pretrained, resolutions=cfg.resolutions,
                           pretrained_file=file_digest(cfg.pretrained_file) if cfg.pretrained_file else None,
-                          schedule=schedule.to_dict(), train={k: v for k, v in asdict(cfg.train).items()
-                                                              if k not in skip},
+                          schedule=schedule.to_dict(),
+                          train={k: v for k, v in asdict(cfg.train).items() if k not in skip},
                           data=self.splits.fingerprint, seed=cfg.seed, world_size=self.world)
-            self._step(index, 'train', inputs, lambda resumable: self._train(schedule, pretrained, resumable),
-                       f'progressive shrinking of {cfg.model}')
-        self.supernet = self._load_supernet()
 
-    def _train(self, schedule: Any, pretrained: bool, resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
-        import timm
-        from dataclasses import replace
-        from ..training import Trainer
-        from ..training.report import write_run_report
-        cfg = self.config
-        run_dir = self.out / 'train'
-        if not resumable and self.is_main and run_dir.exists():
-            shutil.rmtree(run_dir)  # another run's checkpoint: its inputs changed
-        _barrier()
-        kwargs: Dict[str, Any] = dict(num_classes=self.splits.num_classes)
-        if cfg.resolutions:
-            kwargs['resolutions'] = tuple(cfg.resolutions)
-        if cfg.pretrained_file:
-            kwargs['pretrained_cfg_overlay'] = dict(file=cfg.pretrained_file)
-        torch.manual_seed(cfg.seed)
-        supernet = timm.create_model(cfg.model, pretrained=pretrained, **kwargs)
-        train_cfg = replace(cfg.train, output=str(run_dir), seed=cfg.seed, progress=cfg.progress)
-        trainer = Trainer(supernet, schedule, self.splits.train, self.splits.val, self.splits.calib, train_cfg,
-                          pretrained=pretrained)
-        if (run_dir / 'last.pth').is_file():
-            trainer.resume()
-            self.log(f'      resuming at {trainer.where()}')
-        self.log('      ' + trainer.describe_schedule().replace('\n', '\n      '))
-        trainer.run()
-        summaries = trainer.summaries()
-        if self.is_main:
-            save_supernet(trainer.supernet, self.supernet_path)
-            write_run_report(summaries, run_dir)
-        steps = trainer.position.global_step
-        return dict(steps=steps, stages=[dict(stage=s['stage'], top1=s['top1'], min_top1=s['min_top1'],
-                                              max_top1=s['max_top1']) for s in summaries]), [self.supernet_path]
+            def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
+                summary = steps.train_supernet(cfg, self.splits, schedule, pretrained, self.out / 'train',
+                                               self.supernet_path, resumable, self.is_main, self.log)
+                return summary, [self.supernet_path]
+            self._step(index, 'train', inputs, work, f'progressive shrinking of {cfg.model}')
+        self.supernet = load_supernet(cfg.model, self.supernet_path).to(self.device).eval()
 
     def _step_latency(self, index: int) -> None:
         cfg = self.config
@@ -451,30 +268,16 @@ class Pipeline:
             what = f'the latency table {spec}'
 
         def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
-            from ..search.latency import LatencySettings, LatencyTable, build_latency_table
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not resumable:
-                path.unlink(missing_ok=True)
-            if spec in LOCAL_BACKENDS:
-                settings = LatencySettings(spec, cfg.latency_batch_size, cfg.latency_threads)
-                table = build_latency_table(self.supernet, path, settings, calibrate=cfg.calibrate, seed=cfg.seed,
-                                            model=cfg.model, progress=cfg.progress, validate=cfg.validate)
-            elif spec.startswith('kit:'):
-                from ..search.kit import import_kit_results
-                table = import_kit_results(spec[4:])
-                if table.space != self.supernet.space:
-                    raise ValueError(f'The kit {spec[4:]} was made for another space than {cfg.model} has')
-            else:
-                table = LatencyTable.load(spec, space=self.supernet.space)
-            table.save(path)
-            return dict(describe=table.describe(), validation=_brief(table.validation),
-                        minimum=table.minimum()[0], maximum=table.maximum()[0]), [path]
+            table = steps.latency_table(spec, self.supernet, path, cfg, resumable)
+            validation = None if table.validation is None else {
+                k: v for k, v in table.validation.items() if k != 'rows'}
+            return dict(describe=table.describe(), validation=validation, minimum=table.minimum()[0],
+                        maximum=table.maximum()[0]), [path]
         self._step(index, 'latency', inputs, work, what, main_only=True)
         self.table_path = path
 
     def _step_accuracy(self, index: int) -> None:
-        from ..search.predictor import (
-            build_accuracy_dataset, read_accuracy_dataset, sample_subnets, write_accuracy_dataset, _read_rows)
+        from ..search.predictor import read_accuracy_dataset, sample_subnets, write_accuracy_dataset
         cfg = self.config
         folder = self.out / 'accuracy'
         path = folder / 'accuracy.jsonl'
@@ -482,25 +285,13 @@ class Pipeline:
                       calib_images=cfg.train.calib_images, data=self.splits.fingerprint)
 
         def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
-            if not resumable and self.is_main and folder.exists():
-                shutil.rmtree(folder)
-            _barrier()
             space = self.supernet.space
             subnets = sample_subnets(space, cfg.subnets, cfg.seed)
-            evaluator = self._evaluator('val')
-            shard = path if self.world == 1 else folder / f'accuracy.rank{self.rank}.jsonl'
             start = time.time()
-            rows = build_accuracy_dataset(self.supernet, None, None, shard, subnets=subnets[self.rank::self.world],
-                                          progress=cfg.progress and self.is_main, model=cfg.model,
-                                          evaluate=lambda s: evaluator(self.supernet, s))
-            per_subnet = (time.time() - start) / max(1, len(rows))
-            _barrier()
-            if self.world > 1 and self.is_main:  # rank 0 merges the shards, in the order of the draw
-                by_subnet = {}
-                for r in range(self.world):
-                    for row in _read_rows(folder / f'accuracy.rank{r}.jsonl', space):
-                        by_subnet[Subnet.from_dict(row['subnet'])] = row
-                write_accuracy_dataset(path, space, [by_subnet[s] for s in subnets], cfg.model)
+            rows = self._evaluate_sharded(subnets, folder / 'evaluated', resumable)
+            per_subnet = (time.time() - start) / max(1, len(subnets) / self.world)
+            if self.is_main:  # the dataset, in the order of the draw
+                write_accuracy_dataset(path, space, [rows[s] for s in subnets], cfg.model)
             _barrier()
             _, top1 = read_accuracy_dataset(path, space)
             return dict(n=len(top1), top1_min=float(top1.min()), top1_max=float(top1.max()),
@@ -513,52 +304,31 @@ class Pipeline:
         from ..search import AccuracyPredictor, FitConfig, fit_predictor, read_accuracy_dataset
         path = self.out / 'predictor.safetensors'
         fit = FitConfig(seed=self.config.seed)
-        inputs = dict(dataset=file_digest(self.accuracy_path), fit=asdict(fit))
 
         def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
             codes, targets = read_accuracy_dataset(self.accuracy_path, self.supernet.space)
             predictor, metrics = fit_predictor(self.supernet.space, codes, targets, fit)
             predictor.save(path, model=self.config.model)
             return dict(metrics), [path]
-        summary = self._step(index, 'predictor', inputs, work, 'the accuracy predictor (20% of the subnets held out)',
-                             main_only=True)
+        summary = self._step(index, 'predictor', dict(dataset=file_digest(self.accuracy_path), fit=asdict(fit)),
+                             work, 'the accuracy predictor (20% of the subnets held out)', main_only=True)
         self.log(f"      held-out RMSE {summary['rmse']:.2f} points, Spearman {summary['spearman']:.3f} "
                  f"({summary['n_val']} of {summary['n_val'] + summary['n_train']} subnets)")
         self.predictor = AccuracyPredictor.load(path, space=self.supernet.space)
         self.predictor_path = path
 
     def _step_search(self, index: int) -> None:
-        from .._io import write_text_atomic
-        from ..search import EvolutionConfig, specialize
-        import json
+        from ..search import EvolutionConfig
         cfg = self.config
         path = self.out / 'search.json'
-        evolution = EvolutionConfig()
         inputs = dict(predictor=file_digest(self.predictor_path), budgets=[
             dict(limits=b.limits, relative=b.relative) for b in cfg.budgets],
-            table=file_digest(self.table_path) if self.table_path else None, evolution=asdict(evolution),
+            table=file_digest(self.table_path) if self.table_path else None, evolution=asdict(EvolutionConfig()),
             finalists=cfg.finalists, seed=cfg.seed)
 
         def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
-            models = self._cost_models()
-            limits = [b.resolve(models) for b in cfg.budgets]
-            results = specialize(self.supernet, self.predictor, models, limits, evolution, seed=cfg.seed)
-            space = self.supernet.space
-            out = []
-            for budget, limit, r in zip(cfg.budgets, limits, results):
-                order = np.argsort(-r.population_accuracy, kind='stable')
-                seen, candidates = set(), []
-                for i in order:
-                    code = tuple(r.population[i])
-                    if code in seen or any(r.population_costs[k][i] > v for k, v in limit.items()):
-                        continue
-                    seen.add(code)
-                    candidates.append(dict(subnet=space.decode(r.population[i]).to_dict(),
-                                           predicted=float(r.population_accuracy[i]),
-                                           costs={k: float(v[i]) for k, v in r.population_costs.items()}))
-                    if len(candidates) == cfg.finalists:
-                        break
-                out.append(dict(label=budget.label, limits=limit, candidates=candidates))
+            out = steps.search_candidates(self.supernet, self.predictor, self._cost_models(), cfg.budgets,
+                                          cfg.finalists, cfg.seed)
             write_text_atomic(path, json.dumps(out, indent=1) + '\n')
             return dict(budgets=[dict(label=o['label'], limits=o['limits'], best_predicted=o['candidates'][0][
                 'predicted']) for o in out]), [path]
@@ -567,9 +337,6 @@ class Pipeline:
         self.search_path = path
 
     def _step_finalists(self, index: int) -> None:
-        import json
-        from .._io import write_text_atomic
-        from ..search.predictor import build_accuracy_dataset, _read_rows
         cfg = self.config
         folder = self.out / 'finalists'
         path = folder / 'finalists.json'
@@ -577,29 +344,11 @@ class Pipeline:
                       calib_images=cfg.train.calib_images, data=self.splits.fingerprint)
 
         def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
-            if not resumable and self.is_main and folder.exists():
-                shutil.rmtree(folder)
-            _barrier()
-            space = self.supernet.space
             search = json.loads(self.search_path.read_text())
             unique = list(dict.fromkeys(Subnet.from_dict(c['subnet']) for b in search for c in b['candidates']))
-            evaluator = self._evaluator('val')
-            build_accuracy_dataset(self.supernet, None, None, folder / f'evaluated.rank{self.rank}.jsonl',
-                                   subnets=unique[self.rank::self.world], progress=cfg.progress and self.is_main,
-                                   model=cfg.model, evaluate=lambda s: evaluator(self.supernet, s))
-            _barrier()
-            out = []
+            measured = self._evaluate_sharded(unique, folder / 'evaluated', resumable)
+            out = steps.pick_winners(search, measured) if self.is_main else []
             if self.is_main:
-                measured = {}
-                for r in range(self.world):
-                    for row in _read_rows(folder / f'evaluated.rank{r}.jsonl', space):
-                        measured[Subnet.from_dict(row['subnet'])] = row['top1']
-                for b in search:
-                    for c in b['candidates']:
-                        c['val_top1'] = measured[Subnet.from_dict(c['subnet'])]
-                    # the best measured wins; ties go to the higher prediction
-                    winner = max(b['candidates'], key=lambda c: (c['val_top1'], c['predicted']))
-                    out.append(dict(b, winner=winner))
                 write_text_atomic(path, json.dumps(out, indent=1) + '\n')
             return dict(winners=[dict(label=o['label'], val_top1=o['winner']['val_top1'],
                                       predicted=o['winner']['predicted']) for o in out]), [path]
@@ -608,7 +357,6 @@ class Pipeline:
         self.finalists_path = path
 
     def _step_export(self, index: int) -> None:
-        import json
         from ..search.export import export_subnet
         cfg = self.config
         folder = self.out / 'export'
@@ -616,81 +364,37 @@ class Pipeline:
                       formats=list(cfg.formats), calib_images=cfg.train.calib_images, seed=cfg.seed)
 
         def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
-            finalists = json.loads(self.finalists_path.read_text())
             calib = self._evaluator('val').calib
-            files, exported = [], {}
-            for b in finalists:
-                result = export_subnet(self.supernet, b['winner']['subnet'], folder / b['label'], formats=cfg.formats,
-                                       calib_loader=calib, calib_images=cfg.train.calib_images, model_name=cfg.model)
-                exported[b['label']] = result['files']
-                files.append(folder / b['label'])
-            return dict(files=exported), files
+            files = {}
+            for b in json.loads(self.finalists_path.read_text()):
+                files[b['label']] = export_subnet(
+                    self.supernet, b['winner']['subnet'], folder / b['label'], formats=cfg.formats, calib_loader=calib,
+                    calib_images=cfg.train.calib_images, model_name=cfg.model)['files']
+            return dict(files=files), [folder / label for label in files]
         self._step(index, 'export', inputs, work, f'each winner, BN-recalibrated, as {", ".join(cfg.formats)}',
                    main_only=True)
 
     def _step_report(self, index: int) -> None:
-        inputs = dict(finalists=file_digest(self.finalists_path), export=self.summaries['export'],
-                      accuracy=file_digest(self.accuracy_path), table=file_digest(self.table_path)
-                      if self.table_path else None, data=self.splits.fingerprint, predictor=self.summaries[
-                          'predictor'])
-        self._step(index, 'report', inputs, self._report, 'each winner on the test split, latency measured here, '
-                   'report.md and pareto.png', main_only=True)
-        if self.is_main:
-            self.result = self._result_from_files()
-        else:
-            self.result = None
-
-    def _report(self, resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
-        import json
-        from .._io import write_text_atomic
-        from ..search.latency import measure_subnets, _settings_of
         from ..search.predictor import read_accuracy_dataset
-        from .report import plot_report, report_markdown
         cfg = self.config
-        space = self.supernet.space
-        finalists = json.loads(self.finalists_path.read_text())
-        models = self._cost_models()
-        test = self._evaluator('test')
-        codes, val_top1 = read_accuracy_dataset(self.accuracy_path, space)
-        random_costs = {k: np.asarray(m(codes), dtype=np.float64) for k, m in models.items()}
-        table = models.get('latency')
-        local = table is not None and not table.meta.get('kit') and table.meta.get('backend') in LOCAL_BACKENDS \
-            and (table.meta.get('backend') != 'torch-cuda' or torch.cuda.is_available())
-        winners = [Subnet.from_dict(b['winner']['subnet']) for b in finalists]
-        measured = measure_subnets(self.supernet, winners, _settings_of(table), progress=cfg.progress) if local \
-            else [None] * len(winners)
-        budgets = []
-        for b, subnet, latency in zip(finalists, winners, measured):
-            metrics = test(self.supernet, subnet)
-            code = space.encode(subnet)
-            costs = {k: float(m(code)[0]) for k, m in models.items()}
-            ok = np.ones(len(codes), dtype=bool)
-            for k, v in b['limits'].items():
-                ok &= random_costs[k] <= v
-            random_best = None
-            if ok.any():
-                i = int(np.flatnonzero(ok)[np.argmax(val_top1[ok])])
-                rb = space.decode(codes[i])
-                random_best = dict(subnet=rb.to_dict(), val_top1=float(val_top1[i]),
-                                   test_top1=test(self.supernet, rb)['top1'])
-            export = self.out / 'export' / b['label']
-            budgets.append(dict(
-                label=b['label'], limits=b['limits'], subnet=subnet.to_dict(), predicted_top1=b['winner']['predicted'],
-                val_top1=b['winner']['val_top1'], test_top1=metrics['top1'], test_top5=metrics['top5'], costs=costs,
-                latency_measured=None if latency is None else float(latency), random_best=random_best,
-                files=sorted(str(p) for p in export.iterdir()) if export.is_dir() else [],
-                load=self._load_line(export)))
-        info = dict(model=cfg.model, data=self.data_sizes, train=self.summaries.get('train', {}),
-                    predictor=self.summaries['predictor'], latency=self.summaries.get('latency'),
-                    accuracy=self.summaries['accuracy'], budgets=budgets, test_source=cfg.test_dir or
-                    f'{cfg.test_fraction:.0%} of the validation split (stratified, seed {cfg.seed})',
-                    latency_measured_here=bool(local))
-        results = self.out / 'results.json'
-        write_text_atomic(results, json.dumps(info, indent=1) + '\n')
-        plot = plot_report(info, models, self.predictor, self.out / 'pareto.png', seed=cfg.seed)
-        report = write_text_atomic(self.out / 'report.md', report_markdown(info, plot.name))
-        return dict(budgets=[dict(label=b['label'], test_top1=b['test_top1']) for b in budgets]), [
-            results, plot, report]
+        inputs = dict(finalists=file_digest(self.finalists_path), export=self.summaries['export'],
+                      accuracy=file_digest(self.accuracy_path),
+                      table=file_digest(self.table_path) if self.table_path else None, data=self.splits.fingerprint,
+                      predictor=self.summaries['predictor'])
+
+        def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
+            test = self._evaluator('test')
+            info = dict(model=cfg.model, data=self.data_sizes, train=self.summaries.get('train', {}),
+                        predictor=self.summaries['predictor'], latency=self.summaries.get('latency'),
+                        accuracy=self.summaries['accuracy'], test_source=cfg.test_dir or
+                        f'{cfg.test_fraction:.0%} of the validation split (stratified, seed {cfg.seed})')
+            return steps.report_on_test_split(
+                cfg, self.supernet, self.out, json.loads(self.finalists_path.read_text()), self._cost_models(),
+                self.predictor, lambda s: test(self.supernet, s),
+                read_accuracy_dataset(self.accuracy_path, self.supernet.space), info, self._load_line)
+        self._step(index, 'report', inputs, work, 'each winner on the test split, latency measured here, report.md '
+                   'and pareto.png', main_only=True)
+        self.result = self._result_from_files() if self.is_main else None
 
     def _load_line(self, export: Path) -> str:
         """The Python that loads an exported subnet in timm."""
@@ -701,7 +405,6 @@ class Pipeline:
                 f"pretrained_cfg_overlay=dict(file='{self.supernet_path}'))")
 
     def _result_from_files(self) -> PipelineResult:
-        import json
         info = json.loads((self.out / 'results.json').read_text())
         budgets = [BudgetResult(
             label=b['label'], limits=b['limits'], subnet=Subnet.from_dict(b['subnet']),
@@ -710,29 +413,6 @@ class Pipeline:
             random_best=b['random_best'], files=b['files'], load=b['load']) for b in info['budgets']]
         return PipelineResult(self.out, budgets, info['predictor'], info['latency'], info['data'], info['train'],
                               self.out / 'report.md', self.out / 'pareto.png')
-
-
-def _brief(validation: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """A table's validation without its per-subnet rows."""
-    return None if validation is None else {k: v for k, v in validation.items() if k != 'rows'}
-
-
-def demo_config(data_dir: Union[str, os.PathLike], out: Union[str, os.PathLike], image_size: int = 32,
-                **overrides: Any) -> RunConfig:
-    """The run of ``ofa-timm demo`` on the digits ImageFolder ``data_dir`` (``make_digits_dataset``) written at
-    ``image_size``: resolutions at 3/4, 7/8 and 1 of it, FLOPs and latency budgets, small-image augmentation;
-    ``overrides`` replace any field (``model``, ``seed``, ``subnets``, ...)."""
-    size = image_size
-    config = dict(
-        model='ofa_mobilenetv3_large_100', data_dir=str(data_dir), out=str(out),
-        budgets='25%flops,50%flops,25%latency,50%latency', latency='torch-cpu',
-        resolutions=(size * 3 // 4, size * 7 // 8, size), image_size=size, scale=(0.6, 1.0), hflip=0.,
-        formats=('timm', 'onnx'),
-        # Validation during training at stage ends only, at the largest resolution: each subnet costs a BN
-        # recalibration and an evaluation, so a denser grid would cost more than the training.
-        train=TrainConfig(batch_size=32, workers=0, calib_images=256, val_resolutions=[size], val_every=1000,
-                          log_every=5))
-    return RunConfig(**{**config, **overrides})
 
 
 def run(config: Optional[RunConfig] = None, until: Optional[str] = None, **kwargs: Any) -> Optional[PipelineResult]:

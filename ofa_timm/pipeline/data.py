@@ -72,7 +72,7 @@ def load_splits(cfg: DataConfig, test_dir: Optional[str] = None, test_fraction: 
     Raises:
         ValueError: If the data cannot be read, or the test folder's classes differ from the training set's.
     """
-    from ..training.data import _num_classes
+    from ..training.data import num_classes_of
     from .workdir import tree_digest
     train, val_full, calib, num_classes = build_datasets(cfg, seed=seed)
     h = hashlib.sha256(f'{os.path.abspath(cfg.data_dir)}|{cfg.dataset}|{cfg.train_split}|{cfg.val_split}|'
@@ -90,8 +90,8 @@ def load_splits(cfg: DataConfig, test_dir: Optional[str] = None, test_fraction: 
             test = create_dataset('', root=test_dir, split='', is_training=False, transform=tf)
         except (FileNotFoundError, RuntimeError, AssertionError) as e:
             raise ValueError(f'Cannot read the test folder {test_dir!r}: {e}') from None
-        if _num_classes(test) != num_classes:
-            raise ValueError(f'The test folder {test_dir!r} has {_num_classes(test)} classes, the training set '
+        if num_classes_of(test) != num_classes:
+            raise ValueError(f'The test folder {test_dir!r} has {num_classes_of(test)} classes, the training set '
                              f'{num_classes}')
         val = val_full
         h.update(f'|test:{os.path.abspath(test_dir)}|{len(test)}|{tree_digest([test_dir])}'.encode())

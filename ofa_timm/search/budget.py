@@ -45,7 +45,7 @@ class Budget:
         for (name, value), relative in zip(self.limits, self.relative):
             if name not in models:
                 raise ValueError(f'Budget {self.label} needs a {name} cost model' + (
-                    ' (a latency table: --latency)' if name == 'latency' else ''))
+                    ' (a latency table)' if name == 'latency' else ''))
             if relative:
                 low, high = models[name].minimum()[0], models[name].maximum()[0]
                 value = low + value * (high - low)

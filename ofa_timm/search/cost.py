@@ -23,7 +23,7 @@ from ..elastic.base import BlockSpec
 from ..space import SearchSpace, Subnet, SubnetLike
 
 __all__ = [
-    'BlockLayout', 'AdditiveCost', 'as_codes', 'flops_model', 'params_model', 'format_cost',
+    'BlockLayout', 'AdditiveCost', 'as_codes', 'flops_model', 'params_model', 'format_cost', 'disjoint_groups',
     'SubnetsOrCodes',
 ]
 
@@ -86,14 +86,14 @@ class BlockLayout:
         if space.resolutions:
             resolutions = space.resolutions
         else:
-            resolutions = (int(resolution or supernet.pretrained_cfg['input_size'][-1]),)
+            resolutions = (int(resolution or supernet.input_resolution),)
         base = space.encode(space.max())
         names, genes = [], {}
         for spec in supernet.describe(space.max()):  # every block is active in the max subnet
             names.append(spec.name)
             genes[spec.name] = tuple(dict.fromkeys(g for g in spec.genes if len(space.genes[g].choices) > 1))
         specs: Dict[str, List[Optional[BlockSpec]]] = {}
-        for group in _disjoint_groups(names, genes):
+        for group in disjoint_groups(names, genes):
             combos = {name: list(itertools.product(*(range(len(space.genes[g].choices)) for g in genes[name])))
                       for name in group}
             for j in range(max(len(c) for c in combos.values())):
@@ -127,8 +127,9 @@ class BlockLayout:
         return AdditiveCost(self.space, [b.genes for b in self.blocks], tables, **kwargs)
 
 
-def _disjoint_groups(names: Sequence[str], genes: Mapping[str, Tuple[int, ...]]) -> List[List[str]]:
-    """Greedy partition of the blocks into groups whose gene sets do not overlap."""
+def disjoint_groups(names: Sequence[str], genes: Mapping[str, Tuple[int, ...]]) -> List[List[str]]:
+    """Greedy partition of blocks (by name) into groups whose gene sets do not overlap: one subnet can then set
+    every block of a group to any of its combinations at once."""
     groups: List[Tuple[List[str], set]] = []
     for name in names:
         for members, used in groups:
@@ -297,9 +298,10 @@ def flops_model(supernet: nn.Module, resolution: Optional[int] = None) -> Additi
 
 
 def params_model(supernet: nn.Module) -> AdditiveCost:
-    """Parameters of the extracted model, for any population of subnets (equal to ``count_params``)."""
+    """Parameters of the extracted model, for any population of subnets (equal to ``count_params``); a position
+    embedding's grow with the resolution."""
     layout = BlockLayout.from_supernet(supernet)
-    return layout.tabulate(lambda spec, res: np.full(len(res), spec.params()), name='params')
+    return layout.tabulate(lambda spec, res: np.broadcast_to(spec.params(res), res.shape), name='params')
 
 
 def format_cost(value: float, name: str, unit: str = '') -> str:

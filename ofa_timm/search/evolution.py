@@ -173,7 +173,8 @@ def evolve(
 
     def price(codes: np.ndarray) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         costs = {name: np.asarray(model(codes), dtype=np.float64) for name, model in constraints.items()}
-        ok = np.ones(len(codes), dtype=bool)
+        # the space's own constraints (a head count that divides the width, ...) hold like any budget
+        ok = space.feasible(codes) if space.constraints else np.ones(len(codes), dtype=bool)
         for name, limit in budgets.items():
             ok &= costs[name] <= limit
         return ok, costs

@@ -9,15 +9,13 @@ checked (ONNX against ONNX Runtime, pt2 against eager PyTorch), so a failure nev
 """
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from .._io import load_weights, respect_umask
+from .._io import load_weights, staged_folder
 from ..space import SearchSpace, SubnetLike
 
 __all__ = ['EXPORT_FORMATS', 'load_supernet', 'export_subnet']
@@ -25,21 +23,30 @@ __all__ = ['EXPORT_FORMATS', 'load_supernet', 'export_subnet']
 EXPORT_FORMATS = ('timm', 'safetensors', 'onnx', 'pt2')
 
 
-def _checkpoint_facts(checkpoint: str, classifier: str) -> Dict[str, Any]:
-    """The space stored in a checkpoint's metadata and its number of classes, where they can be read."""
+def _checkpoint_facts(checkpoint: str, model: str) -> Dict[str, Any]:
+    """The space stored in a checkpoint's metadata and its number of classes, where they can be read: from the
+    metadata of this project's checkpoints, from the classifier of timm weights, or from the classifier of a reference
+    checkpoint as the family maps its keys."""
+    import timm
+    from timm.models import get_pretrained_cfg
     facts: Dict[str, Any] = {}
     state, metadata = load_weights(checkpoint)  # a ValueError naming the file on a damaged one
     if metadata.get('space'):
         facts['space'] = SearchSpace.from_dict(json.loads(metadata['space']))
+    if metadata.get('num_classes'):
+        facts['num_classes'] = int(metadata['num_classes'])
+        return facts
     for wrapper in ('state_dict', 'model'):
         if isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
-    for key in (f'{classifier}.weight', 'classifier.linear.weight', 'classifier.linear.linear.weight'):
-        for k in (key, f'module.{key}'):
-            if k in state and getattr(state[k], 'dim', lambda: 0)() == 2:
-                facts['num_classes'] = int(state[k].shape[0])
-                return facts
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    cfg = get_pretrained_cfg(model)
+    key = f"{cfg.classifier if cfg is not None else 'classifier'}.weight"
+    if key not in state:  # the reference implementation's layout, as the family reads it
+        state = timm.create_model(model).convert_reference_state_dict(state) or state
+    if getattr(state.get(key), 'dim', lambda: 0)() == 2:
+        facts['num_classes'] = int(state[key].shape[0])
     return facts
 
 
@@ -49,23 +56,27 @@ def load_supernet(
         num_classes: Optional[int] = None,
         resolutions: Optional[Sequence[int]] = None,
         pretrained: bool = False,
+        pretrained_file: Optional[Union[str, os.PathLike]] = None,
 ) -> nn.Module:
-    """A registered supernet (``import ofa_timm`` first), with a checkpoint's weights, space and class count.
+    """A registered supernet (``import ofa_timm`` first), by name: the one way the command line, the pipeline and the
+    search build one. Trained weights bring their space and class count; starting weights keep those of the call.
 
     Args:
         model: Registered ``ofa_*`` name.
-        checkpoint: Weights: ``supernet.safetensors`` of ``ofa-timm train`` (its metadata gives the resolutions), a
-            timm checkpoint of the source model, or a reference OFA checkpoint.
-        num_classes: Classes (default: read from the checkpoint's classifier, else the model's default).
+        checkpoint: Trained weights: ``supernet.safetensors`` of ``ofa-timm train`` (its metadata gives the
+            resolutions), a timm checkpoint of the source model, or a reference OFA checkpoint.
+        num_classes: Classes (default: read from the checkpoint's classifier, else the model's default). A start from
+            ``pretrained`` weights of another class count gets a new classifier.
         resolutions: Elastic resolutions (default: the checkpoint's space, else the model's default).
-        pretrained: Load the name's pretrained weights when no checkpoint is given.
+        pretrained: Start from the name's pretrained weights (when no checkpoint is given).
+        pretrained_file: Start from these local weights (timm weights of the source model, a reference or this
+            project's checkpoint) instead of downloading the name's.
 
     Raises:
         ValueError: On an unknown name, a missing or unreadable checkpoint, or a checkpoint of another model or
             space.
     """
     import timm
-    from timm.models import get_pretrained_cfg
     if not timm.is_model(model) or not model.startswith('ofa_'):
         raise ValueError(f"--model must be a registered ofa_* name (see timm.list_models('ofa_*')), got {model!r}")
     kwargs: Dict[str, Any] = {}
@@ -74,14 +85,17 @@ def load_supernet(
         checkpoint = os.fspath(checkpoint)
         if not os.path.isfile(checkpoint):
             raise ValueError(f'Checkpoint {checkpoint!r} does not exist')
-        cfg = get_pretrained_cfg(model)
-        facts = _checkpoint_facts(checkpoint, cfg.classifier if cfg is not None else 'classifier')
+        facts = _checkpoint_facts(checkpoint, model)
         stored_space = facts.get('space')
         if num_classes is None and 'num_classes' in facts:
             num_classes = facts['num_classes']
         if resolutions is None and stored_space is not None and stored_space.resolutions:
             resolutions = stored_space.resolutions
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
+    elif pretrained_file is not None:
+        if not os.path.isfile(pretrained_file):
+            raise ValueError(f'Pretrained file {os.fspath(pretrained_file)!r} does not exist')
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.fspath(pretrained_file)))
     else:
         kwargs['pretrained'] = pretrained
     if num_classes is not None:
@@ -93,34 +107,12 @@ def load_supernet(
     try:
         supernet = timm.create_model(model, **kwargs)
     except RuntimeError as e:  # the registry's checkpoint filter names missing/unexpected/mis-shaped keys
-        raise ValueError(f'Checkpoint {checkpoint!r} does not fit {model}: {e}') from None
+        weights = checkpoint or pretrained_file or f"{model}'s pretrained weights"
+        raise ValueError(f'{os.fspath(weights)!r} does not fit {model}: {e}') from None
     if stored_space is not None and stored_space != supernet.space:
         raise ValueError(f'Checkpoint {checkpoint!r} was trained on another space than {model} has '
                          f'(pass the resolutions it was trained with)')
     return supernet.eval()
-
-
-def _staging(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f'--out {str(out)!r} is a file; give a folder')
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.partial', dir=out.parent))
-    except OSError as e:
-        raise ValueError(f'Cannot write to {str(out)!r}: {e.strerror}') from None
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move a finished staging folder into place (a rename if ``out`` does not exist yet)."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    for item in staging.iterdir():
-        target = out / item.name
-        if target.is_dir() and not item.is_dir():
-            raise ValueError(f'{str(target)!r} is a folder; cannot replace it with a file')
-        os.replace(item, target)
-    staging.rmdir()
 
 
 def _max_abs_diff(a: Any, b: torch.Tensor) -> float:
@@ -183,13 +175,12 @@ def export_subnet(
         from ..training import calibrate_bn
         calibrate_bn(model, calib_loader, calib_images, resolution=subnet.resolution)
         model.eval()
-    resolution = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+    resolution = supernet.resolution_of(subnet)
     x = torch.randn(batch_size, supernet.in_chans, resolution, resolution, generator=torch.Generator().manual_seed(0))
     reference = model(x)
     scale = max(1.0, float(reference.abs().max()))
     result: Dict[str, Any] = dict(subnet=subnet, files=[])
-    staging = _staging(out)
-    try:
+    with staged_folder(out) as staging:
         subnet.to_json(staging / 'subnet.json')
         if 'timm' in formats:
             from timm.models import save_for_hf
@@ -226,11 +217,6 @@ def export_subnet(
             if diff > tolerance * scale:
                 raise ValueError(f'The torch.export program differs from eager PyTorch by {diff:.3g} (max abs)')
         result['files'] = sorted(str(out / p.name) for p in staging.iterdir())
-        respect_umask(staging, *staging.iterdir())  # not mkdtemp's 0700 nor safetensors' 0600
-        _publish(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return result
 
 

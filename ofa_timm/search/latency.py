@@ -32,10 +32,11 @@ import torch.nn as nn
 from .._io import write_text_atomic
 from .._malloc import steady_allocator
 from ..space import SearchSpace, Subnet, SubnetLike, read_json
-from .cost import AdditiveCost, BlockLayout, _disjoint_groups
+from .cost import AdditiveCost, BlockLayout, disjoint_groups
 
 __all__ = ['BACKENDS', 'LatencySettings', 'LatencyTable', 'build_latency_table', 'validate_latency_table',
-           'measure_subnets']
+           'measure_subnets', 'plan_entries', 'entry_modules', 'score_predictions', 'calibration_subnets',
+           'held_out_subnets', 'with_calibration', 'subnet_input_shape']
 
 BACKENDS = ('torch-cpu', 'torch-cuda', 'onnxruntime')
 TABLE_FORMAT = 'ofa_timm.latency_table.v1'
@@ -92,10 +93,9 @@ class LatencySettings:
 class _Runner:
     """Runs modules in sequence on a fixed input with one backend, and times them."""
 
-    def __init__(self, modules: Sequence[nn.Module], input_shape: Tuple[int, ...], settings: LatencySettings):
+    def __init__(self, module: nn.Module, input_shape: Tuple[int, ...], settings: LatencySettings):
         self.settings = settings
         backend = settings.backend
-        module = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
         module = module.eval()
         x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
         self.cuda = backend == 'torch-cuda'
@@ -201,7 +201,7 @@ def _median_ms(runner: _Runner, settings: LatencySettings) -> Tuple[float, float
 
 def subnet_input_shape(supernet: nn.Module, subnet: Subnet, batch_size: int) -> List[int]:
     """``[batch, channels, r, r]`` of a subnet's input (r: its resolution, else the model's input size)."""
-    res = subnet.resolution or int(supernet.pretrained_cfg['input_size'][-1])
+    res = supernet.resolution_of(subnet)
     return [batch_size, int(getattr(supernet, 'in_chans', 3)), res, res]
 
 
@@ -224,7 +224,7 @@ def measure_subnets(
     with _backend_context(settings), bar:
         runners, numbers = [], []
         for s in subnets:
-            runner = _Runner([supernet.extract(s).eval()], subnet_input_shape(supernet, s, settings.batch_size),
+            runner = _Runner(supernet.extract(s).eval(), subnet_input_shape(supernet, s, settings.batch_size),
                              settings)
             runners.append(runner)
             numbers.append(runner.warm_up())
@@ -365,6 +365,14 @@ class LatencyTable(AdditiveCost):
         """
         return cls.from_dict(read_json(path), space, where=os.fspath(path))
 
+    @property
+    def settings(self) -> LatencySettings:
+        """The settings the table was measured with (what a later measurement of a subnet must use)."""
+        m = self.meta
+        return LatencySettings(m['backend'], m['batch_size'], m['threads'],
+                               'bf16' if 'bfloat16' in m['dtype'] else None, m['channels_last'], m['warmup'],
+                               m['repeats'], m['min_sample_ms'], m.get('passes', 1))
+
     def describe(self) -> str:
         """One line on what the table was measured on."""
         m = self.meta
@@ -386,7 +394,7 @@ _RESUME_KEYS = ('model', 'num_classes', 'backend', 'device', 'batch_size', 'thre
                 'versions')
 
 
-def _plan(layout: BlockLayout, settings: LatencySettings):
+def plan_entries(layout: BlockLayout, settings: LatencySettings):
     """Entries (distinct block computations per input size), the (block, combination) that first produces each, and
     every block's entry index table (-1 where the block is absent)."""
     positions: Dict[str, int] = {}
@@ -404,7 +412,7 @@ def _plan(layout: BlockLayout, settings: LatencySettings):
                 if eid not in positions:
                     positions[eid] = len(entries)
                     entries.append(dict(id=eid, desc=_entry_desc(spec, size),
-                                        input=[settings.batch_size, spec.in_chs, size, size], ms=None, iqr=None,
+                                        input=spec.input_shape(res, settings.batch_size), ms=None, iqr=None,
                                         passes=[]))
                     sources.append((b, c))
                 index[c, r] = positions[eid]
@@ -413,9 +421,9 @@ def _plan(layout: BlockLayout, settings: LatencySettings):
 
 
 def entry_modules(supernet: nn.Module, layout: BlockLayout, sources: Sequence[Tuple[int, int]],
-                  indices: Sequence[int]) -> Iterator[Tuple[int, List[nn.Module]]]:
-    """The modules that compute each entry in ``indices``: ``(index, modules)``, the modules of an extracted model
-    run in sequence on the entry's input.
+                  indices: Sequence[int]) -> Iterator[Tuple[int, nn.Module]]:
+    """The module that computes each entry in ``indices``: ``(index, module)``, what the supernet's
+    ``latency_module`` gives for the entry's block of an extracted model (its modules run in sequence).
 
     One extracted model serves every entry of a group of blocks whose genes do not overlap (see ``BlockLayout``), so
     a MobileNetV3 space needs about a hundred extractions rather than one per entry.
@@ -428,7 +436,7 @@ def entry_modules(supernet: nn.Module, layout: BlockLayout, sources: Sequence[Tu
     """
     space = layout.space
     names = [b.name for b in layout.blocks]
-    group_of = {name: g for g, group in enumerate(_disjoint_groups(names, {b.name: b.genes for b in layout.blocks}))
+    group_of = {name: g for g, group in enumerate(disjoint_groups(names, {b.name: b.genes for b in layout.blocks}))
                 for name in group}
     by_model: Dict[Tuple[int, int], List[int]] = {}
     for i in indices:
@@ -444,7 +452,7 @@ def entry_modules(supernet: nn.Module, layout: BlockLayout, sources: Sequence[Tu
         extracted = supernet.extract(space.decode(codes)).eval()
         for i in items:
             b, c = sources[i]
-            yield i, [extracted.get_submodule(m) for m in layout.blocks[b].specs[c].modules]
+            yield i, supernet.latency_module(extracted, layout.blocks[b].specs[c])
 
 
 def build_latency_table(
@@ -482,7 +490,7 @@ def build_latency_table(
     space = supernet.space
     layout = BlockLayout.from_supernet(supernet)
     meta = _table_meta(supernet, settings, model)
-    entries, sources, blocks = _plan(layout, settings)
+    entries, sources, blocks = plan_entries(layout, settings)
     calibration = None
     path = Path(path)
     if path.exists():
@@ -510,8 +518,8 @@ def build_latency_table(
                                                disable=None if progress else True) as bar:
             for p in range(settings.passes):  # each pass after the last: a slow spell spoils one pass at most
                 todo = [i for i, e in enumerate(entries) if len(e['passes']) <= p]
-                for i, modules in entry_modules(supernet, layout, sources, todo):
-                    median, iqr = _median_ms(_Runner(modules, tuple(entries[i]['input']), settings), settings)
+                for i, module in entry_modules(supernet, layout, sources, todo):
+                    median, iqr = _median_ms(_Runner(module, tuple(entries[i]['input']), settings), settings)
                     e = entries[i]
                     e['passes'].append(median)
                     if e['ms'] is None or median < e['ms']:
@@ -582,11 +590,11 @@ def calibrate_latency_table(table: LatencyTable, supernet: nn.Module, n: int = 1
     space = table.space
     subnets = calibration_subnets(space, n, seed)
     held_out = held_out_subnets(space, validate, seed, exclude=subnets) if validate else []
-    measured = measure_subnets(supernet, subnets + held_out, _settings_of(table), rounds, progress,
+    measured = measure_subnets(supernet, subnets + held_out, table.settings, rounds, progress,
                                desc='calibration' + (' + validation' if validate else ''))
     table = with_calibration(table, subnets, measured[:len(subnets)], seed)
     if validate:
-        table.validation = dict(_score(table, held_out, measured[len(subnets):]), apart=False)
+        table.validation = dict(score_predictions(table, held_out, measured[len(subnets):]), apart=False)
     return table
 
 
@@ -601,13 +609,7 @@ def _theil_sen(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
     return scale, float(np.median(y - scale * x))
 
 
-def _settings_of(table: LatencyTable) -> LatencySettings:
-    m = table.meta
-    return LatencySettings(m['backend'], m['batch_size'], m['threads'], 'bf16' if 'bfloat16' in m['dtype'] else None,
-                           m['channels_last'], m['warmup'], m['repeats'], m['min_sample_ms'], m.get('passes', 1))
-
-
-def _score(table: LatencyTable, subnets: Sequence[Subnet], measured: np.ndarray) -> Dict[str, Any]:
+def score_predictions(table: 'LatencyTable', subnets: Sequence[Subnet], measured: np.ndarray) -> Dict[str, Any]:
     """Errors of the table's prediction (and of the plain sum) against end-to-end measurements."""
     codes = table.space.encode(subnets)
     predicted, plain = table(codes), table.raw(codes)
@@ -664,13 +666,13 @@ def validate_latency_table(
     calibration = [Subnet.from_dict(d) for d in cal.get('subnets', [])]
     subnets = held_out_subnets(table.space, n, seed, exclude=calibration)
     anchor = calibration[:anchors]
-    measured = measure_subnets(supernet, subnets + anchor, _settings_of(table), rounds, progress, desc='validation')
+    measured = measure_subnets(supernet, subnets + anchor, table.settings, rounds, progress, desc='validation')
     held, again = measured[:len(subnets)], measured[len(subnets):]
-    result = dict(_score(table, subnets, held), apart=True)
+    result = dict(score_predictions(table, subnets, held), apart=True)
     if anchor:
         then = np.asarray(cal['measured_ms'][:len(anchor)], dtype=np.float64)
         drift = float(np.median(again / then))
-        rescaled = _score(table, subnets, held / drift)
+        rescaled = score_predictions(table, subnets, held / drift)
         result.update(drift=drift, anchors=len(anchor), rescaled={k: rescaled[k] for k in (
             'median_abs_pct', 'max_abs_pct', 'within_10_pct')})
     table.validation = result

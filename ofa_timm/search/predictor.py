@@ -1,10 +1,11 @@
 """Accuracy predictor: OFA's architecture encoding generated from any space, a resumable dataset builder, an MLP.
 
-The encoding (:class:`ArchEncoder`) is the reference implementation's, generated from the space: a one-hot per block
-slot for the kernel and the expand ratio (zeroed where the subnet's depth skips the block), a one-hot per width slot,
-a one-hot of the depth of stages that have no per-block genes (OFA-ResNet's residual stem), and a one-hot of the
-resolution. For the canonical MobileNetV3 spaces it equals the reference's ``MobileNetArchEncoder`` feature for
-feature, so its predictors load unchanged, and the tutorial's published predictor (128 features) loads too
+The encoding (:class:`ArchEncoder`) is the reference implementation's, generated from the space's declared
+dimensions: a one-hot of the resolution, a one-hot per position of every other dimension, those of a block-scoped
+dimension (kernel, expand ratio, heads, ...) zeroed where the subnet's depth skips the block, and the depth one-hot only
+of stages that have no block-scoped positions (OFA-ResNet's residual stem), whose depth the zeroed blocks do not tell.
+For the canonical MobileNetV3 spaces it equals the reference's ``MobileNetArchEncoder`` feature for feature, so its
+predictors load unchanged, and the tutorial's published predictor (128 features) loads too
 (:meth:`AccuracyPredictor.from_reference`).
 
     rows = build_accuracy_dataset(supernet, calib_loader, val_loader, 'acc.jsonl', n=1000)   # resumable
@@ -25,18 +26,17 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_path, load_weights, write_text_atomic
-from ..space import SearchSpace, Subnet, SubnetLike
+from ..space import DEPTHS, RESOLUTION, SearchSpace, Subnet, SubnetLike
 from .cost import SubnetsOrCodes, as_codes
 
 __all__ = [
     'ArchEncoder', 'AccuracyPredictor', 'build_accuracy_dataset', 'read_accuracy_dataset', 'dataset_space',
     'fit_predictor', 'spearman', 'FitConfig', 'EncoderConfig', 'PREDICTOR_FORMAT', 'sample_subnets',
-    'write_accuracy_dataset',
+    'write_accuracy_dataset', 'read_accuracy_rows',
 ]
 
 PREDICTOR_FORMAT = 'ofa_timm.accuracy_predictor.v1'
 _DATASET_FORMAT = 'ofa_timm.accuracy_dataset.v1'
-_SEGMENTS = ('resolution', 'depths', 'widths', 'kernels', 'expands')
 # The reference tutorial's published predictor: kernels, expands, then 8 resolution buckets of 16 px from 112.
 _TUTORIAL_BINS = tuple(range(112, 225, 16))
 
@@ -46,12 +46,11 @@ class EncoderConfig:
     """How subnets become features.
 
     Args:
-        order: Segments in feature order, from ``'resolution'``, ``'depths'``, ``'widths'``, ``'kernels'``,
-            ``'expands'``.
+        order: Dimensions in feature order (None: the resolution, then every other dimension in the space's order).
         resolution_bins: Left edges of the resolution buckets of the one-hot (None: one slot per resolution of the
             space).
     """
-    order: Tuple[str, ...] = _SEGMENTS
+    order: Optional[Tuple[str, ...]] = None
     resolution_bins: Optional[Tuple[int, ...]] = None
 
 
@@ -64,40 +63,41 @@ class ArchEncoder:
     """
 
     def __init__(self, space: SearchSpace, config: EncoderConfig = EncoderConfig()):
-        unknown = set(config.order) - set(_SEGMENTS)
-        if unknown:
-            raise ValueError(f'Unknown encoder segments {sorted(unknown)}; allowed: {list(_SEGMENTS)}')
+        # A segment the space lacks encodes nothing (0.2.0's files list the five classic ones for every space).
+        order = config.order or (RESOLUTION, *(n for n in space.names if n != RESOLUTION))
         self.space = space
         self.config = config
         genes = space.genes
-        slot_stage = {}
-        for name in ('kernels', 'expands'):
-            for i in range(sum(1 for g in genes if g.field == name)):
-                stage, position = space.slot_owner(name, i)
-                slot_stage[(name, i)] = (space.gene_index('depths', stage), position)
-        slotless = {s for s, st in enumerate(space.stages) if not st.kernels and not st.expands}
+        # Stages whose depth no block-scoped position encodes (OFA-ResNet's residual stem): their depth is one-hot.
+        slotted = {s for d in space.dimensions if d.scope == 'block' for s in d.stages}
         columns: List[Tuple[int, int, int, int]] = []  # (gene, first feature, depth gene or -1, block position)
         self.n_features = 0
         res_width = 0
-        for segment in config.order:
-            for g, gene in enumerate(genes):
-                if gene.field != segment or (segment == 'depths' and gene.index not in slotless):
-                    continue
-                if segment == 'resolution':
-                    res_width = len(config.resolution_bins) if config.resolution_bins else len(gene.choices)
-                    self._res_gene, self._res_start = g, self.n_features
+        self._res_gene = None
+        for segment in order:
+            if segment == RESOLUTION:
+                if space.resolutions:
+                    res_width = len(config.resolution_bins) if config.resolution_bins else len(space.resolutions)
+                    self._res_gene, self._res_start = space.gene_index(RESOLUTION), self.n_features
                     self.n_features += res_width
+                continue
+            if not space.has(segment):
+                continue
+            d = space[segment]
+            for p, g in enumerate(space.genes_of(segment)):
+                if segment == DEPTHS and p in slotted:
                     continue
-                depth_gene, position = slot_stage.get((gene.field, gene.index), (-1, 0))
+                depth_gene, position = -1, 0
+                if d.scope == 'block':
+                    stage, position = d.owner(p)
+                    depth_gene = space.gene_index(DEPTHS, stage)
                 columns.append((g, self.n_features, depth_gene, position))
-                self.n_features += len(gene.choices)
-        if 'resolution' not in config.order or not space.resolutions:
-            self._res_gene = None
+                self.n_features += len(genes[g].choices)
         self._columns = np.array(columns, dtype=np.int64).reshape(-1, 4)
         # A block slot is active where its stage's depth exceeds its position: depth value (by code) > position.
         depth_values = np.zeros((len(genes), int(space.choice_counts.max())), dtype=np.int64)
         for g, gene in enumerate(genes):
-            if gene.field == 'depths':
+            if gene.field == DEPTHS:
                 depth_values[g, :len(gene.choices)] = gene.choices
         self._depth_values = depth_values
         self._slotted = np.nonzero(self._columns[:, 2] >= 0)[0]
@@ -282,10 +282,10 @@ class AccuracyPredictor(nn.Module):
 
 
 def _space_diff(a: SearchSpace, b: SearchSpace) -> str:
-    da, db = a.to_dict(), b.to_dict()
-    for key in da:
-        if da[key] != db.get(key):
-            return f'{key} differ ({_short(da[key])} vs {_short(db.get(key))})'
+    for name in dict.fromkeys((*a.names, *b.names)):
+        da, db = (s[name].choices if s.has(name) else None for s in (a, b))
+        if da != db:
+            return f'{name} differ ({_short(da)} vs {_short(db)})'
     return 'the spaces differ'
 
 
@@ -340,7 +340,7 @@ def build_accuracy_dataset(
 
     space = supernet.space
     path = Path(path)
-    rows = _read_rows(path, space) if path.exists() else []
+    rows = read_accuracy_rows(path, space) if path.exists() else []
     done = {Subnet.from_dict(r['subnet']) for r in rows}
     if subnets is None:
         subnets = sample_subnets(space, n, seed)
@@ -389,8 +389,13 @@ def sample_subnets(space: SearchSpace, n: int, seed: int) -> List[Subnet]:
     return list(out)
 
 
-def _read_rows(path: Path, space: SearchSpace) -> List[Dict[str, Any]]:
-    """Rows of a dataset file, checking its header; a last line cut short by an interrupt is cut off the file."""
+def read_accuracy_rows(path: Union[str, os.PathLike], space: SearchSpace) -> List[Dict[str, Any]]:
+    """Rows of a dataset file, checking its header; a last line cut short by an interrupt is cut off the file.
+
+    Raises:
+        ValueError: If the file is not an accuracy dataset, or holds one of another space.
+    """
+    path = Path(path)
     data = path.read_bytes()
     lines = data.splitlines(keepends=True)
     if not lines:
@@ -447,7 +452,7 @@ def read_accuracy_dataset(path: Union[str, os.PathLike], space: SearchSpace,
     path = Path(path)
     if not path.is_file():
         raise ValueError(f'Accuracy dataset {os.fspath(path)!r} does not exist')
-    rows = _read_rows(path, space)
+    rows = read_accuracy_rows(path, space)
     if not rows:
         raise ValueError(f'Accuracy dataset {os.fspath(path)!r} has no rows yet')
     codes = space.encode([Subnet.from_dict(r['subnet']) for r in rows])

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ['DataConfig', 'SeededDataset', 'EpochSampler', 'build_datasets', 'train_loader', 'eval_loader', 'resize_to']
+__all__ = ['DataConfig', 'SeededDataset', 'EpochSampler', 'build_datasets', 'train_loader', 'eval_loader', 'resize_to',
+           'num_classes_of', 'default_workers']
 
 
 @dataclass
@@ -144,13 +145,18 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> Tuple[SeededDataset, Datas
         reason = str(e).strip() or ('no such folder' if not os.path.exists(cfg.data_dir) else type(e).__name__)
         name = cfg.dataset or 'ImageFolder'
         raise ValueError(f'Cannot read dataset {name!r} at {cfg.data_dir!r}: {reason}') from None
-    num_classes = _num_classes(train)
+    num_classes = num_classes_of(train)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f'Empty split in {cfg.data_dir!r}: {len(train)} training, {len(val)} validation samples')
     return SeededDataset(train, seed), val, calib, num_classes
 
 
-def _num_classes(dataset: Dataset) -> int:
+def num_classes_of(dataset: Dataset) -> int:
+    """The number of classes of a timm dataset (from its reader's or its own class list).
+
+    Raises:
+        ValueError: If the dataset does not tell.
+    """
     reader = getattr(dataset, 'reader', None)
     for obj in (reader, dataset, getattr(reader, 'dataset', None)):
         mapping = getattr(obj, 'class_to_idx', None)
@@ -160,6 +166,16 @@ def _num_classes(dataset: Dataset) -> int:
         if classes:
             return len(classes)
     raise ValueError('Cannot tell the number of classes of the dataset; pass --num-classes')
+
+
+def default_workers(limit: int = 4) -> int:
+    """Data-loader workers per process by default: ``limit``, or the CPUs this process may run on if fewer (PyTorch
+    warns about every loader with more workers than that)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return max(0, min(limit, cpus))
 
 
 def resize_to(images: torch.Tensor, resolution: Optional[int]) -> torch.Tensor:

@@ -7,25 +7,19 @@ __all__ = ['zero_init_residual']
 
 @torch.no_grad()
 def zero_init_residual(model: nn.Module) -> int:
-    """Zero the scale of the last batch norm of every residual branch, so that each block starts as the identity.
+    """Zero the scale of the last norm of every residual branch, so that each block starts as the identity.
 
     BigNAS (Yu et al., 2020) found this essential to train a supernet from scratch, and timm's ResNets do it by default
     (``zero_init_last``). For elastic depth it also means that a block which some subnets skip starts out skippable.
-    Blocks are found through timm's own conventions, so every family built from timm blocks is covered: a block with a
-    ``zero_init_last`` method (ResNet) calls it; a block with ``has_skip`` set (the EfficientNet-builder blocks of
-    MobileNetV3) zeroes the last batch norm among its children, the one that feeds the residual sum.
+    Each family knows its blocks: this is ``ElasticSupernet.zero_init_residual``.
 
     Returns:
         The number of blocks initialised.
+
+    Raises:
+        ValueError: If ``model`` is not an elastic supernet.
     """
-    count = 0
-    for module in model.modules():
-        if callable(getattr(module, 'zero_init_last', None)):
-            module.zero_init_last()
-            count += 1
-        elif getattr(module, 'has_skip', False):
-            bns = [m for m in module.children() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
-            if bns:
-                nn.init.zeros_(bns[-1].weight)
-                count += 1
-    return count
+    init = getattr(model, 'zero_init_residual', None)
+    if not callable(init):
+        raise ValueError(f'zero_init_residual needs an ofa_timm elastic supernet, got {type(model).__name__}')
+    return init()

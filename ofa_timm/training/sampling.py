@@ -1,76 +1,72 @@
 """Which subnets a progressive-shrinking step trains.
 
-A stage's ``unlock`` restricts the supernet's space (locked dimensions stay at their maximum, ``n`` keeps the ``n``
-largest choices). Each step draws its subnets and its input resolution from a RNG seeded by (seed, stage, step), so
-every DDP rank trains the same subnets at the same resolution, and a resumed run draws what the uninterrupted run
-drew.
+A stage's ``unlock`` restricts the supernet's space (``SearchSpace.restrict``: locked dimensions stay at their
+maximum, ``n`` keeps the ``n`` largest choices). Each step draws its subnets and its input resolution from a RNG
+seeded by (seed, stage, step), so every DDP rank trains the same subnets at the same resolution, and a resumed run
+draws what the uninterrupted run drew.
 """
 import random
-from typing import List, Mapping, Optional, Sequence, Tuple, TypeVar
-
-from ..space import SearchSpace, StageChoices, Subnet
 from dataclasses import replace
+from typing import List, Mapping, Optional, Sequence, Tuple
 
-from .schedule import DIMENSIONS, Level, Schedule, Stage
+from ..space import RESOLUTION, Dimension, SearchSpace, Subnet
+from .schedule import Level, Schedule, Stage
 
-__all__ = ['restrict_space', 'space_dimensions', 'applicable_stages', 'StepSampler']
-
-T = TypeVar('T')
-
-
-def _top(choices: Sequence[T], level: Optional[Level]) -> Tuple[T, ...]:
-    choices = tuple(choices)
-    if level is None:
-        return choices[-1:]
-    if level == 'all':
-        return choices
-    return choices[-int(level):]
+__all__ = ['restrict_space', 'space_dimensions', 'shrinking_dimensions', 'applicable_stages', 'unknown_unlocks',
+           'known_unlocks', 'StepSampler']
 
 
 def restrict_space(space: SearchSpace, unlock: Mapping[str, Level]) -> SearchSpace:
     """The part of ``space`` a stage trains: unlocked dimensions keep their (largest) choices, the rest its max."""
-    stages = tuple(
-        StageChoices(
-            depths=_top(s.depths, unlock.get('depth')),
-            kernels=tuple(_top(k, unlock.get('kernel')) for k in s.kernels),
-            expands=tuple(_top(e, unlock.get('expand')) for e in s.expands),
-        ) for s in space.stages)
-    return SearchSpace(
-        stages=stages,
-        widths=tuple(_top(w, unlock.get('width')) for w in space.widths),
-        resolutions=_top(space.resolutions, unlock.get('resolution')),
-    )
+    return space.restrict(unlock)
+
+
+def shrinking_dimensions(space: SearchSpace) -> Tuple[Dimension, ...]:
+    """The elastic dimensions of ``space`` in the order progressive shrinking unlocks them (the resolution last)."""
+    elastic = [d for d in space.dimensions if d.elastic]
+    return tuple(sorted(elastic, key=lambda d: (d.shrink_order is None, d.shrink_order == 0, d.shrink_order or 0)))
 
 
 def space_dimensions(space: SearchSpace) -> Tuple[str, ...]:
-    """The elastic dimensions of ``space`` (those with more than one choice somewhere)."""
-    has = {
-        'kernel': any(len(k) > 1 for k in space.kernel_slots),
-        'depth': any(len(s.depths) > 1 for s in space.stages),
-        'expand': any(len(e) > 1 for e in space.expand_slots),
-        'width': any(len(w) > 1 for w in space.widths),
-        'resolution': len(space.resolutions) > 1,
-    }
-    return tuple(d for d in DIMENSIONS if has[d])
+    """Labels of the elastic dimensions of ``space`` (those with more than one choice somewhere), in shrinking
+    order."""
+    return tuple(d.label for d in shrinking_dimensions(space))
+
+
+def unknown_unlocks(schedule: Schedule, space: SearchSpace) -> List[str]:
+    """The unlock keys of ``schedule`` that name no dimension of ``space`` (a recipe for another family's dimensions,
+    or a typo); they unlock nothing."""
+    known = {k for d in space.dimensions for k in (d.label, d.name)}
+    return sorted({k for s in schedule.stages for k in s.unlock if k not in known})
+
+
+def known_unlocks(schedule: Schedule, space: SearchSpace) -> Schedule:
+    """``schedule`` without the unlocks of dimensions ``space`` lacks (they unlock nothing)."""
+    unknown = set(unknown_unlocks(schedule, space))
+    return replace(schedule, stages=tuple(replace(s, unlock={k: v for k, v in s.unlock.items() if k not in unknown})
+                                          for s in schedule.stages))
 
 
 def applicable_stages(schedule: Schedule, space: SearchSpace, pretrained: bool) -> Schedule:
     """The stages that train something new for ``space``.
 
     The ``full`` stage (no unlock) is kept unless the supernet starts from ``pretrained`` weights. Any other stage is
-    kept when it lets the architecture vary more than the stage before it (resolution alone does not count): the
-    kernel stage disappears for ResNets, the width stages for MobileNetV3, a phase-1 stage where a dimension has at
-    most two choices. A stage with the same ``unlock`` as the stage kept before it continues that stage (with its own
-    lr or subnets per step) and is kept.
+    kept when it lets the architecture vary more than the stage before it (resolution alone does not count): a
+    kernel stage disappears for ResNets, width stages for MobileNetV3, a phase-1 stage where a dimension has at most
+    two choices. A stage with the same ``unlock`` as the stage kept before it continues that stage (with its own lr or
+    subnets per step) and is kept. Unlocks of dimensions the space lacks (:func:`unknown_unlocks`) are dropped.
+
+    Raises:
+        ValueError: If no stage trains anything for ``space``.
     """
     kept = []
-    previous = restrict_space(space, {}).replace_resolutions(())
-    for stage in schedule.stages:
+    previous = space.restrict({}).replace_resolutions(())
+    for stage in known_unlocks(schedule, space).stages:
         if not stage.unlock:
             if not pretrained:
                 kept.append(stage)
             continue
-        current = restrict_space(space, stage.unlock).replace_resolutions(())
+        current = space.restrict(stage.unlock).replace_resolutions(())
         if current != previous or (kept and kept[-1].unlock == stage.unlock):
             kept.append(stage)
             previous = current
@@ -92,7 +88,7 @@ class StepSampler:
     """
 
     def __init__(self, space: SearchSpace, stage: Stage, seed: int = 0):
-        self.space = restrict_space(space, stage.unlock)
+        self.space = space.restrict(stage.unlock)
         self.stage = stage
         self.seed = seed
 
@@ -117,27 +113,21 @@ class StepSampler:
         Resolutions default to the min and max of the stage's resolutions.
         """
         space = self.space
-        dims = [d for d in space_dimensions(space) if d != 'resolution']
+        dims = [d.label for d in shrinking_dimensions(space) if d.name != RESOLUTION]
+        short = _short_labels(dims)
         if resolutions is None:
             resolutions = sorted({space.resolutions[0], space.resolutions[-1]}) if space.resolutions else [None]
         grid = []
         for corner in range(2 ** len(dims)):
-            picks = {d: 'min' if corner >> i & 1 else 'max' for i, d in enumerate(dims)}
-            subnet = _corner(space, picks)
-            label = ','.join(f'{d[0]}={p}' for d, p in picks.items()) or 'max'
+            smallest = [d for i, d in enumerate(dims) if corner >> i & 1]
+            subnet = space.corner(smallest)
+            label = ','.join(f'{short[d]}={"min" if d in smallest else "max"}' for d in dims) or 'max'
             for res in resolutions:
                 grid.append((f'{label}@{res}' if res else label, subnet.replace(resolution=res)))
         return grid
 
 
-def _corner(space: SearchSpace, picks: Mapping[str, str]) -> Subnet:
-    def pick(dim: str, choices: Sequence[T]) -> T:
-        return choices[0] if picks.get(dim) == 'min' else choices[-1]
-
-    return Subnet(
-        depths=[pick('depth', s.depths) for s in space.stages],
-        kernels=[pick('kernel', k) for k in space.kernel_slots],
-        expands=[pick('expand', e) for e in space.expand_slots],
-        widths=[pick('width', w) for w in space.widths],
-        resolution=space.resolutions[-1] if space.resolutions else None,
-    )
+def _short_labels(labels: Sequence[str]) -> dict:
+    """Each label's first letter (``k=max,d=min``), or the whole label where two share one."""
+    firsts = [label[0] for label in labels]
+    return {label: label[0] if firsts.count(label[0]) == 1 else label for label in labels}

@@ -1,10 +1,16 @@
-"""The progressive-shrinking schedule: a typed, declarative list of stages.
+"""The progressive-shrinking schedule: a typed, declarative list of stages, and the recipes that write one for any
+supernet from the dimensions its family declares.
 
-Each stage names the elastic dimensions it unlocks and how far: ``'all'`` choices, or the ``n`` largest ones (OFA's
-"phase 1" of depth and expand unlocks the two largest). Defaults reproduce the reference order
-full → kernel → depth 1/2 → expand 1/2, followed by width 1/2 for families with elastic width. Stages whose dimensions
-the supernet does not have are skipped, and the ``full`` (teacher) stage is skipped when training starts from
-pretrained weights.
+A :class:`Stage` names the dimensions it unlocks (by label, ``'kernel'``, ``'depth'``, ``'heads'``, ..., or by name)
+and how far: ``'all'`` choices, or the ``n`` largest ones (OFA's "phase 1" of depth and expand unlocks the two
+largest). A :class:`Recipe` (the presets ``ofa``, ``fast``, ``demo``, ``scratch``) writes the stages for a space: the
+``full`` stage that trains the largest subnet, then, in the order of each dimension's ``shrink_order``, one stage for
+a dimension unlocked at once (OFA's kernel) or two for one unlocked in two phases (OFA's depth, expand and width).
+Dimensions of ``shrink_order`` 0 (the resolution) are unlocked in every stage after ``full``. For MobileNetV3 this is
+the reference order full → kernel → depth 1/2 → expand 1/2; for ResNet, depth 1/2 → expand 1/2 → width 1/2.
+
+:func:`build_schedule` is the one way the command line, the pipeline, the NNI strategy and the benchmarks make the
+schedule they run.
 """
 import math
 import os
@@ -14,10 +20,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
-__all__ = ['DIMENSIONS', 'Stage', 'Schedule', 'PRESETS', 'load_schedule', 'recommended_min_steps',
-           'short_schedule_warning']
+from ..space import Dimension, SearchSpace
 
-DIMENSIONS: Tuple[str, ...] = ('kernel', 'depth', 'expand', 'width', 'resolution')
+__all__ = ['Stage', 'Schedule', 'Recipe', 'PRESETS', 'load_schedule', 'build_schedule', 'recommended_min_steps',
+           'short_schedule_warning', 'unlock_level', 'SAMPLING_RULES', 'ScheduleLike']
+
 SAMPLING_RULES: Tuple[str, ...] = ('uniform', 'sandwich')
 Level = Union[str, int]
 
@@ -30,7 +37,8 @@ class Stage:
         name: Stage name (unique within a schedule).
         epochs: Length in epochs (before the schedule's ``epochs_scale``).
         lr: Peak learning rate per process (scaled by the world size at run time, as in OFA).
-        unlock: Dimension -> ``'all'`` or the number of largest choices to allow. Dimensions not listed stay at max.
+        unlock: Dimension (label or name) -> ``'all'`` or the number of largest choices to allow. Dimensions not
+            listed stay at their max.
         warmup_epochs: Linear warmup length, in epochs.
         subnets_per_step: Subnets whose gradients are accumulated per optimizer step.
         kd_ratio: Weight of the distillation loss (0 disables the teacher).
@@ -43,7 +51,7 @@ class Stage:
             ``TrainConfig.clip_grad``, when set, overrides it). Rare huge gradients, as EfficientNet's at the start of
             training and in its expand stages, then cannot undo what was learned.
         carry_optimizer: Start from the previous stage's optimizer state (momentum, Adam moments) instead of a fresh
-            one; the learning-rate schedule (warmup, cosine) still restarts, and weights that channel sorting
+            one; the learning-rate schedule (warmup, cosine) still restarts, and weights that channel ranking
             permutes start afresh. OFA restarts fresh. Only ``Trainer`` reads it: the NNI strategy steps the
             evaluator's one optimizer through every stage.
     """
@@ -76,12 +84,17 @@ class Stage:
             raise ValueError(f"Stage '{self.name}': sampling {self.sampling!r} not in {list(SAMPLING_RULES)}")
         unlock = dict(self.unlock or {})
         for dim, level in unlock.items():
-            if dim not in DIMENSIONS:
-                raise ValueError(f"Stage '{self.name}': unknown dimension {dim!r}; allowed: {list(DIMENSIONS)}")
+            if not isinstance(dim, str) or not dim.isidentifier():
+                raise ValueError(f"Stage '{self.name}': unlock keys are dimension labels or names, got {dim!r}")
             if level != 'all' and not (isinstance(level, int) and not isinstance(level, bool) and level >= 1):
                 raise ValueError(
                     f"Stage '{self.name}': unlock[{dim!r}] must be 'all' or a positive int, got {level!r}")
         object.__setattr__(self, 'unlock', unlock)
+
+
+def unlock_level(unlock: Mapping[str, Level], dimension: Dimension) -> Optional[Level]:
+    """How far ``unlock`` opens ``dimension`` (named by its label or its name): ``'all'``, ``n`` or None."""
+    return unlock.get(dimension.label, unlock.get(dimension.name))
 
 
 @dataclass(frozen=True)
@@ -167,81 +180,134 @@ class Schedule:
         return cls.from_dict(yaml.safe_load(Path(path).read_text()))
 
 
-def _ps_stages(lrs: Mapping[str, float], epochs: Mapping[str, float], warmup: float, full_lr: float,
-               full_epochs: float, full_warmup: Optional[float] = None, phase1_warmup: float = 0.,
-               kernel_subnets: int = 1, sampling: str = 'uniform', carry_optimizer: bool = False,
-               inplace_kd: bool = True, clip_grad: Optional[float] = None) -> Tuple[Stage, ...]:
-    res = {'resolution': 'all'}
-    common = dict(sampling=sampling, carry_optimizer=carry_optimizer, inplace_kd=inplace_kd, clip_grad=clip_grad)
-    phase1 = dict(warmup_epochs=phase1_warmup, **common)
-    phase2 = dict(warmup_epochs=warmup, **common)
-    full_warmup = warmup if full_warmup is None else full_warmup
-    return (
-        Stage('full', full_epochs, full_lr, {}, warmup_epochs=full_warmup, kd_ratio=0., clip_grad=clip_grad),
-        Stage('kernel', epochs['kernel'], lrs['kernel'], {'kernel': 'all', **res}, subnets_per_step=kernel_subnets,
-              **phase2),
-        Stage('depth_1', epochs['phase1'], lrs['phase1'], {'kernel': 'all', 'depth': 2, **res}, subnets_per_step=2,
-              **phase1),
-        Stage('depth_2', epochs['phase2'], lrs['phase2'], {'kernel': 'all', 'depth': 'all', **res},
-              subnets_per_step=2, **phase2),
-        Stage('expand_1', epochs['phase1'], lrs['phase1'], {'kernel': 'all', 'depth': 'all', 'expand': 2, **res},
-              subnets_per_step=4, **phase1),
-        Stage('expand_2', epochs['phase2'], lrs['phase2'],
-              {'kernel': 'all', 'depth': 'all', 'expand': 'all', **res}, subnets_per_step=4, **phase2),
-        Stage('width_1', epochs['phase1'], lrs['phase1'],
-              {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'width': 2, **res}, subnets_per_step=4, **phase1),
-        Stage('width_2', epochs['phase2'], lrs['phase2'],
-              {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'width': 'all', **res}, subnets_per_step=4,
-              **phase2),
-    )
+@dataclass(frozen=True)
+class Recipe:
+    """How to train any supernet with progressive shrinking: the ``full`` stage, then stages for the dimensions its
+    family declares, in their ``shrink_order`` (see the module's docstring).
+
+    A dimension unlocked at once (``phases`` 1) gets a stage named after its label with the ``single_*`` settings; one
+    unlocked in two phases gets ``<label>_1`` (its two largest choices, ``phase1_*``) and ``<label>_2`` (all of them,
+    ``phase2_*``). The k-th dimension of two phases trains ``min(4, 2**k)`` subnets per step (OFA: 2 in the depth
+    stages, 4 in the expand stages).
+
+    Args:
+        full_lr: Peak lr of the ``full`` stage.
+        full_epochs: Its length.
+        full_warmup: Its warmup (None: ``warmup``).
+        single_lr: Peak lr of a stage that unlocks a dimension at once.
+        single_epochs: Its length.
+        single_subnets: Its subnets per step.
+        phase1_lr: Peak lr of a first-phase stage.
+        phase1_epochs: Its length.
+        phase1_warmup: Its warmup.
+        phase2_lr: Peak lr of a second-phase stage.
+        phase2_epochs: Its length.
+        warmup: Warmup of the single-phase and second-phase stages.
+        sampling: Sampling rule of every shrinking stage.
+        carry_optimizer: Every shrinking stage starts from the previous stage's optimizer state.
+        inplace_kd: See :class:`Stage`.
+        clip_grad: Gradient-norm clipping of every stage (``full`` included).
+        min_steps: The schedule's floor in optimizer steps.
+    """
+    full_lr: float
+    full_epochs: float
+    single_lr: float
+    single_epochs: float
+    phase1_lr: float
+    phase1_epochs: float
+    phase2_lr: float
+    phase2_epochs: float
+    warmup: float = 0.
+    full_warmup: Optional[float] = None
+    phase1_warmup: float = 0.
+    single_subnets: int = 1
+    sampling: str = 'uniform'
+    carry_optimizer: bool = False
+    inplace_kd: bool = True
+    clip_grad: Optional[float] = None
+    min_steps: int = 0
+
+    def schedule(self, space: SearchSpace) -> Schedule:
+        """The stages of this recipe for ``space``'s declared dimensions."""
+        common = dict(sampling=self.sampling, carry_optimizer=self.carry_optimizer, inplace_kd=self.inplace_kd,
+                      clip_grad=self.clip_grad)
+        full_warmup = self.warmup if self.full_warmup is None else self.full_warmup
+        stages = [Stage('full', self.full_epochs, self.full_lr, {}, warmup_epochs=full_warmup, kd_ratio=0.,
+                        clip_grad=self.clip_grad)]
+        shrunk = [d for d in space.dimensions if d.shrink_order is not None and d.elastic]
+        always = {d.label: 'all' for d in shrunk if d.shrink_order == 0}
+        done: Dict[str, Level] = {}
+        phased = 0
+        for d in sorted((d for d in shrunk if d.shrink_order > 0), key=lambda d: d.shrink_order):
+            if d.phases == 1:
+                stages.append(Stage(d.label, self.single_epochs, self.single_lr, {**done, d.label: 'all', **always},
+                                    warmup_epochs=self.warmup, subnets_per_step=self.single_subnets, **common))
+            else:
+                phased += 1
+                subnets = min(4, 2 ** phased)
+                stages.append(Stage(f'{d.label}_1', self.phase1_epochs, self.phase1_lr,
+                                    {**done, d.label: 2, **always}, warmup_epochs=self.phase1_warmup,
+                                    subnets_per_step=subnets, **common))
+                stages.append(Stage(f'{d.label}_2', self.phase2_epochs, self.phase2_lr,
+                                    {**done, d.label: 'all', **always}, warmup_epochs=self.warmup,
+                                    subnets_per_step=subnets, **common))
+            done[d.label] = 'all'
+        return Schedule(tuple(stages), min_steps=self.min_steps)
 
 
-PRESETS: Dict[str, Schedule] = {
+PRESETS: Dict[str, Recipe] = {
     # The reference recipe (lr per GPU at batch 64, 32 GPUs, SGD-Nesterov); 'full' trains the teacher first.
-    'ofa': Schedule(_ps_stages(
-        lrs={'kernel': 3e-2, 'phase1': 2.5e-3, 'phase2': 7.5e-3}, epochs={'kernel': 120, 'phase1': 25, 'phase2': 120},
-        warmup=5, full_lr=2.6e-2, full_epochs=180)),
+    'ofa': Recipe(full_lr=2.6e-2, full_epochs=180, single_lr=3e-2, single_epochs=120, phase1_lr=2.5e-3,
+                  phase1_epochs=25, phase2_lr=7.5e-3, phase2_epochs=120, warmup=5),
     # A short recipe for supernets converted from pretrained timm weights (the full stage is skipped), the default
     # for a pretrained start ('auto'). Sandwich sampling trains the min subnet at every step (with uniform sampling
     # it was drawn too rarely in so few steps and ended 12 points below fine-tuning it alone, docs/results.md), the
     # optimizer's momentum carries over between stages, gradient norms are clipped at 10, and a floor of 1,000
     # optimizer steps keeps a small dataset from starving it.
-    'fast': Schedule(_ps_stages(
-        lrs={'kernel': 1e-2, 'phase1': 2.5e-3, 'phase2': 5e-3}, epochs={'kernel': 10, 'phase1': 2, 'phase2': 10},
-        warmup=1, full_lr=1e-2, full_epochs=10, sampling='sandwich', carry_optimizer=True, clip_grad=10.),
-        min_steps=1000),
+    'fast': Recipe(full_lr=1e-2, full_epochs=10, single_lr=1e-2, single_epochs=10, phase1_lr=2.5e-3, phase1_epochs=2,
+                   phase2_lr=5e-3, phase2_epochs=10, warmup=1, sampling='sandwich', carry_optimizer=True,
+                   clip_grad=10., min_steps=1000),
     # A short recipe for small datasets trained from scratch (the demo and benchmarks/ps_quality.py), for SGD with
     # Nesterov momentum (--opt sgd). Measured on digits (docs/results.md): every stage after 'full' runs at 0.1-0.3x
     # the full stage's peak lr (at 1x the kernel stage undoes the full stage), warms up, keeps the optimizer's
     # momentum, and trains the max and the min subnet at every step (sandwich rule, in-place distillation).
-    'demo': Schedule(_ps_stages(
-        lrs={'kernel': 1.5e-2, 'phase1': 5e-3, 'phase2': 1.5e-2}, epochs={'kernel': 7.5, 'phase1': 3, 'phase2': 4.5},
-        warmup=0.5, phase1_warmup=0.5, full_lr=5e-2, full_epochs=16, full_warmup=2, kernel_subnets=2,
-        sampling='sandwich', carry_optimizer=True)),
+    'demo': Recipe(full_lr=5e-2, full_epochs=16, full_warmup=2, single_lr=1.5e-2, single_epochs=7.5, single_subnets=2,
+                   phase1_lr=5e-3, phase1_epochs=3, phase1_warmup=0.5, phase2_lr=1.5e-2, phase2_epochs=4.5,
+                   warmup=0.5, sampling='sandwich', carry_optimizer=True),
+    # The default from scratch ('auto'), measured on three families and on small data (docs/results.md): the 'demo'
+    # stages with the later stages at 0.2-0.6x the full stage's lr, every step's gradient norm clipped at 10 (rare
+    # huge gradients, EfficientNet's above all, otherwise undo the full stage and the expand stages), and a floor of
+    # 1,000 optimizer steps, so that a dataset of a few hundred images still trains a full recipe.
+    'scratch': Recipe(full_lr=5e-2, full_epochs=16, full_warmup=2, single_lr=3e-2, single_epochs=7.5,
+                      single_subnets=2, phase1_lr=1e-2, phase1_epochs=3, phase1_warmup=0.5, phase2_lr=3e-2,
+                      phase2_epochs=4.5, warmup=0.5, sampling='sandwich', carry_optimizer=True, clip_grad=10.,
+                      min_steps=1000),
 }
-# The default from scratch ('auto'), measured on three families and on small data (docs/results.md): the 'demo'
-# stages with the later stages at 0.2-0.6x the full stage's lr, every step's gradient norm clipped at 10 (rare huge
-# gradients, EfficientNet's above all, otherwise undo the full stage and the expand stages), and a floor of 1,000
-# optimizer steps, so that a dataset of a few hundred images still trains a full recipe.
-PRESETS['scratch'] = Schedule(_ps_stages(
-    lrs={'kernel': 3e-2, 'phase1': 1e-2, 'phase2': 3e-2}, epochs={'kernel': 7.5, 'phase1': 3, 'phase2': 4.5},
-    warmup=0.5, phase1_warmup=0.5, full_lr=5e-2, full_epochs=16, full_warmup=2, kernel_subnets=2,
-    sampling='sandwich', carry_optimizer=True, clip_grad=10.), min_steps=1000)
+
+ScheduleLike = Union[str, os.PathLike, Schedule, Recipe]
 
 
-def load_schedule(spec: Union[str, os.PathLike, Schedule], epochs_scale: Optional[float] = None,
-                  pretrained: bool = False) -> Schedule:
-    """A preset name, ``'auto'``, a YAML file or a ``Schedule``, optionally rescaled.
+def load_schedule(spec: ScheduleLike, epochs_scale: Optional[float] = None, pretrained: bool = False,
+                  space: Optional[SearchSpace] = None) -> Schedule:
+    """A schedule from a preset name, ``'auto'``, a :class:`Recipe`, a YAML file or a ``Schedule``, optionally
+    rescaled.
 
     ``'auto'`` is ``'fast'`` for a supernet that starts from pretrained weights and ``'scratch'`` otherwise; both
-    carry a floor in optimizer steps (``Schedule.min_steps``), so that a small dataset still gets a full recipe.
+    carry a floor in optimizer steps (``Schedule.min_steps``), so that a small dataset still gets a full recipe. A
+    preset or recipe is written for a space's declared dimensions: pass ``space``.
+
+    Raises:
+        ValueError: On an unknown name or file, or a preset without a space.
     """
     if isinstance(spec, Schedule):
         schedule = spec
-    elif str(spec) == 'auto':
-        schedule = PRESETS['fast' if pretrained else 'scratch']
-    elif str(spec) in PRESETS:
-        schedule = PRESETS[str(spec)]
+    elif isinstance(spec, Recipe) or str(spec) == 'auto' or str(spec) in PRESETS:
+        recipe = spec if isinstance(spec, Recipe) else PRESETS[
+            ('fast' if pretrained else 'scratch') if str(spec) == 'auto' else str(spec)]
+        if space is None:
+            raise ValueError(f'The recipe {spec!r} writes its stages for the dimensions a supernet declares: pass '
+                             f'space=supernet.space')
+        schedule = recipe.schedule(space)
     elif os.path.isfile(spec):
         schedule = Schedule.from_yaml(spec)
     else:
@@ -249,9 +315,40 @@ def load_schedule(spec: Union[str, os.PathLike, Schedule], epochs_scale: Optiona
     return schedule.scaled(epochs_scale) if epochs_scale is not None else schedule
 
 
+def build_schedule(spec: ScheduleLike, space: SearchSpace, pretrained: bool = False,
+                   epochs_scale: Optional[float] = None, min_steps: Optional[int] = None, lr_scale: float = 1.0,
+                   sampling: Optional[str] = None) -> Schedule:
+    """The schedule a run trains ``space``'s supernet with: ``spec`` (see :func:`load_schedule`) with its overrides.
+    ``ofa-timm train``, ``ofa-timm run`` / ``ofa_timm.run``, the NNI strategy and the benchmarks all build theirs
+    here.
+
+    Args:
+        spec: ``'auto'``, a preset name, a :class:`Recipe`, a YAML file or a ``Schedule``.
+        space: The supernet's space (a recipe writes its stages from its dimensions).
+        pretrained: The supernet starts from trained weights (``'auto'`` then picks ``'fast'``).
+        epochs_scale: Multiplies every stage's length.
+        min_steps: The schedule's floor in optimizer steps (default: the recipe's own; 0: none).
+        lr_scale: Multiplies every stage's learning rate.
+        sampling: Sampling rule of every stage (default: each stage's own).
+
+    Raises:
+        ValueError: On an unknown schedule, a bad override, or unlocks this space has none of.
+    """
+    schedule = load_schedule(spec, epochs_scale, pretrained=pretrained, space=space)
+    if min_steps is not None:
+        schedule = replace(schedule, min_steps=min_steps)
+    if not lr_scale > 0:
+        raise ValueError(f'lr_scale must be > 0, got {lr_scale}')
+    if lr_scale != 1.0:
+        schedule = replace(schedule, stages=tuple(replace(s, lr=s.lr * lr_scale) for s in schedule.stages))
+    if sampling is not None:
+        schedule = replace(schedule, stages=tuple(replace(s, sampling=sampling) for s in schedule.stages))
+    return schedule
+
+
 def recommended_min_steps(pretrained: bool) -> int:
     """The floor in optimizer steps of the recipe ``'auto'`` picks (see ``docs/results.md`` for how it was measured)."""
-    return load_schedule('auto', pretrained=pretrained).min_steps
+    return PRESETS['fast' if pretrained else 'scratch'].min_steps
 
 
 def short_schedule_warning(schedule: Schedule, steps_per_epoch: int, pretrained: bool) -> Optional[str]:

@@ -21,10 +21,9 @@ import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -39,13 +38,13 @@ from timm.utils import ModelEmaV3
 from .._dist import barrier as _barrier, rank_and_world as _dist
 from .._io import atomic_path, checkpoint_metadata, load_weights
 from ..space import Subnet
-from .data import EpochSampler, SeededDataset, resize_to, train_loader
+from .data import EpochSampler, SeededDataset, default_workers, resize_to, train_loader
 from .distill import classification_loss
 from .evaluate import SubnetEvaluator
 from .init import zero_init_residual
-from .sampling import StepSampler, applicable_stages
+from .sampling import StepSampler, applicable_stages, known_unlocks, space_dimensions, unknown_unlocks
 from .schedule import Schedule, Stage, short_schedule_warning
-from .sorting import sort_before_stage
+from .sorting import rank_before_stage
 from .step import ShrinkingConfig, distills_from_teacher, shrinking_step, stage_scheduler, teacher_logits
 
 __all__ = ['TrainConfig', 'Trainer', 'TrainingInterrupted', 'save_checkpoint', 'load_checkpoint']
@@ -61,7 +60,7 @@ class TrainConfig(ShrinkingConfig):
     Args:
         output: Run folder (checkpoints, metrics.jsonl, summary, plot).
         batch_size: Images per process per step.
-        workers: Data-loader workers per process.
+        workers: Data-loader workers per process (default: 4, or the CPUs the process may use if fewer).
         amp: Autocast dtype: 'none', 'bf16' or 'fp16' (fp16 uses a GradScaler).
         channels_last: Train in channels-last memory format.
         opt: timm optimizer name ('sgd' is SGD with Nesterov momentum, as OFA).
@@ -79,13 +78,14 @@ class TrainConfig(ShrinkingConfig):
         checkpoint_every: Also checkpoint every this many steps (0: only at epoch ends).
         checkpoint_minutes: Also checkpoint when this many minutes passed since the last checkpoint (0: never).
         log_every: Write a training record to metrics.jsonl every this many steps.
-        progress: Show progress on rank 0: a tqdm bar on a terminal; without one (output to a file), a line at most
-            every ``progress_seconds``.
-        progress_seconds: Seconds between progress lines when stdout is not a terminal.
+        progress: Show a tqdm progress bar on rank 0 when the output is a terminal. Without a bar (the output is a
+            file, or ``progress`` is off) rank 0 prints a line at most every ``progress_seconds`` and one per
+            validation.
+        progress_seconds: Seconds between progress lines when there is no bar.
     """
     output: str = 'output'
     batch_size: int = 64
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     amp: str = 'none'
     channels_last: bool = False
     opt: str = 'sgd'
@@ -276,6 +276,7 @@ class Trainer:
         self.sampler = EpochSampler(len(train_set), config.batch_size, config.seed, self.rank, self.world_size)
         # The stages that apply, at the length they run on this data (a schedule's min_steps floor).
         self.schedule = applicable_stages(schedule, supernet.space, pretrained).fit(self.steps_per_epoch)
+        self._unknown_unlocks = unknown_unlocks(schedule, supernet.space)
         self.position = _Position()
         self.history: List[Dict[str, Any]] = []
         self._optimizer: Optional[torch.optim.Optimizer] = None
@@ -312,6 +313,9 @@ class Trainer:
         warning = short_schedule_warning(self.schedule, self.steps_per_epoch, self.pretrained)
         if warning:
             lines.append(warning)
+        if self._unknown_unlocks:
+            lines.append(f'The schedule unlocks {self._unknown_unlocks}, which this supernet does not have (its '
+                         f'elastic dimensions: {list(space_dimensions(self.supernet.space))}): ignored')
         return '\n'.join(lines)
 
     def where(self) -> str:
@@ -363,7 +367,8 @@ class Trainer:
         if not path.is_file():
             raise ValueError(f'No checkpoint to resume from at {path}')
         state = load_checkpoint(path)
-        if Schedule.from_dict(state['schedule']) != self.schedule:
+        # A checkpoint of 0.2.0 lists unlocks its family lacks (a ResNet's 'kernel'): they unlocked nothing
+        if known_unlocks(Schedule.from_dict(state['schedule']), self.supernet.space) != self.schedule:
             raise ValueError(f'{path} was written by a run with another schedule; resume with the same --schedule and '
                              f'--epochs-scale')
         self.supernet.load_state_dict(state['model'])
@@ -489,7 +494,7 @@ class Trainer:
         params = list(self.supernet.parameters()) if carry else []
         before = [p.detach().clone() for p in params]
         # Entering the stage: sort before the first step.
-        sorted_ = entering and sort_before_stage(self.supernet, self.schedule, self.position.stage)
+        sorted_ = entering and bool(rank_before_stage(self.supernet, self.schedule, self.position.stage))
         if (fresh or sorted_) and self.ema is not None:  # the EMA follows the new or permuted weights
             self.ema.module.load_state_dict(self.supernet.state_dict())
         moved = [p for p, b in zip(params, before) if sorted_ and not torch.equal(p, b)]
@@ -525,12 +530,13 @@ class Trainer:
         spe = self.steps_per_epoch
         epochs = math.ceil(total / spe)
         bar = None
-        show = self.is_main and self.config.progress
-        if show:
+        if self.is_main and self.config.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, initial=self.position.step, desc=f'{stage.name}', unit='step', dynamic_ncols=True,
                        disable=None)  # None: no bar when the output is not a terminal (CI logs)
-        lines = show and not sys.stdout.isatty()  # output to a file: a progress line now and then
+        # Without a bar (output to a file, or progress bars off): a progress line now and then, so that a log under a
+        # scheduler says where the run is.
+        lines = self.is_main and (bar is None or bar.disable)
         last_line = -math.inf
         stage_start = time.time()
         try:

@@ -77,10 +77,11 @@ class CostConstraint(Constraint):
 class SupernetSpace(ModelSpace):
     """NNI ``ModelSpace`` whose choices are the elastic dimensions of an ofa_timm supernet.
 
-    Labels: ``stage{s}.depth``, ``stage{s}.block{b}.kernel``, ``stage{s}.block{b}.expand``, ``width{i}`` and
-    ``resolution``; dimensions with a single choice are not exposed. ``freeze(sample)`` returns a
-    :class:`SharedSubnet` (weight sharing, no copy); :meth:`to_subnet` / :meth:`to_sample` convert NNI samples to
-    :class:`ofa_timm.Subnet` and back.
+    Labels come from the dimensions the family declares: ``stage{s}.{label}`` for a stage-scoped one
+    (``stage1.depth``), ``stage{s}.block{b}.{label}`` for a block-scoped one (``stage1.block0.kernel``), ``{label}{i}``
+    for a network-scope one with several positions (``width0``) and ``{label}`` for a scalar (``resolution``);
+    positions with a single choice are not exposed. ``freeze(sample)`` returns a :class:`SharedSubnet` (weight
+    sharing, no copy); :meth:`to_subnet` / :meth:`to_sample` convert NNI samples to :class:`ofa_timm.Subnet` and back.
 
     Args:
         supernet: An elastic supernet from ``ofa_timm.elasticize`` or ``timm.create_model('ofa_...')``.
@@ -95,17 +96,12 @@ class SupernetSpace(ModelSpace):
         if not isinstance(supernet, ElasticSupernet):
             raise ValueError(f'SupernetSpace needs an ofa_timm elastic supernet, got {type(supernet).__name__}')
         self.supernet = supernet
-        self._labels: List[Tuple[str, Tuple[Any, ...]]] = []
-        space = supernet.space
-        for s, stage in enumerate(space.stages):
-            self._declare(f'stage{s}.depth', stage.depths)
-            for b, choices in enumerate(stage.kernels):
-                self._declare(f'stage{s}.block{b}.kernel', choices)
-            for b, choices in enumerate(stage.expands):
-                self._declare(f'stage{s}.block{b}.expand', choices)
-        for i, choices in enumerate(space.widths):
-            self._declare(f'width{i}', choices)
-        self._declare('resolution', space.resolutions)
+        # label -> (dimension, position), for every position with more than one choice, grouped by stage
+        self._positions: Dict[str, Tuple[str, int]] = {}
+        for label, name, position, choices in _labels(supernet.space):
+            if len(choices) > 1:
+                self.add_mutable(nni.choice(label, list(choices)))
+                self._positions[label] = (name, position)
         if (cost is None) != (max_cost is None):
             raise ValueError('cost and max_cost go together')
         if cost is not None:
@@ -115,63 +111,52 @@ class SupernetSpace(ModelSpace):
     def constraints(self) -> List['CostConstraint']:
         return [m for m in self.mutables if isinstance(m, CostConstraint)]
 
-    def _declare(self, label: str, choices: Tuple[Any, ...]) -> None:
-        if len(choices) > 1:
-            self.add_mutable(nni.choice(label, list(choices)))
-            self._labels.append((label, tuple(choices)))
-
     @property
     def labels(self) -> List[str]:
-        """Labels of the exposed choices, in space order."""
-        return [label for label, _ in self._labels]
+        """Labels of the exposed choices, stage by stage."""
+        return list(self._positions)
 
     def to_subnet(self, sample: Mapping[str, Any]) -> Subnet:
-        """An NNI sample (label -> value) as a validated ``Subnet``; unexposed dimensions take their only value."""
-        unknown = set(sample) - set(self.labels)
+        """An NNI sample (label -> value) as a validated ``Subnet``; unexposed positions take their only value."""
+        unknown = set(sample) - set(self._positions)
         if unknown:
             raise ValueError(f'Unknown labels {sorted(unknown)}; this space has {self.labels}')
         space = self.supernet.space
-        mx = space.max()
-
-        def value(label: str, default: Any) -> Any:
-            return sample.get(label, default)
-
-        depths, kernels, expands = [], [], []
-        k_slot = e_slot = 0
-        for s, stage in enumerate(space.stages):
-            depths.append(value(f'stage{s}.depth', mx.depths[s]))
-            for b in range(len(stage.kernels)):
-                kernels.append(value(f'stage{s}.block{b}.kernel', mx.kernels[k_slot]))
-                k_slot += 1
-            for b in range(len(stage.expands)):
-                expands.append(value(f'stage{s}.block{b}.expand', mx.expands[e_slot]))
-                e_slot += 1
-        widths = [value(f'width{i}', w) for i, w in enumerate(mx.widths)]
-        subnet = Subnet(depths=depths, kernels=kernels, expands=expands, widths=widths,
-                        resolution=value('resolution', mx.resolution))
+        values = {name: list(value) if isinstance(value, tuple) else [value] for name, value in space.max().items()}
+        for label, value in sample.items():
+            name, position = self._positions[label]
+            values[name][position] = value
+        subnet = Subnet({name: v[0] if space[name].scalar else v for name, v in values.items()})
         return space.validate(subnet)
 
     def to_sample(self, subnet: SubnetLike) -> Dict[str, Any]:
         """A ``Subnet`` (or its dict/JSON forms) as an NNI sample over :attr:`labels`."""
         subnet = self.supernet.resolve(subnet)
-        space = self.supernet.space
-        sample: Dict[str, Any] = {}
-        k_slot = e_slot = 0
-        for s, stage in enumerate(space.stages):
-            sample[f'stage{s}.depth'] = subnet.depths[s]
-            for b in range(len(stage.kernels)):
-                sample[f'stage{s}.block{b}.kernel'] = subnet.kernels[k_slot]
-                k_slot += 1
-            for b in range(len(stage.expands)):
-                sample[f'stage{s}.block{b}.expand'] = subnet.expands[e_slot]
-                e_slot += 1
-        for i, w in enumerate(subnet.widths):
-            sample[f'width{i}'] = w
-        sample['resolution'] = subnet.resolution
-        return {label: sample[label] for label in self.labels}
+        sample = {}
+        for label, (name, position) in self._positions.items():
+            value = subnet[name]
+            sample[label] = value[position] if isinstance(value, tuple) else value
+        return sample
 
     def freeze(self, sample: Mapping[str, Any]) -> SharedSubnet:
         return SharedSubnet(self.supernet, self.to_subnet(sample))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.supernet(x)
+
+
+def _labels(space: Any) -> List[Tuple[str, str, int, Tuple[Any, ...]]]:
+    """``(label, dimension, position, choices)`` of every position of ``space``, stage by stage (a stage's depth,
+    then its blocks' dimensions), then the network-scope ones."""
+    rows = []
+    for order, d in enumerate(space.dimensions):
+        for p, choices in enumerate(d.choices):
+            if d.scope == 'stage':
+                key, label = (0, p, order, -1), f'stage{p}.{d.label}'
+            elif d.scope == 'block':
+                stage, block = d.owner(p)
+                key, label = (0, stage, order, block), f'stage{stage}.block{block}.{d.label}'
+            else:
+                key, label = (1, order, p, 0), d.label if d.scalar else f'{d.label}{p}'
+            rows.append((key, (label, d.name, p, choices)))
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]

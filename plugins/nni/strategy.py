@@ -8,7 +8,7 @@ the base loss (e.g. ``Classification``); this module keeps only what Lightning r
 import itertools
 import math
 from dataclasses import fields, replace
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,8 @@ from ofa_timm.space import Subnet
 from ofa_timm.training.data import resize_to
 from ofa_timm.training.evaluate import evaluate_subnet
 from ofa_timm.training.sampling import StepSampler, applicable_stages
-from ofa_timm.training.schedule import Schedule, Stage, load_schedule
-from ofa_timm.training.sorting import sort_before_stage
+from ofa_timm.training.schedule import Schedule, ScheduleLike, Stage, build_schedule
+from ofa_timm.training.sorting import rank_before_stage
 from ofa_timm.training.step import (
     ShrinkingConfig, distills_from_teacher, shrinking_step, stage_scheduler, teacher_logits)
 
@@ -109,7 +109,7 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         first_epoch = sum(self.stage_epochs[:index])
         entering = self.current_epoch == first_epoch  # not when resuming mid-stage from a checkpoint
         if entering:
-            sort_before_stage(self.supernet, self.schedule, index)
+            rank_before_stage(self.supernet, self.schedule, index)
         if distills_from_teacher(stage) and not self._teacher_ready:
             if entering:
                 self.teacher.load_state_dict(self.supernet.extract('max').state_dict())
@@ -204,26 +204,36 @@ class OFAProgressiveShrinking(OneShotStrategy):
 
     The model space must be a :class:`SupernetSpace`; the evaluator any Lightning evaluator whose module calls the
     model once per training step (``Classification`` does). Its trainer must run at least :meth:`total_epochs`
-    epochs; each schedule stage lasts ``round(epochs * epochs_scale)`` (at least 1) epochs.
+    epochs; each schedule stage lasts ``round(epochs * epochs_scale)`` (at least 1) epochs. The schedule is built as
+    ``ofa-timm train`` builds it (``ofa_timm.training.build_schedule``), and its floor in optimizer steps applies:
+    pass ``steps_per_epoch`` (the evaluator's training batches) to :meth:`total_epochs`.
 
     Args:
-        schedule: A preset name ('ofa', 'fast', 'demo'), a YAML file or a ``Schedule``.
+        schedule: ``'auto'`` (``'fast'`` for a ``pretrained`` start, else ``'scratch'``), a preset name (``'ofa'``,
+            ``'fast'``, ``'scratch'``, ``'demo'``), a ``Recipe``, a YAML file or a ``Schedule``.
         epochs_scale: Rescale the schedule.
-        pretrained: The supernet starts from trained weights: skip the ``full`` stage.
+        pretrained: The supernet starts from trained weights: skip the ``full`` stage (and ``'auto'`` picks the
+            pretrained recipe).
         config: Seed, distillation, BN-recalibration and learning-rate settings (the same as ``ofa-timm train``'s).
         manage_lr: Drive the evaluator's optimizer with each stage's learning-rate schedule (warmup then cosine).
         grid_every_epoch: Evaluate the subnet grid after every epoch (default: at the end of each stage).
+        min_steps: The schedule's floor in optimizer steps (default: the recipe's own; 0: none).
+        lr_scale: Multiplies every stage's learning rate.
+        sampling: Sampling rule of every stage (default: each stage's own).
         **settings: Fields of :class:`ShrinkingConfig` overriding ``config`` (e.g. ``calib_images=500``).
     """
 
     def __init__(
             self,
-            schedule: Union[str, Schedule] = 'ofa',
+            schedule: ScheduleLike = 'ofa',
             epochs_scale: Optional[float] = None,
             pretrained: bool = False,
             config: Optional[ShrinkingConfig] = None,
             manage_lr: bool = True,
             grid_every_epoch: bool = False,
+            min_steps: Optional[int] = None,
+            lr_scale: float = 1.0,
+            sampling: Optional[str] = None,
             **settings: Any,
     ):
         unknown = set(settings) - {f.name for f in fields(ShrinkingConfig)}
@@ -232,18 +242,25 @@ class OFAProgressiveShrinking(OneShotStrategy):
                              f'{[f.name for f in fields(ShrinkingConfig)]}')
         super().__init__()
         self._space: Optional[SupernetSpace] = None
-        self.schedule = load_schedule(schedule, epochs_scale)
+        self.schedule_options = dict(spec=schedule, pretrained=pretrained, epochs_scale=epochs_scale,
+                                     min_steps=min_steps, lr_scale=lr_scale, sampling=sampling)
         self.pretrained = pretrained
         self.config = replace(config or ShrinkingConfig(), **settings)
         self.module_kwargs = dict(manage_lr=manage_lr, grid_every_epoch=grid_every_epoch)
+        self.schedule: Optional[Schedule] = None  # the schedule the experiment runs, once the evaluator is known
 
-    def stages_for(self, space: SupernetSpace) -> Schedule:
-        """The schedule reduced to the stages that train something for ``space``."""
-        return applicable_stages(self.schedule, space.supernet.space, self.pretrained)
+    def stages_for(self, space: SupernetSpace, steps_per_epoch: Optional[int] = None) -> Schedule:
+        """The schedule for ``space``: the stages that train something for it, lengthened to the schedule's floor in
+        optimizer steps when ``steps_per_epoch`` is given."""
+        options = dict(self.schedule_options)
+        schedule = build_schedule(options.pop('spec'), space.supernet.space, **options)
+        schedule = applicable_stages(schedule, space.supernet.space, self.pretrained)
+        return schedule.fit(steps_per_epoch) if steps_per_epoch else schedule
 
-    def total_epochs(self, space: SupernetSpace) -> int:
-        """Epochs the evaluator's trainer must run to go through every stage."""
-        return sum(_stage_epochs(self.stages_for(space)))
+    def total_epochs(self, space: SupernetSpace, steps_per_epoch: Optional[int] = None) -> int:
+        """Epochs the evaluator's trainer must run to go through every stage (``steps_per_epoch``: its training
+        batches per epoch, for the schedule's floor in optimizer steps)."""
+        return sum(_stage_epochs(self.stages_for(space, steps_per_epoch)))
 
     def default_mutation_hooks(self) -> list:
         return []  # a SupernetSpace is already a supernet: nothing to mutate
@@ -255,23 +272,41 @@ class OFAProgressiveShrinking(OneShotStrategy):
         return super().mutate_model(model)
 
     def configure_oneshot_module(self, training_module: Any) -> ProgressiveShrinkingModule:
-        return ProgressiveShrinkingModule(training_module, self._space, self.stages_for(self._space), self.config,
+        if self.schedule is None:
+            self.schedule = self.stages_for(self._space)
+        return ProgressiveShrinkingModule(training_module, self._space, self.schedule, self.config,
                                           **self.module_kwargs)
 
     def mutate_evaluator(self, evaluator: Any) -> Any:
-        needed = self.total_epochs(self._space)
+        steps = _steps_per_epoch(evaluator)
+        self.schedule = self.stages_for(self._space, steps)
+        needed = sum(_stage_epochs(self.schedule))
         max_epochs = evaluator.trainer.max_epochs
         if max_epochs is not None and 0 < max_epochs < needed:
-            raise ValueError(f'The evaluator trains {max_epochs} epochs, but the schedule needs {needed} '
-                             f'(strategy.total_epochs(space)); set max_epochs={needed}')
+            floor = f' (its floor of {self.schedule.min_steps} optimizer steps at {steps} per epoch)' if steps else ''
+            raise ValueError(f'The evaluator trains {max_epochs} epochs, but the schedule needs {needed}{floor}: set '
+                             f'max_epochs={needed} (strategy.total_epochs(space, steps_per_epoch))')
         return super().mutate_evaluator(evaluator)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state['schedule'] = self.schedule.to_dict()
+        if self.schedule is not None:
+            state['schedule'] = self.schedule.to_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if 'schedule' in state_dict and Schedule.from_dict(state_dict['schedule']) != self.schedule:
+        schedule = self.schedule or (self.stages_for(self._space) if self._space is not None else None)
+        if 'schedule' in state_dict and schedule is not None and Schedule.from_dict(state_dict['schedule']) != schedule:
             raise ValueError('The experiment checkpoint was written with another progressive-shrinking schedule')
         super().load_state_dict(state_dict)
+
+
+def _steps_per_epoch(evaluator: Any) -> Optional[int]:
+    """Training batches per epoch of a Lightning evaluator, where its data loader has a length."""
+    loaders = getattr(evaluator, 'train_dataloaders', None)
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if len(loaders) == 1 else None
+    try:
+        return len(loaders) or None if loaders is not None else None
+    except TypeError:  # an iterable dataset
+        return None

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..._io import staged_folder
 from ...space import Subnet
 from ..cost import BlockLayout
 from ..latency import (
-    LatencySettings, LatencyTable, _plan, _score, calibration_subnets, entry_modules, held_out_subnets,
-    subnet_input_shape, with_calibration)
+    LatencySettings, LatencyTable, calibration_subnets, entry_modules, held_out_subnets, plan_entries,
+    score_predictions, subnet_input_shape, with_calibration)
 from . import measure as _format  # the results format and its checks live in the standalone script
 
 __all__ = ['make_kit', 'import_kit_results', 'KIT_FORMAT', 'RESULTS_FORMAT']
@@ -115,7 +116,6 @@ def make_kit(
         The kit folder.
     """
     from tqdm import tqdm
-    from ..export import _publish, _staging
     _require_onnx()
     if batch_size < 1 or calibrate < 2 or validate < 0:
         raise ValueError(f'batch_size must be >= 1, calibrate >= 2 and validate >= 0, got {batch_size}, {calibrate}, '
@@ -124,21 +124,19 @@ def make_kit(
     space = supernet.space
     model = model or supernet.pretrained_cfg.get('architecture', type(supernet).__name__)
     layout = BlockLayout.from_supernet(supernet)
-    entries, sources, blocks = _plan(layout, LatencySettings('onnxruntime', batch_size))
+    entries, sources, blocks = plan_entries(layout, LatencySettings('onnxruntime', batch_size))
     skeleton = LatencyTable(space, blocks, entries, {}).to_dict()
     cal = calibration_subnets(space, calibrate, seed)
     val = held_out_subnets(space, validate, seed, exclude=cal) if validate else []
     out = Path(out)
-    staging = _staging(out)
     models: List[Dict[str, Any]] = []
-    try:
+    with staged_folder(out) as staging:
         (staging / 'blocks').mkdir()
         (staging / 'subnets').mkdir()
         total = len(entries) + len(cal) + len(val)
         with tqdm(total=total, desc='latency kit', unit='graph', disable=None if progress else True) as bar:
-            for i, modules in entry_modules(supernet, layout, sources, range(len(entries))):
+            for i, module in entry_modules(supernet, layout, sources, range(len(entries))):
                 rel = Path('blocks') / (entries[i]['id'].replace('@', '_') + '.onnx')
-                module = modules[0] if len(modules) == 1 else nn.Sequential(*modules)
                 weights = _export_graph(module, entries[i]['input'], staging / rel, opset)
                 models.append(dict(id=entries[i]['id'], part='blocks', file=rel.as_posix(),
                                    input=entries[i]['input'], desc=entries[i]['desc'], weights=weights))
@@ -163,10 +161,6 @@ def make_kit(
         (staging / 'manifest.json').write_text(json.dumps(manifest, indent=1))
         shutil.copyfile(Path(_format.__file__), staging / 'measure.py')
         (staging / 'README.txt').write_text(_readme(model, len(entries), len(cal), len(val)))
-        _publish(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -242,7 +236,7 @@ def import_kit_results(results: Union[str, os.PathLike], kit: Optional[Union[str
     if val and all('ms' in measured.get(m['id'], {}) for m in val):
         cal_runs = {r for m in cal for r in _runs(measured[m['id']])}
         val_runs = {r for m in val for r in _runs(measured[m['id']])}
-        table.validation = dict(_score(table, [Subnet.from_dict(m['subnet']) for m in val],
+        table.validation = dict(score_predictions(table, [Subnet.from_dict(m['subnet']) for m in val],
                                        np.array([measured[m['id']]['ms'] for m in val])),
                                 apart=not (cal_runs & val_runs))
     return table
