@@ -63,8 +63,11 @@ class Bench:
         self.args = args
         size = args.image_size
         self.resolutions = (size * 3 // 4, size * 7 // 8, size)
-        tag = f'{size}_{train_per_class or "all"}'
-        root = make_digits_dataset(Path(args.output) / f'digits_{tag}', val_per_class=30, test_per_class=100,
+        # The smoke run checks the plumbing, not the figures: a tenth of the test images and 500 training images.
+        test_per_class = 10 if args.smoke else 100
+        train_per_class = train_per_class or (50 if args.smoke else None)
+        tag = f'{size}_{train_per_class or "all"}_{test_per_class}'
+        root = make_digits_dataset(Path(args.output) / f'digits_{tag}', val_per_class=30, test_per_class=test_per_class,
                                    train_per_class=train_per_class, image_size=size, seed=args.seed)
         cfg = DataConfig(str(root), image_size=size, scale=(0.6, 1.0), hflip=0.)  # digits are not mirror-symmetric
         self.train, self.val, self.calib, self.num_classes = build_datasets(cfg, seed=args.seed)

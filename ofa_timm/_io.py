@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 __all__ = ['atomic_path', 'staged_folder', 'respect_umask', 'write_text_atomic', 'load_weights', 'save_safetensors',
-           'save_supernet', 'checkpoint_metadata', 'model_args_from_metadata']
+           'save_supernet', 'checkpoint_metadata', 'supernet_model_args', 'model_args_from_metadata']
 
 PathLike = Union[str, os.PathLike]
 
@@ -198,9 +198,7 @@ def checkpoint_metadata(supernet: Any) -> Dict[str, str]:
     ``model`` (the registered name), ``num_classes``, ``in_chans``, ``resolutions``, ``space`` (``space.to_dict()``)
     and ``model_args`` (the JSON-able ``timm.create_model`` kwargs, as ``save_for_hf`` records them).
     """
-    model_args = {k: v for k, v in getattr(supernet, '_model_args', {}).items() if _json_able(v)}
-    model_args.update(num_classes=supernet.num_classes, in_chans=supernet.in_chans,
-                      resolutions=list(supernet.space.resolutions))
+    model_args = supernet_model_args(supernet)
     return {
         'model': str(supernet.pretrained_cfg.get('architecture') or ''),
         'num_classes': str(supernet.num_classes),
@@ -209,6 +207,15 @@ def checkpoint_metadata(supernet: Any) -> Dict[str, str]:
         'space': json.dumps(supernet.space.to_dict()),
         'model_args': json.dumps(model_args),
     }
+
+
+def supernet_model_args(supernet: Any) -> Dict[str, Any]:
+    """The ``timm.create_model`` kwargs that rebuild ``supernet``: the JSON-able ones it was created with (a source
+    model's ``depth``, ``img_size``, ...), its class count, input channels and resolutions."""
+    model_args = {k: v for k, v in getattr(supernet, '_model_args', {}).items() if _json_able(v)}
+    model_args.update(num_classes=supernet.num_classes, in_chans=supernet.in_chans,
+                      resolutions=list(supernet.space.resolutions))
+    return model_args
 
 
 def save_supernet(supernet: Any, path: PathLike) -> Path:

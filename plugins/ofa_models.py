@@ -290,7 +290,7 @@ def create_ofa_model(
         **kwargs: Model kwargs (``num_classes``, ``in_chans``, ``drop_rate``, space options, ``features_only``...).
     """
     features_only = kwargs.pop('features_only', False)
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3, 4))
+    out_indices = kwargs.pop('out_indices', None)
     kwargs.pop('feature_cls', None)
     new_head = 'num_classes' in kwargs
     state = None
@@ -326,12 +326,20 @@ def create_ofa_model(
                 model.register_load_state_dict_pre_hook(hook)
             else:  # torch < 2.5: the same hook, registered privately
                 model._register_load_state_dict_pre_hook(hook, with_module=True)
+    # The model kwargs it was built with, the checkpoint's included: timm.create_model keeps them on the model (and
+    # adds the call's), so that save_for_hf and this project's checkpoints record what rebuilds it.
+    model._model_args = {k: v for k, v in kwargs.items() if k not in ('pretrained_cfg', 'pretrained_cfg_overlay',
+                                                                      'cache_dir')}
     if features_only:
         cfg = pretrained_cfg_for_features(model.pretrained_cfg)
-        if subnet is None:
+        feature_cfg = dict(supernet.feature_cfg)
+        getter = feature_cfg.pop('feature_cls', None) == 'getter'  # timm's choice for the source class
+        if out_indices is None:
+            out_indices = supernet.default_out_indices(supernet.space.max() if subnet is None else resolved)
+        if subnet is None or getter:
             model = FeatureGetterNet(model, out_indices=out_indices, prune=False)
         else:
-            model = FeatureListNet(model, out_indices=out_indices, **supernet.feature_cfg)
+            model = FeatureListNet(model, out_indices=out_indices, **feature_cfg)
         model.pretrained_cfg = model.default_cfg = cfg
     return model
 

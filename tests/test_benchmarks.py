@@ -19,14 +19,14 @@ GPU_SCRIPT = BENCHMARKS / 'gpu.py'
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / 'gpu.json'
-    cmd = [sys.executable, str(GPU_SCRIPT), '--device', 'cpu', '--batch', '8', '--res', '64', '--quick',
+    cmd = [sys.executable, str(GPU_SCRIPT), '--device', 'cpu', '--batch', '8', '--res', '32', '--quick',
            '--subnets', 'min', 'random', '--timm-models', 'mobilenetv3_large_100', '--json', str(out),
            '--output', str(tmp_path / 'ps')]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
     env, rows = data['environment'], {r['case']: r for r in data['rows']}
-    assert env['batch'] == 8 and env['res'] == 64 and env['amp'] == 'bf16' and env['channels_last']
+    assert env['batch'] == 8 and env['res'] == 32 and env['amp'] == 'bf16' and env['channels_last']
     expected = [f'overhead {mode} {space} {which}' for space in ('ofa_mbv3_w12', 'ofa_resnet50')
                 for which in ('min', 'random') for mode in ('train', 'eval')]
     expected += ['PS step / ideal, ofa_mbv3_w12, 4 subnets', 'timm mobilenetv3_large_100 train (img/s)']

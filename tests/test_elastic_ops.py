@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from timm.layers import Conv2dSame
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from ofa_timm._timm import SqueezeExcite
@@ -75,14 +76,26 @@ def test_grow_kernel_by_zero_padding_keeps_function():
         assert_close(ec(x), conv(x), 1e-6)
 
 
-@pytest.mark.parametrize('conv, match', [
-    (nn.Conv2d(8, 8, 3, padding=0), 'symmetric static padding'),
-    (nn.Conv2d(8, 16, 3, padding=1, groups=4), 'dense .* or depthwise'),
-    (nn.Conv2d(8, 8, (3, 1), padding=(1, 0)), 'square'),
+@pytest.mark.parametrize('conv, kernels, match', [
+    (nn.Conv2d(8, 8, 3, padding=0, groups=8), (1, 3), 'symmetric static padding'),  # a shrinking kernel pads as timm
+    (Conv2dSame(8, 8, 3), None, r"a Conv2dSame with padding .* \(TF 'same'"),
+    (nn.Conv2d(8, 16, 3, padding=1, groups=4), None, 'dense .* or depthwise'),
+    (nn.Conv2d(8, 8, (3, 1), padding=(1, 0)), None, 'square'),
 ])
-def test_conv_rejects_unsupported(conv, match):
+def test_conv_rejects_unsupported(conv, kernels, match):
     with pytest.raises(ValueError, match=match):
-        ElasticConv2d.from_static(conv)
+        ElasticConv2d.from_static(conv, kernels)
+
+
+def test_a_fixed_kernel_keeps_its_own_padding():
+    """A patch embedding: an even kernel, stride = kernel, no padding; its output channels shrink."""
+    conv = nn.Conv2d(3, 12, 4, stride=4)
+    ec = ElasticConv2d.from_static(conv)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(ec(x), conv(x))
+    ec.set_active(out_channels=8)
+    assert_close(ec(x), conv(x)[:, :8], 1e-6)
+    assert_close(ec.to_static(3)(x), conv(x)[:, :8], 1e-6)
 
 
 def test_conv_set_active_errors():

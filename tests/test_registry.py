@@ -16,14 +16,17 @@ NAMES = ['ofa_mbv3', 'ofa_mbv3_w10', 'ofa_mbv3_w12', 'ofa_resnet50', 'ofa_mobile
          'ofa_resnet101', 'ofa_resnet34', 'ofa_mobilenetv4_conv_small', 'ofa_mobilenetv4_conv_medium', 'ofa_lcnet_100',
          'ofa_efficientnet_b0', 'ofa_efficientnet_b1', 'ofa_efficientnet_b2', 'ofa_efficientnet_b3',
          'ofa_efficientnet_lite0', 'ofa_mobilenetv2_100', 'ofa_mobilenetv2_140', 'ofa_mnasnet_100', 'ofa_fbnetc_100',
-         'ofa_spnasnet_100', 'ofa_tinynet_a']
+         'ofa_spnasnet_100', 'ofa_tinynet_a', 'ofa_vit_tiny_patch16_224', 'ofa_vit_small_patch16_224',
+         'ofa_deit_tiny_patch16_224', 'ofa_deit_small_patch16_224', 'ofa_convnext_atto', 'ofa_convnext_femto',
+         'ofa_convnext_pico', 'ofa_convnext_nano', 'ofa_convnext_tiny']
 
 
 def test_names_are_listed():
     assert set(timm.list_models('ofa_*')) == set(NAMES)
     pretrained = timm.list_pretrained('ofa_*')
     for tag in ('ofa_mbv3_w12.ofa_in1k', 'ofa_mbv3_w10.ofa_in1k', 'ofa_resnet50.ofa_in1k',
-                'ofa_mobilenetv3_large_100.ra_in1k', 'ofa_resnet50d.ra2_in1k'):
+                'ofa_mobilenetv3_large_100.ra_in1k', 'ofa_resnet50d.ra2_in1k',
+                'ofa_vit_tiny_patch16_224.augreg_in21k_ft_in1k', 'ofa_deit_small_patch16_224.fb_in1k'):
         assert tag in pretrained
     cfg = timm.models.get_pretrained_cfg('ofa_mbv3_w12')
     assert cfg.url.endswith('ofa_mbv3_d234_e346_k357_w1.2')

@@ -44,7 +44,8 @@ def load_supernet_from_args(args: argparse.Namespace) -> torch.nn.Module:
     import ofa_timm  # noqa: F401  registers the ofa_* models
     from ..search.export import load_supernet
     return load_supernet(args.model, args.checkpoint, num_classes=getattr(args, 'num_classes', None),
-                         resolutions=getattr(args, 'resolutions', None))
+                         resolutions=getattr(args, 'resolutions', None),
+                         model_kwargs=getattr(args, 'model_kwargs', None))
 
 
 def data_loaders(data_dir: str, image_size: int, batch_size: int, workers: int,

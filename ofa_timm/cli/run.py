@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..training import TrainConfig
     rank = init_distributed()
     config = RunConfig(
-        model=args.model, data_dir=args.data_dir, budgets=args.budgets, out=args.out,
+        model=args.model, model_kwargs=args.model_kwargs, data_dir=args.data_dir, budgets=args.budgets, out=args.out,
         latency=None if args.latency == 'none' else args.latency, pretrained=args.pretrained,
         pretrained_file=args.pretrained_file, checkpoint=args.checkpoint, resolutions=args.resolutions,
         image_size=args.img_size, dataset=args.dataset, train_split=args.train_split, val_split=args.val_split,

@@ -145,9 +145,7 @@ def _search(args: argparse.Namespace) -> int:
     results = specialize(supernet, predictor, used, limits, config, seed=args.seed, progress=not args.no_progress)
     elapsed = time.time() - start
     out = Path(args.out)
-    calib = None
-    if args.calibrate_bn:
-        calib, _ = data_loaders(args.calibrate_bn, max(space.resolutions), 32, 0, args.seed)
+    calib = _calibration_loader(args, supernet, max(space.resolutions or (supernet.input_resolution,)))
     for budget, r in zip(budgets, results):
         folder = out / budget.label
         if args.export_format == 'none':
@@ -173,14 +171,21 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_loader(args: argparse.Namespace, supernet: Any, resolution: int) -> Any:
+    """Training images of ``--calibrate-bn`` for BN recalibration at ``resolution``, or None: none asked for, or a
+    supernet without batch norm (which says so)."""
+    if not args.calibrate_bn:
+        return None
+    if not supernet.has_batchnorm:
+        print(f'{args.model} has no batch norm: --calibrate-bn has nothing to recalibrate', file=sys.stderr)
+        return None
+    return data_loaders(args.calibrate_bn, resolution, 32, 0, args.seed)[0]
+
+
 def _export(args: argparse.Namespace) -> int:
     from ..search.export import export_subnet
     supernet = load_supernet_from_args(args)
-    calib = None
-    if args.calibrate_bn:
-        subnet = supernet.resolve(args.subnet)
-        res = supernet.resolution_of(subnet)
-        calib, _ = data_loaders(args.calibrate_bn, res, 32, 0, args.seed)
+    calib = _calibration_loader(args, supernet, supernet.resolution_of(supernet.resolve(args.subnet)))
     result = export_subnet(supernet, args.subnet, args.out, formats=args.format.split(','), calib_loader=calib,
                            calib_images=args.calib_images, model_name=args.model)
     for key in ('onnx_max_abs_diff', 'pt2_max_abs_diff'):
@@ -192,6 +197,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """The ``latency``, ``predictor``, ``search`` and ``export`` verbs."""
+    from timm.utils import ParseKwargs
+
     def model_args(p: argparse.ArgumentParser, checkpoint_help: str = 'trained supernet weights',
                    model_help: Optional[str] = None) -> None:
         p.add_argument('--model', required=model_help is None, default=None,
@@ -200,6 +207,8 @@ def add_parsers(sub: Any) -> None:
         p.add_argument('--num-classes', type=int, default=None, help='default: from the checkpoint')
         p.add_argument('--resolutions', type=int, nargs='+', default=None,
                        help="elastic resolutions (default: the checkpoint's, else OFA's)")
+        p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help="source model or space arguments (default: the checkpoint's)")
 
     from ..search.export import EXPORT_FORMATS
     from ..search.latency import BACKENDS

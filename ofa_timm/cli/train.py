@@ -12,8 +12,11 @@ __all__ = ['add_parsers', 'add_model_arguments', 'add_training_arguments', 'sche
 
 
 def add_model_arguments(g: Any) -> None:
-    """``--model``, ``--pretrained``, ``--pretrained-file``, ``--resolutions``."""
+    """``--model``, ``--model-kwargs``, ``--pretrained``, ``--pretrained-file``, ``--resolutions``."""
+    from timm.utils import ParseKwargs
     g.add_argument('--model', default='ofa_mobilenetv3_large_100', help="registered ofa_* name")
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='source model or space arguments, e.g. depth=6 img_size=32 patch_size=4 (as timm train.py)')
     g.add_argument('--pretrained', action='store_true', help="load the name's pretrained weights (skips 'full')")
     g.add_argument('--pretrained-file', default=None, help='local weights file (.pth/.safetensors) to start from')
     g.add_argument('--resolutions', type=int, nargs='+', default=None,
@@ -125,7 +128,8 @@ def train(args: argparse.Namespace) -> int:
         num_classes = args.num_classes or num_classes
         torch.manual_seed(args.seed)
         supernet = load_supernet(args.model, num_classes=num_classes, resolutions=args.resolutions,
-                                 pretrained=args.pretrained, pretrained_file=args.pretrained_file)
+                                 pretrained=args.pretrained, pretrained_file=args.pretrained_file,
+                                 model_kwargs=args.model_kwargs)
         options = schedule_options(args)
         schedule = build_schedule(options.pop('spec'), supernet.space, pretrained=pretrained, **options)
         config = config_from_args(TrainConfig, args, output=str(output))

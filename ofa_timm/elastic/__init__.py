@@ -8,6 +8,8 @@ from .efficientnet import ElasticEfficientNet
 from .efficientnet_builder import EfficientNetBuilderSupernet
 from .mobilenetv3 import ElasticMobileNetV3, convert_ofa_state_dict, ofa_mobilenetv3
 from .resnet import ElasticResNet, OFAResNet, convert_ofa_resnet_state_dict, ofa_resnet50
+from .vit import ElasticVisionTransformer
+from .convnext import ElasticConvNeXt
 from .ops import (
     ElasticBatchNorm2d, ElasticBatchNormAct2d, ElasticConv2d, ElasticLinear, ElasticSqueezeExcite, is_elastic)
 
@@ -15,12 +17,14 @@ __all__ = [
     'FAMILIES', 'elasticize', 'single_subnet', 'ElasticSupernet', 'BlockSpec', 'LayerSpec',
     'EfficientNetBuilderSupernet', 'ElasticMobileNetV3', 'ElasticEfficientNet', 'ofa_mobilenetv3',
     'convert_ofa_state_dict', 'ElasticResNet', 'OFAResNet', 'ofa_resnet50', 'convert_ofa_resnet_state_dict',
+    'ElasticVisionTransformer', 'ElasticConvNeXt',
     'ElasticConv2d', 'ElasticBatchNorm2d', 'ElasticBatchNormAct2d', 'ElasticLinear', 'ElasticSqueezeExcite',
     'is_elastic',
 ]
 
 #: Every supernet family, in the order ``elasticize`` tries them.
-FAMILIES: Tuple[Type[ElasticSupernet], ...] = (ElasticMobileNetV3, ElasticEfficientNet, ElasticResNet)
+FAMILIES: Tuple[Type[ElasticSupernet], ...] = (
+    ElasticMobileNetV3, ElasticEfficientNet, ElasticResNet, ElasticVisionTransformer, ElasticConvNeXt)
 
 
 def elasticize(model: nn.Module, **space_options: Any) -> ElasticSupernet:

@@ -130,6 +130,8 @@ class LayerSpec:
         reduction: The layer's input is ``ceil(resolution / reduction)`` pixels (or patches) wide; 0 for a pooled 1x1
             input (SE, heads after pooling, linear layers).
         tokens: Positions the layer runs on besides its grid (a class token).
+        floor: Sizes round down (``floor(resolution / reduction)``): unpadded strided convs, as a patch embedding or
+            ConvNeXt's downsampling; timm's padded convs round up.
     """
     kind: str
     in_chs: int
@@ -140,12 +142,14 @@ class LayerSpec:
     bias: bool = False
     reduction: int = 1
     tokens: int = 0
+    floor: bool = False
 
     def output_size(self, resolution: Any) -> Any:
-        """Output width at input ``resolution`` (every layer pads to ``ceil(in / stride)``, as timm's do)."""
+        """Output width at input ``resolution`` (``ceil(in / stride)`` as timm's padded layers give, or the floor)."""
         if self.reduction == 0:
             return 1
-        return -(-resolution // (self.reduction * self.stride))
+        step = self.reduction * self.stride
+        return resolution // step if self.floor else -(-resolution // step)
 
     def positions(self, resolution: Any) -> Any:
         """Output positions per image: the grid's, plus ``tokens``."""
@@ -204,6 +208,9 @@ class BlockSpec:
             it only scales spatial sizes). A block that a subnet's depth removes depends on that depth gene.
         layout: ``'NCHW'`` (a feature map) or ``'NLC'`` (a sequence of tokens) input.
         tokens: Tokens of an ``'NLC'`` input besides the grid's (a class token).
+        floor: The input is ``floor(resolution / reduction)`` wide (see :class:`LayerSpec`).
+        fixed_resolution: The block's module is built for one input size (a position embedding): a latency table times
+            it in a model extracted at each resolution.
     """
     name: str
     kind: str
@@ -222,6 +229,8 @@ class BlockSpec:
     genes: Tuple[int, ...] = field(default=(), compare=False)
     layout: str = 'NCHW'
     tokens: int = 0
+    floor: bool = False
+    fixed_resolution: bool = False
 
     @property
     def key(self) -> Tuple[Any, ...]:
@@ -230,7 +239,7 @@ class BlockSpec:
                 self.skip, self.layers, self.layout, self.tokens)
 
     def input_size(self, resolution: int) -> int:
-        return -(-resolution // self.reduction)
+        return resolution // self.reduction if self.floor else -(-resolution // self.reduction)
 
     def input_shape(self, resolution: int, batch_size: int = 1) -> List[int]:
         """The block's input: ``[B, C, s, s]``, or ``[B, s * s + tokens, C]`` for a sequence of tokens."""
@@ -273,7 +282,8 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
     single_subnet_options: ClassVar[Dict[str, Any]] = {}
     #: Feature index -> number of stages run before it is taken (0: the stem output).
     stage_ends: Tuple[int, ...]
-    #: ``timm.models.FeatureListNet`` arguments for ``features_only`` on an extracted subnet (as timm's own builder).
+    #: ``features_only`` on an extracted subnet, as timm's own builder does it: ``timm.models.FeatureListNet``
+    #: arguments, or ``feature_cls='getter'`` for a ``FeatureGetterNet`` (the model's ``forward_intermediates``).
     feature_cfg: ClassVar[Dict[str, Any]] = {}
 
     space: SearchSpace
@@ -290,7 +300,7 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
     def _adopt_source_attributes(self, model: nn.Module) -> None:
         """Take the timm model attributes a supernet shares with its (already copied) source model."""
         self.num_classes = model.num_classes
-        self.drop_rate = model.drop_rate
+        self.drop_rate = getattr(model, 'drop_rate', 0.)
         self.num_features = model.num_features
         self.head_hidden_size = model.head_hidden_size
         self.feature_info = copy.deepcopy(model.feature_info)
@@ -401,6 +411,10 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
         none."""
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
 
+    def default_out_indices(self, subnet: Subnet) -> Any:
+        """The feature maps ``features_only`` gives by default for ``subnet``: the stem's and every stage's."""
+        return tuple(range(len(self.stage_ends)))
+
     def zero_init_residual(self) -> int:
         """Zero the last norm scale of every residual branch, so each block starts as the identity (BigNAS; timm's
         ResNets' ``zero_init_last``); a run from scratch calls it. Returns the blocks initialised (0: the family
@@ -485,20 +499,25 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
         """What runs between the stem's feature map and the first stage (e.g. a ResNet's max pool)."""
         return x
 
+    def _before_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """What runs before the blocks of stage ``index`` (e.g. ConvNeXt's downsampling)."""
+        return x
+
     def _exit_stages(self, x: torch.Tensor) -> torch.Tensor:
         """What ``forward_features`` runs after the last stage."""
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._enter_stages(self.forward_stem(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(nn.Sequential(*self.active_blocks()), x, flatten=False)
-        else:
-            for stage, depth in zip(self._stages, self._stage_depths):
-                for i, block in enumerate(stage):
-                    if i == depth:
-                        break
-                    x = block(x)
+        for index, (stage, depth) in enumerate(zip(self._stages, self._stage_depths)):
+            x = self._before_stage(index, x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage[:depth], x, flatten=False)
+                continue
+            for i, block in enumerate(stage):
+                if i == depth:
+                    break
+                x = block(x)
         return self._exit_stages(x)
 
     def forward_intermediates(
@@ -524,6 +543,7 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
         for idx, (stage, depth) in enumerate(zip(self._stages, self._stage_depths), start=1):
             if idx > last:
                 break
+            x = self._before_stage(idx - 1, x)
             for block in stage[:depth]:
                 x = block(x)
             if idx in take:

@@ -22,11 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, get_padding, make_divisible
 
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+
 from .._timm import SqueezeExcite
 
 __all__ = [
-    'ElasticConv2d', 'ElasticBatchNorm2d', 'ElasticBatchNormAct2d', 'ElasticLinear', 'ElasticSqueezeExcite',
-    'is_elastic', 'prefix_slice',
+    'ElasticConv2d', 'ElasticBatchNorm2d', 'ElasticBatchNormAct2d', 'ElasticLinear', 'ElasticLayerNorm',
+    'ElasticLayerScale', 'ElasticAttention', 'ElasticSqueezeExcite', 'is_elastic', 'prefix_slice',
 ]
 
 M = TypeVar('M', bound=nn.Module)
@@ -150,7 +152,7 @@ class ElasticConv2d(nn.Conv2d):
         Args:
             in_channels: Maximum input channels.
             out_channels: Maximum output channels.
-            kernel_size: Maximum (square, odd) kernel size.
+            kernel_size: Maximum (square) kernel size; odd where it shrinks.
             stride: Convolution stride.
             dilation: Convolution dilation.
             groups: 1 (dense) or ``in_channels`` (depthwise).
@@ -161,10 +163,10 @@ class ElasticConv2d(nn.Conv2d):
             raise ValueError(
                 f'ElasticConv2d supports dense (groups=1) or depthwise (groups=in=out) convs, '
                 f'got in={in_channels}, out={out_channels}, groups={groups}')
-        if kernel_size % 2 == 0:
-            raise ValueError(f'ElasticConv2d needs an odd kernel size, got {kernel_size}')
         kernel_sizes = tuple(sorted(set(kernel_sizes or (kernel_size,))))
-        if kernel_sizes[-1] != kernel_size or any(k % 2 == 0 or k < 1 for k in kernel_sizes):
+        # A kernel that shrinks keeps its centre: it is odd. A fixed one may be even (a patch embedding's).
+        if kernel_sizes[-1] != kernel_size or any(k < 1 for k in kernel_sizes) or len(kernel_sizes) > 1 and any(
+                k % 2 == 0 for k in kernel_sizes):
             raise ValueError(
                 f'kernel_sizes {list(kernel_sizes)} must be odd and top out at the kernel size {kernel_size}')
         if len(kernel_sizes) > 1 and groups == 1:
@@ -208,10 +210,16 @@ class ElasticConv2d(nn.Conv2d):
                 or conv.dilation[0] != conv.dilation[1]:
             raise ValueError(f'ElasticConv2d needs square kernels, strides and dilations, got {conv}')
         expected_padding = (get_padding(k, conv.stride[0], conv.dilation[0]),) * 2
-        if not isinstance(conv.padding, tuple) or conv.padding != expected_padding:
+        # A kernel that shrinks pads as timm pads a conv of that size; a fixed one keeps its own static padding (a
+        # patch embedding's 0).
+        fixed = not kernel_sizes or len(set(kernel_sizes)) == 1
+        symmetric = isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
+        if type(conv) is not nn.Conv2d or conv.padding_mode != 'zeros' or not (
+                conv.padding == expected_padding or fixed and symmetric):
             raise ValueError(
-                f"ElasticConv2d needs timm's symmetric static padding; {conv} uses padding {conv.padding!r} "
-                f"(TF 'same' padding models such as tf_* variants are not supported)")
+                f"ElasticConv2d needs a plain nn.Conv2d with timm's symmetric static padding; {conv} is a "
+                f"{type(conv).__name__} with padding {conv.padding!r} (TF 'same' padding models such as tf_* variants "
+                f"are not supported)")
         max_k = max(kernel_sizes) if kernel_sizes else k
         if max_k < k:
             raise ValueError(f'kernel_sizes {list(kernel_sizes)} must include the source kernel size {k}')
@@ -225,6 +233,8 @@ class ElasticConv2d(nn.Conv2d):
                                                           dtype=conv.weight.dtype)))
         new.weight = conv.weight if max_k == k else nn.Parameter(F.pad(conv.weight.detach(), [(max_k - k) // 2] * 4))
         new.bias = conv.bias
+        if max_k == k:
+            new.padding = conv.padding
         new.train(conv.training)
         return new
 
@@ -334,7 +344,7 @@ class ElasticConv2d(nn.Conv2d):
         out_channels, _, k, _ = state['weight'].shape
         conv = nn.Conv2d(
             in_channels, out_channels, k, stride=self.stride,
-            padding=get_padding(k, self.stride[0], self.dilation[0]),
+            padding=self.padding if k == self.kernel_size[0] else get_padding(k, self.stride[0], self.dilation[0]),
             dilation=self.dilation, groups=in_channels if self.depthwise else 1, bias=self.bias is not None,
             device='meta')
         conv.load_state_dict(state, assign=True)
@@ -433,28 +443,173 @@ class ElasticBatchNormAct2d(_ElasticBatchNormMixin, BatchNormAct2d):
 
 
 class ElasticLinear(nn.Linear):
-    """``nn.Linear`` that reads the leading ``in_features`` of its input (the classifier after an elastic width)."""
+    """``nn.Linear`` whose input features follow its input (the leading ``in_features``) and whose output features
+    can shrink to the leading ``active_out_features`` (set by ``set_active``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.active_out_features: Optional[int] = None
 
     @classmethod
     def from_static(cls, linear: nn.Linear) -> 'ElasticLinear':
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device='meta')
         return _adopt(new, linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[-1]
-        weight = self.weight if c == self.in_features else prefix_slice(self.weight, None, c)
-        return F.linear(x, weight, self.bias)
+    def set_active(self, out_features: Optional[int] = None) -> None:
+        """Set the active output features; None means all of them."""
+        if out_features is not None and not 0 < out_features <= self.out_features:
+            raise ValueError(f'out_features={out_features} outside 1..{self.out_features}')
+        self.active_out_features = None if out_features == self.out_features else out_features
 
-    def static_state(self, in_features: int) -> Dict[str, torch.Tensor]:
-        state = {'weight': _detached(self.weight[:, :in_features])}
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, out = x.shape[-1], self.active_out_features
+        if c == self.in_features and out is None:
+            return F.linear(x, self.weight, self.bias)
+        weight = prefix_slice(self.weight, out, None if c == self.in_features else c)
+        bias = self.bias if self.bias is None or out is None else self.bias[:out]
+        return F.linear(x, weight, bias)
+
+    def static_state(self, in_features: int, out_features: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Tensors of the static ``nn.Linear`` over the leading ``in_features`` and ``out_features`` (default: the
+        active ones)."""
+        out = out_features or self.active_out_features or self.out_features
+        state = {'weight': _detached(self.weight[:out, :in_features])}
         if self.bias is not None:
-            state['bias'] = _detached(self.bias)
+            state['bias'] = _detached(self.bias[:out])
         return state
 
     def to_static(self, in_features: int) -> nn.Linear:
-        linear = nn.Linear(in_features, self.out_features, bias=self.bias is not None, device='meta')
-        linear.load_state_dict(self.static_state(in_features), assign=True)
+        state = self.static_state(in_features)
+        linear = nn.Linear(in_features, state['weight'].shape[0], bias=self.bias is not None, device='meta')
+        linear.load_state_dict(state, assign=True)
         return linear.train(self.training)
+
+
+class ElasticLayerNorm(nn.LayerNorm):
+    """A layer norm over the last dimension that normalises the leading channels its input has (AutoFormer's
+    LayerNormSuper): the statistics are those of the active channels, and weight and bias are sliced with them."""
+
+    @classmethod
+    def from_static(cls, norm: nn.LayerNorm) -> 'ElasticLayerNorm':
+        if len(norm.normalized_shape) != 1:
+            raise ValueError(f'ElasticLayerNorm normalises one dimension, got normalized_shape {norm.normalized_shape}')
+        new = cls(norm.normalized_shape[0], eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                  bias=norm.bias is not None, device='meta')
+        return _adopt(new, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[-1]
+        if c == self.normalized_shape[0]:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        weight = None if self.weight is None else self.weight[:c]
+        bias = None if self.bias is None else self.bias[:c]
+        return F.layer_norm(x, (c,), weight, bias, self.eps)
+
+    def static_state(self, channels: int) -> Dict[str, torch.Tensor]:
+        return {name: _detached(t[:channels]) for name, t in (('weight', self.weight), ('bias', self.bias))
+                if t is not None}
+
+
+class ElasticLayerScale(nn.Module):
+    """timm's ``LayerScale`` (a learned scale per channel) over the leading channels of its input."""
+
+    def __init__(self, dim: int, inplace: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.inplace = inplace
+        self.gamma = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    @classmethod
+    def from_static(cls, scale: nn.Module) -> 'ElasticLayerScale':
+        new = cls(scale.gamma.shape[0], inplace=getattr(scale, 'inplace', False), device='meta')
+        return _adopt(new, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[-1]
+        gamma = self.gamma if c == self.gamma.shape[0] else self.gamma[:c]
+        return x.mul_(gamma) if self.inplace else x * gamma
+
+    def static_state(self, channels: int) -> Dict[str, torch.Tensor]:
+        return {'gamma': _detached(self.gamma[:channels])}
+
+
+class ElasticAttention(Attention):
+    """timm's multi-head self-attention with an elastic head count (the leading ``active_heads``; each head keeps its
+    width) over an elastic input width.
+
+    ``qkv`` is timm's one ``Linear`` laid out ``[q | k | v]``, each heads-major: the rows of the leading heads of
+    each part are gathered. ``proj`` (an :class:`ElasticLinear`) reads the leading ``heads x head_dim`` channels and
+    writes the active width. At the full setting ``forward`` is timm's own, so the max subnet computes the source.
+    """
+
+    @classmethod
+    def from_static(cls, attn: Attention) -> 'ElasticAttention':
+        """Build from a timm ``Attention`` (without a gate or an attention-output norm, which no elastic width has).
+
+        Raises:
+            ValueError: Naming what the attention has that cannot shrink.
+        """
+        if type(attn) is not Attention:
+            raise ValueError(f'{type(attn).__name__} attention is not supported (timm Attention only)')
+        if getattr(attn, 'gate', None) is not None or not isinstance(attn.norm, nn.Identity):
+            raise ValueError('Attention with a gate or a norm of its output (scale_norm) is not supported')
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ('num_heads', 'head_dim', 'attn_dim', 'scale', 'fused_attn'):
+            setattr(new, name, getattr(attn, name))
+        new.gate = None
+        _adopt(new, attn)
+        new.proj = ElasticLinear.from_static(attn.proj)
+        new.active_heads = None
+        return new
+
+    def set_active(self, heads: Optional[int] = None, out_features: Optional[int] = None) -> None:
+        """Set the active head count (None: all) and the width ``proj`` writes (None: its full width)."""
+        if heads is not None and not 0 < heads <= self.num_heads:
+            raise ValueError(f'heads={heads} outside 1..{self.num_heads}')
+        self.active_heads = None if heads == self.num_heads else heads
+        self.proj.set_active(out_features)
+
+    def qkv_weight(self, in_features: int, heads: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``qkv``'s weight and bias for the leading ``heads`` and ``in_features``."""
+        qkv = self.qkv
+        if heads == self.num_heads and in_features == qkv.in_features:
+            return qkv.weight, qkv.bias
+        weight = qkv.weight.view(3, self.num_heads, self.head_dim, -1)[:, :heads, :, :in_features]
+        weight = weight.reshape(3 * heads * self.head_dim, in_features)
+        bias = None if qkv.bias is None else qkv.bias.view(3, self.num_heads, self.head_dim)[:, :heads].reshape(-1)
+        return weight, bias
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        heads = self.active_heads or self.num_heads
+        if heads == self.num_heads and C == self.qkv.in_features:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        qkv = F.linear(x, *self.qkv_weight(C, heads))
+        q, k, v = qkv.reshape(B, N, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, heads * self.head_dim)
+        return self.proj_drop(self.proj(x))
+
+    def static_state(self, in_features: int, heads: int) -> Dict[str, torch.Tensor]:
+        """Tensors of a timm ``Attention`` over ``in_features`` with ``heads`` heads, keyed as in its state dict."""
+        with torch.no_grad():
+            weight, bias = self.qkv_weight(in_features, heads)
+            state = {'qkv.weight': _detached(weight)}
+            if bias is not None:
+                state['qkv.bias'] = _detached(bias)
+            for name in ('q_norm', 'k_norm'):
+                state.update({f'{name}.{k}': _detached(v) for k, v in getattr(self, name).state_dict().items()})
+            proj = self.proj.static_state(heads * self.head_dim, out_features=in_features)
+        state.update({f'proj.{k}': v for k, v in proj.items()})
+        return state
 
 
 class ElasticSqueezeExcite(SqueezeExcite):
@@ -517,7 +672,8 @@ class ElasticSqueezeExcite(SqueezeExcite):
 
 
 ELASTIC_TYPES: tuple[Type[nn.Module], ...] = (
-    ElasticConv2d, ElasticBatchNorm2d, ElasticBatchNormAct2d, ElasticLinear, ElasticSqueezeExcite)
+    ElasticConv2d, ElasticBatchNorm2d, ElasticBatchNormAct2d, ElasticLinear, ElasticLayerNorm, ElasticLayerScale,
+    ElasticAttention, ElasticSqueezeExcite)
 
 
 def is_elastic(module: nn.Module) -> bool:

@@ -27,6 +27,7 @@ class RunConfig:
 
     Args:
         model: A registered ``ofa_*`` name.
+        model_kwargs: Arguments of the source model or the space (``depth=6, img_size=32, patch_size=4``).
         data_dir: Dataset root: an ImageFolder with ``train`` and ``validation`` folders, or a timm dataset root with
             ``dataset``.
         budgets: One per exported subnet (``'5ms,10ms,20ms'``, ``'300MFLOPs'``, ``'10ms+300MFLOPs'``,
@@ -67,6 +68,7 @@ class RunConfig:
     data_dir: str
     budgets: Union[str, Sequence[Union[str, Budget]]]
     out: str = 'ofa_run'
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
     latency: Optional[str] = 'torch-cpu'
     pretrained: bool = False
     pretrained_file: Optional[str] = None

@@ -5,7 +5,8 @@ Steps, each writing its files into the work folder and recording the inputs it u
 1. ``train``: progressive shrinking (``Trainer``; DDP under ``torchrun``), or a given trained checkpoint.
 2. ``latency``: a latency table measured on this machine (``torch-cpu``, ``torch-cuda``, ``onnxruntime``), read from
    a file, or imported from a latency kit measured on another device (``kit:results.json``).
-3. ``accuracy``: random subnets, BN-recalibrated and evaluated on the validation split (sharded across ranks).
+3. ``accuracy``: random subnets, BN-recalibrated (where the family has batch norms) and evaluated on the validation
+   split (sharded across ranks).
 4. ``predictor``: the accuracy predictor fitted on them (held-out RMSE and Spearman).
 5. ``search``: constrained evolution per budget; the best ``finalists`` distinct candidates of each.
 6. ``finalists``: each candidate evaluated on the validation split (sharded); the best measured one wins, so that a
@@ -96,7 +97,7 @@ class Pipeline:
         from .data import load_splits
         cfg = self.config
         # The space (of a randomly initialised supernet: no download) sets the loaders' size and the schedule.
-        initial = load_supernet(cfg.model, resolutions=cfg.resolutions)
+        initial = load_supernet(cfg.model, resolutions=cfg.resolutions, model_kwargs=cfg.model_kwargs)
         self.space = initial.space
         size = cfg.image_size or max(self.space.resolutions or (initial.input_resolution,))
         data_cfg = DataConfig(cfg.data_dir, dataset=cfg.dataset, train_split=cfg.train_split,
@@ -109,6 +110,9 @@ class Pipeline:
                  f'{s.num_classes} classes (test split: '
                  f'{cfg.test_dir or f"{cfg.test_fraction:.0%} of the validation split, stratified, seed {cfg.seed}"}, '
                  f'read by the report alone)')
+        if not initial.has_batchnorm:
+            self.log(f'{cfg.model} has no batch norm: its subnets are evaluated and exported without BN '
+                     f'recalibration')
 
     def _step(self, index: int, name: str, inputs: Dict[str, Any], work: Work, what: str,
               main_only: bool = False) -> Dict[str, Any]:
@@ -233,7 +237,8 @@ class Pipeline:
                                       min_steps=cfg.min_steps, lr_scale=cfg.lr_scale, sampling=cfg.sampling)
             skip = ('output', 'progress', 'progress_seconds', 'log_every', 'checkpoint_every', 'checkpoint_minutes',
                     'workers', 'seed')
-            inputs = dict(model=cfg.model, pretrained=cfg.pretrained, resolutions=cfg.resolutions,
+            inputs = dict(model=cfg.model, model_kwargs=cfg.model_kwargs, pretrained=cfg.pretrained,
+                          resolutions=cfg.resolutions,
                           pretrained_file=file_digest(cfg.pretrained_file) if cfg.pretrained_file else None,
                           schedule=schedule.to_dict(),
                           train={k: v for k, v in asdict(cfg.train).items() if k not in skip},
@@ -296,8 +301,9 @@ class Pipeline:
             _, top1 = read_accuracy_dataset(path, space)
             return dict(n=len(top1), top1_min=float(top1.min()), top1_max=float(top1.max()),
                         seconds_per_subnet=per_subnet), [path]
+        recalibrated = 'BN-recalibrated and ' if self.supernet.has_batchnorm else ''
         self._step(index, 'accuracy', inputs, work,
-                   f'{cfg.subnets} random subnets, each BN-recalibrated and evaluated on the validation split')
+                   f'{cfg.subnets} random subnets, each {recalibrated}evaluated on the validation split')
         self.accuracy_path = path
 
     def _step_predictor(self, index: int) -> None:
@@ -371,7 +377,8 @@ class Pipeline:
                     self.supernet, b['winner']['subnet'], folder / b['label'], formats=cfg.formats, calib_loader=calib,
                     calib_images=cfg.train.calib_images, model_name=cfg.model)['files']
             return dict(files=files), [folder / label for label in files]
-        self._step(index, 'export', inputs, work, f'each winner, BN-recalibrated, as {", ".join(cfg.formats)}',
+        recalibrated = ', BN-recalibrated,' if self.supernet.has_batchnorm else ''
+        self._step(index, 'export', inputs, work, f'each winner{recalibrated} as {", ".join(cfg.formats)}',
                    main_only=True)
 
     def _step_report(self, index: int) -> None:

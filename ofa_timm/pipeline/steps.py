@@ -33,7 +33,8 @@ def train_supernet(cfg: RunConfig, splits: Splits, schedule: Any, pretrained: bo
     _barrier()
     torch.manual_seed(cfg.seed)
     supernet = load_supernet(cfg.model, num_classes=splits.num_classes, resolutions=cfg.resolutions,
-                             pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file)
+                             pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
+                             model_kwargs=cfg.model_kwargs)
     train_cfg = replace(cfg.train, output=str(run_dir), seed=cfg.seed, progress=cfg.progress)
     trainer = Trainer(supernet, schedule, splits.train, splits.val, splits.calib, train_cfg, pretrained=pretrained)
     if (run_dir / 'last.pth').is_file():

@@ -10,12 +10,12 @@ checked (ONNX against ONNX Runtime, pt2 against eager PyTorch), so a failure nev
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from .._io import load_weights, staged_folder
+from .._io import load_weights, staged_folder, supernet_model_args
 from ..space import SearchSpace, SubnetLike
 
 __all__ = ['EXPORT_FORMATS', 'load_supernet', 'export_subnet']
@@ -57,6 +57,7 @@ def load_supernet(
         resolutions: Optional[Sequence[int]] = None,
         pretrained: bool = False,
         pretrained_file: Optional[Union[str, os.PathLike]] = None,
+        model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> nn.Module:
     """A registered supernet (``import ofa_timm`` first), by name: the one way the command line, the pipeline and the
     search build one. Trained weights bring their space and class count; starting weights keep those of the call.
@@ -71,6 +72,9 @@ def load_supernet(
         pretrained: Start from the name's pretrained weights (when no checkpoint is given).
         pretrained_file: Start from these local weights (timm weights of the source model, a reference or this
             project's checkpoint) instead of downloading the name's.
+        model_kwargs: Arguments of the source model or the space (``depth=6, img_size=32, patch_size=4`` for a small
+            vision transformer; ``resolutions`` and ``num_classes`` have their own arguments). A checkpoint of this
+            project brings the ones it was trained with.
 
     Raises:
         ValueError: On an unknown name, a missing or unreadable checkpoint, or a checkpoint of another model or
@@ -79,7 +83,7 @@ def load_supernet(
     import timm
     if not timm.is_model(model) or not model.startswith('ofa_'):
         raise ValueError(f"--model must be a registered ofa_* name (see timm.list_models('ofa_*')), got {model!r}")
-    kwargs: Dict[str, Any] = {}
+    kwargs: Dict[str, Any] = dict(model_kwargs or {})
     stored_space = None
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
@@ -184,10 +188,9 @@ def export_subnet(
         subnet.to_json(staging / 'subnet.json')
         if 'timm' in formats:
             from timm.models import save_for_hf
-            space = supernet.space
-            model_args = dict(subnet=subnet.to_dict(), num_classes=supernet.num_classes)
-            if space.resolutions:
-                model_args['resolutions'] = list(space.resolutions)
+            model_args = dict(supernet_model_args(supernet), subnet=subnet.to_dict())
+            if not supernet.space.resolutions:
+                model_args.pop('resolutions')
             model.pretrained_cfg = dict(model.pretrained_cfg, architecture=model_name)
             save_for_hf(model, str(staging), model_args=model_args, safe_serialization=True)
         if 'safetensors' in formats:

@@ -395,11 +395,11 @@ _RESUME_KEYS = ('model', 'num_classes', 'backend', 'device', 'batch_size', 'thre
 
 
 def plan_entries(layout: BlockLayout, settings: LatencySettings):
-    """Entries (distinct block computations per input size), the (block, combination) that first produces each, and
-    every block's entry index table (-1 where the block is absent)."""
+    """Entries (distinct block computations per input size), the (block, combination, resolution index) that first
+    produces each, and every block's entry index table (-1 where the block is absent)."""
     positions: Dict[str, int] = {}
     entries: List[Dict[str, Any]] = []
-    sources: List[Tuple[int, int]] = []
+    sources: List[Tuple[int, int, int]] = []
     blocks = []
     for b, block in enumerate(layout.blocks):
         index = np.full((len(block.specs), len(layout.resolutions)), -1, dtype=np.int64)
@@ -414,44 +414,50 @@ def plan_entries(layout: BlockLayout, settings: LatencySettings):
                     entries.append(dict(id=eid, desc=_entry_desc(spec, size),
                                         input=spec.input_shape(res, settings.batch_size), ms=None, iqr=None,
                                         passes=[]))
-                    sources.append((b, c))
+                    sources.append((b, c, r))
                 index[c, r] = positions[eid]
         blocks.append((block.name, block.genes, index))
     return entries, sources, blocks
 
 
-def entry_modules(supernet: nn.Module, layout: BlockLayout, sources: Sequence[Tuple[int, int]],
+def entry_modules(supernet: nn.Module, layout: BlockLayout, sources: Sequence[Tuple[int, int, int]],
                   indices: Sequence[int]) -> Iterator[Tuple[int, nn.Module]]:
     """The module that computes each entry in ``indices``: ``(index, module)``, what the supernet's
     ``latency_module`` gives for the entry's block of an extracted model (its modules run in sequence).
 
     One extracted model serves every entry of a group of blocks whose genes do not overlap (see ``BlockLayout``), so
-    a MobileNetV3 space needs about a hundred extractions rather than one per entry.
+    a MobileNetV3 space needs about a hundred extractions rather than one per entry. A block whose module is built
+    for one input size (``BlockSpec.fixed_resolution``: a position embedding) comes from a model extracted at the
+    entry's resolution.
 
     Args:
         supernet: The supernet.
         layout: Its ``BlockLayout``.
-        sources: The (block, gene combination) that first produces each entry (from the table's plan).
+        sources: The (block, gene combination, resolution index) that first produces each entry (the table's plan).
         indices: The entries wanted.
     """
     space = layout.space
     names = [b.name for b in layout.blocks]
     group_of = {name: g for g, group in enumerate(disjoint_groups(names, {b.name: b.genes for b in layout.blocks}))
                 for name in group}
-    by_model: Dict[Tuple[int, int], List[int]] = {}
+    by_model: Dict[Tuple[int, int, int], List[int]] = {}
     for i in indices:
-        b, c = sources[i]
-        by_model.setdefault((group_of[names[b]], c), []).append(i)
+        b, c, r = sources[i]
+        fixed = layout.blocks[b].specs[c].fixed_resolution
+        by_model.setdefault((group_of[names[b]], c, r if fixed else -1), []).append(i)
     base = space.encode(space.max())
-    for (group, row), items in sorted(by_model.items()):
+    for (group, row, r), items in sorted(by_model.items()):
         codes = base.copy()
         for block in layout.blocks:
             if group_of[block.name] == group and block.genes:
                 codes[list(block.genes)] = np.unravel_index(row % len(block.specs),
                                                             [int(space.choice_counts[g]) for g in block.genes])
-        extracted = supernet.extract(space.decode(codes)).eval()
+        subnet = space.decode(codes)
+        if r >= 0:
+            subnet = subnet.replace(resolution=layout.resolutions[r])
+        extracted = supernet.extract(subnet).eval()
         for i in items:
-            b, c = sources[i]
+            b, c, _ = sources[i]
             yield i, supernet.latency_module(extracted, layout.blocks[b].specs[c])
 
 

@@ -31,11 +31,13 @@ def calibrate_bn(
         device: Device for the images (default: the model's).
 
     Returns:
-        The number of images used.
+        The number of images used (0 for a model without batch norms, which is left alone).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if num_images < 1:
         raise ValueError(f'num_images must be >= 1, got {num_images}')
+    if not bns:  # a transformer's or ConvNeXt's layer norms keep no statistics: nothing to recalibrate
+        return 0
     device = device or next(model.parameters()).device
     modes = {m: m.training for m in model.modules()}
     momenta = {bn: bn.momentum for bn in bns}

@@ -313,6 +313,8 @@ class Trainer:
         warning = short_schedule_warning(self.schedule, self.steps_per_epoch, self.pretrained)
         if warning:
             lines.append(warning)
+        if not self.supernet.has_batchnorm:
+            lines.append('No batch norm in this supernet: subnets are validated without BN recalibration')
         if self._unknown_unlocks:
             lines.append(f'The schedule unlocks {self._unknown_unlocks}, which this supernet does not have (its '
                          f'elastic dimensions: {list(space_dimensions(self.supernet.space))}): ignored')
