@@ -43,7 +43,11 @@ __all__ = [
 ]
 
 # Canonical OFA spaces (with the reference beside them) and timm models converted to supernets.
-SPACES: Tuple[str, ...] = ('ofa_mbv3_w12', 'mobilenetv3_large_100', 'resnet50d', 'ofa_resnet50')
+SPACES: Tuple[str, ...] = ('ofa_mbv3_w12', 'mobilenetv3_large_100', 'resnet50d', 'ofa_resnet50',
+                           'vit_small_patch16_224', 'convnext_atto')
+# Converted sources and their arguments at the benchmark's resolution (a transformer is built for its image size).
+_CONVERTED = {'mobilenetv3_large_100': {}, 'resnet50d': {}, 'vit_small_patch16_224': {'img_size'},
+              'convnext_atto': {}}
 # Subnets of every space: the corners and three fixed random ones.
 SUBNETS: Tuple[str, ...] = ('max', 'min', 'random0', 'random1', 'random2')
 NUM_CLASSES = 1000
@@ -121,8 +125,8 @@ def build_space(name: str, res: int, reference: bool = True, seed: int = 0) -> S
         seed: Seed of the random initialisation.
     """
     torch.manual_seed(seed)
-    if name in ('mobilenetv3_large_100', 'resnet50d'):
-        source = timm.create_model(name, num_classes=NUM_CLASSES)
+    if name in _CONVERTED:
+        source = timm.create_model(name, num_classes=NUM_CLASSES, **{k: res for k in _CONVERTED[name]})
         return Space(name, ofa_timm.elasticize(source, resolutions=(res,)), source=source)
     ref = None
     if name == 'ofa_mbv3_w12':

@@ -1,8 +1,8 @@
 """Elastic overhead: a supernet set to a subnet against the same subnet extracted as a static timm model.
 
 Eval forward and train step (forward, cross entropy, backward), batch 8, 128 px, for the canonical OFA MobileNetV3
-w1.2, ``mobilenetv3_large_100``, ``resnet50d`` and the canonical OFA-ResNet50, at the max, min and three fixed random
-subnets. Where the reference implementation has the space, its supernet and its own extracted subnet are timed in
+w1.2, ``mobilenetv3_large_100``, ``resnet50d``, the canonical OFA-ResNet50, ``vit_small_patch16_224`` (built at 128
+px) and ``convnext_atto``, at the max, min and three fixed random subnets. Where the reference implementation has the space, its supernet and its own extracted subnet are timed in
 the same rounds. Also the max subnet against the source timm model, whose outputs must be identical.
 """
 import pytest

@@ -113,7 +113,8 @@ def test_plot_names_each_subnet_and_draws_the_mean(tmp_path):
         records.append({'type': 'train', 'stage': stage, 'step': 5, 'global_step': step - 5, 'loss': 1.0})
         for i, label in enumerate(labels):
             records.append({'type': 'val', 'stage': stage, 'global_step': step, 'subnet': label, 'top1': 50. + i})
-        records.append({'type': 'val_mean', 'stage': stage, 'global_step': step, 'top1': 50.5})
+        records.append({'type': 'val_mean', 'stage': stage, 'global_step': step, 'top1': 50.5,
+                        'names': {'k': 'kernel', 'd': 'depth'}})
     path = tmp_path / 'metrics.jsonl'
     path.write_text('\n'.join(json.dumps(r) for r in records))
     plot_validation(read_metrics(path), tmp_path / 'val.png')
@@ -124,6 +125,7 @@ def test_plot_names_each_subnet_and_draws_the_mean(tmp_path):
     # The max subnet is one line across stages; corners are named over every dimension of the run.
     assert 'max @ 32 px' in labels and 'max @ 24 px' in labels and 'min @ 24 px' in labels
     assert 'k=min d=max @ 24 px' in labels
+    assert ax.get_legend().get_title().get_text() == 'subnet (k/d: kernel/depth)'
     mean = [line for line in ax.get_lines() if line.get_label() == 'mean of the validated subnets']
     assert mean and mean[0].get_linewidth() >= 3
     assert [len(line.get_xdata()) for line in ax.get_lines() if line.get_label() == 'max @ 32 px'] == [3]

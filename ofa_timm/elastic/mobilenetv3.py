@@ -28,6 +28,7 @@ from .efficientnet_builder import (
 
 __all__ = [
     'ElasticMobileNetV3', 'ofa_mobilenetv3', 'ofa_mobilenetv3_arch_def', 'convert_ofa_state_dict',
+    'TUTORIAL_PREDICTOR_ENCODING',
     'OFA_KERNELS', 'OFA_EXPANDS', 'OFA_DEPTHS', 'OFA_RESOLUTIONS',
 ]
 
@@ -177,6 +178,12 @@ def ofa_mobilenetv3(
     )
     source.pretrained_cfg = imagenet_cfg(num_classes=num_classes)
     return ElasticMobileNetV3(source, kernels=kernels, expands=expands, depths=depths, resolutions=resolutions)
+
+
+# The reference tutorial's published accuracy predictor of the MobileNetV3 spaces encodes kernels, expand ratios, then
+# 8 resolution buckets of 16 px from 112 (``ofa_timm.search.AccuracyPredictor.from_reference``).
+TUTORIAL_PREDICTOR_ENCODING: Dict[str, Any] = dict(order=('kernels', 'expands', 'resolution'),
+                                                   resolution_bins=tuple(range(112, 225, 16)))
 
 
 # --- reference checkpoint conversion --------------------------------------------------------------------------------

@@ -379,7 +379,8 @@ class ElasticVisionTransformer(ElasticSupernet):
             return _Stem(model)
         if spec.name == 'head':
             return _Head(model)
-        return super().latency_module(model, spec)
+        # called with the tokens alone, so that an exporter traces the block's own defaults (no mask, not causal)
+        return nn.Sequential(*(model.get_submodule(m) for m in spec.modules))
 
     # --- timm model API -----------------------------------------------------------------------------------------
     @torch.jit.ignore

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_path, load_weights, write_text_atomic
+from ..elastic.mobilenetv3 import TUTORIAL_PREDICTOR_ENCODING
 from ..space import DEPTHS, RESOLUTION, SearchSpace, Subnet, SubnetLike
 from .cost import SubnetsOrCodes, as_codes
 
@@ -37,8 +38,6 @@ __all__ = [
 
 PREDICTOR_FORMAT = 'ofa_timm.accuracy_predictor.v1'
 _DATASET_FORMAT = 'ofa_timm.accuracy_dataset.v1'
-# The reference tutorial's published predictor: kernels, expands, then 8 resolution buckets of 16 px from 112.
-_TUTORIAL_BINS = tuple(range(112, 225, 16))
 
 
 @dataclass(frozen=True)
@@ -264,8 +263,7 @@ class AccuracyPredictor(nn.Module):
         elif '0.weight' in state:
             linear = sorted({int(k.split('.')[0]) for k in state})
             predictor = cls(space, state['0.weight'].shape[0], len(linear) - 1, output_scale=100.0, final_bias=True,
-                            encoder=EncoderConfig(order=('kernels', 'expands', 'resolution'),
-                                                  resolution_bins=_TUTORIAL_BINS))
+                            encoder=EncoderConfig(**TUTORIAL_PREDICTOR_ENCODING))
             # nn.Sequential(Linear, ReLU, ...) numbering -> layers.i.0 / layers.n
             state = {(f'layers.{int(k.split(".")[0]) // 2}.0.{k.split(".")[1]}'
                       if int(k.split('.')[0]) < linear[-1] else f'layers.{len(linear) - 1}.{k.split(".")[1]}'): v

@@ -55,9 +55,10 @@ def plot_validation(metrics: Sequence[Dict[str, Any]], path: Union[str, Path]) -
 def validation_figure(metrics: Sequence[Dict[str, Any]]) -> Any:
     """A matplotlib figure of the top-1 of each validated subnet across stages, and of their mean in bold.
 
-    Each thin line is one subnet, named by its corner (k/d/e/w: kernel, depth, expand, width at their min or max) and
-    resolution, and followed across stages: a dimension a stage does not unlock is at its max, so the max subnet is one
-    line from the full stage on. Solid lines are at the largest validated resolution, dashed at the others.
+    Each thin line is one subnet, named by its corner (``k=min`` ...: each unlocked dimension at its min or max, the
+    legend's title says which letter stands for which) and resolution, and followed across stages: a dimension a
+    stage does not unlock is at its max, so the max subnet is one line from the full stage on. Solid lines are at the
+    largest validated resolution, dashed at the others.
     """
     import matplotlib
     matplotlib.use('Agg')
@@ -111,7 +112,7 @@ def validation_figure(metrics: Sequence[Dict[str, Any]]) -> Any:
     ax.set_xlabel('optimizer step')
     ax.set_ylabel('top-1 (%)')
     ax.set_title('Validation top-1 of BN-recalibrated subnets across progressive-shrinking stages')
-    names = {'k': 'kernel', 'd': 'depth', 'e': 'expand', 'w': 'width'}
+    names = {k: v for m in metrics if m.get('type') == 'val_mean' for k, v in m.get('names', {}).items()}
     title = f"subnet ({'/'.join(dims)}: {'/'.join(names.get(d, d) for d in dims)})" if dims else 'subnet'
     ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), title=title, title_fontsize=7)
     fig.tight_layout()

@@ -7,7 +7,7 @@ draws what the uninterrupted run drew.
 """
 import random
 from dataclasses import replace
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..space import RESOLUTION, Dimension, SearchSpace, Subnet
 from .schedule import Level, Schedule, Stage
@@ -107,6 +107,11 @@ class StepSampler:
             subnets = [self.space.sample(rng) for _ in range(n)]
         return [s.replace(resolution=resolution) for s in subnets]
 
+    def grid_names(self) -> Dict[str, str]:
+        """What the short names of :meth:`validation_grid`'s labels stand for (``{'k': 'kernel', ...}``)."""
+        labels = [d.label for d in shrinking_dimensions(self.space) if d.name != RESOLUTION]
+        return {short: label for label, short in _short_labels(labels).items()}
+
     def validation_grid(self, resolutions: Optional[Sequence[int]] = None) -> List[Tuple[str, Subnet]]:
         """Named subnets to validate: every min/max corner of the unlocked dimensions, at the given resolutions.
 
@@ -127,7 +132,7 @@ class StepSampler:
         return grid
 
 
-def _short_labels(labels: Sequence[str]) -> dict:
+def _short_labels(labels: Sequence[str]) -> Dict[str, str]:
     """Each label's first letter (``k=max,d=min``), or the whole label where two share one."""
     firsts = [label[0] for label in labels]
     return {label: label[0] if firsts.count(label[0]) == 1 else label for label in labels}

@@ -684,7 +684,7 @@ class Trainer:
             record = {'type': 'val_mean', 'stage': stage.name, 'epoch': epoch, 'step': self.position.step,
                       'global_step': self.position.global_step, 'top1': mean1, 'top5': mean5,
                       'min_top1': min(r['top1'] for r in results), 'max_top1': max(r['top1'] for r in results),
-                      'seconds': elapsed}
+                      'seconds': elapsed, 'names': sampler.grid_names()}
             self._log(record)
             self.history.append(record)
             if show:
