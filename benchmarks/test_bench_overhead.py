@@ -2,8 +2,9 @@
 
 Eval forward and train step (forward, cross entropy, backward), batch 8, 128 px, for the canonical OFA MobileNetV3
 w1.2, ``mobilenetv3_large_100``, ``resnet50d``, the canonical OFA-ResNet50, ``vit_small_patch16_224`` (built at 128
-px) and ``convnext_atto``, at the max, min and three fixed random subnets. Where the reference implementation has the space, its supernet and its own extracted subnet are timed in
-the same rounds. Also the max subnet against the source timm model, whose outputs must be identical.
+px) and ``convnext_atto``, at the max, min and three fixed random subnets. Where the reference implementation has
+the space, its supernet and its own extracted subnet are timed in the same rounds. Also the max subnet against the
+source timm model, whose outputs must be identical.
 """
 import pytest
 import torch
