@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import HelpFormatter, config_from_args, init_distributed
+from .specialize import add_int8_args
 from .train import add_model_arguments, add_training_arguments
 
 __all__ = ['add_parsers']
@@ -39,9 +40,13 @@ def add_parsers(sub: Any) -> None:
     g.add_argument('--budgets', required=True,
                    help='one exported subnet per budget: 5ms,10ms | 300MFLOPs | 3Mparams | 10ms+300MFLOPs | '
                         '25%%latency (a share of the way from the cheapest subnet to the most expensive)')
-    g.add_argument('--latency', default='torch-cpu',
+    g.add_argument('--latency', default='auto',
                    help="torch-cpu | torch-cuda | onnxruntime (measured here), TABLE.json, kit:RESULTS.json (a kit "
-                        "measured on another device), or none")
+                        "measured on another device), none, or auto (torch-cpu; onnxruntime with --precision int8)")
+    g.add_argument('--precision', choices=('fp32', 'int8'), default='fp32',
+                   help='int8: INT8 latency (QDQ graphs), finalists scored by their INT8 validation top-1, onnx-int8 '
+                        'export, INT8 beside FP32 test top-1 in the report')
+    add_int8_args(g)
     g.add_argument('--latency-batch-size', type=int, default=1)
     g.add_argument('--threads', type=int, default=None, help="intra-op threads of the latency measurements")
     g.add_argument('--calibrate', type=int, default=10, help='calibration subnets of a latency table built here')
@@ -63,6 +68,9 @@ def add_parsers(sub: Any) -> None:
     d.add_argument('--min-steps', type=int, default=None,
                    help="floor in optimizer steps (default: the recipe's; 0 for a quick look)")
     d.add_argument('--subnets', type=int, default=DEFAULT_SUBNETS, help='random subnets evaluated for the predictor')
+    d.add_argument('--precision', choices=('fp32', 'int8'), default='fp32',
+                   help='int8: latency of INT8 graphs (onnxruntime), finalists scored and tested as INT8 graphs, and '
+                        'an onnx-int8 export; rerun an fp32 demo folder with it to reuse its training')
     d.add_argument('--seed', type=int, default=0)
     d.add_argument('--no-progress', action='store_true')
     d.set_defaults(func=_demo)
@@ -70,11 +78,13 @@ def add_parsers(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..pipeline import RunConfig, run
+    from ..search.quantize import QuantizeConfig
     from ..training import TrainConfig
     rank = init_distributed()
     config = RunConfig(
         model=args.model, model_kwargs=args.model_kwargs, data_dir=args.data_dir, budgets=args.budgets, out=args.out,
-        latency=None if args.latency == 'none' else args.latency, pretrained=args.pretrained,
+        latency=None if args.latency == 'none' else args.latency, precision=args.precision,
+        quantize=QuantizeConfig(args.int8_images, args.int8_method, args.int8_activations), pretrained=args.pretrained,
         pretrained_file=args.pretrained_file, checkpoint=args.checkpoint, resolutions=args.resolutions,
         image_size=args.img_size, dataset=args.dataset, train_split=args.train_split, val_split=args.val_split,
         test_dir=args.test_dir, test_fraction=args.test_fraction, auto_augment=args.aa, scale=tuple(args.scale),
@@ -99,7 +109,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"Handwritten digits (scikit-learn's 1,797 real 8x8 scans, 10 classes) written as a {size} px ImageFolder "
           f"in {root}: 797 training and 1,000 validation images, half of which the run holds out as its test split")
     config = demo_config(root, out / 'run', size, model=args.model, epochs_scale=args.epochs_scale,
-                         min_steps=args.min_steps, subnets=args.subnets, seed=args.seed, progress=not args.no_progress)
+                         min_steps=args.min_steps, subnets=args.subnets, seed=args.seed, progress=not args.no_progress,
+                         precision=args.precision)
     result = run(config)
     print(f'\n{result.report.read_text()}\nReport: {result.report}; plot: {result.plot}; run folder: {out / "run"}')
     print(f'Done in {time.time() - start:.0f} s.')

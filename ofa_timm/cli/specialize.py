@@ -15,7 +15,7 @@ __all__ = ['add_parsers']
 def _latency(args: argparse.Namespace) -> int:
     from ..search.latency import LatencySettings, build_latency_table, validation_summary
     settings = LatencySettings(args.backend, args.batch_size, args.threads, args.amp, args.channels_last,
-                               args.warmup, args.repeats, passes=args.passes)
+                               args.warmup, args.repeats, passes=args.passes, precision=args.precision)
     supernet = load_supernet_from_args(args)
     table = build_latency_table(supernet, args.out, settings, calibrate=args.calibrate, seed=args.seed,
                                 model=args.model, progress=not args.no_progress, validate=args.validate)
@@ -39,7 +39,7 @@ def _latency_kit(args: argparse.Namespace) -> int:
     from ..search.kit import make_kit
     supernet = load_supernet_from_args(args)
     out = make_kit(supernet, args.out, batch_size=args.batch_size, calibrate=args.calibrate, validate=args.validate,
-                   seed=args.seed, model=args.model, progress=not args.no_progress)
+                   seed=args.seed, model=args.model, progress=not args.no_progress, precision=args.precision)
     size = sum(f.stat().st_size for f in out.rglob('*') if f.is_file())
     print(f'Latency kit: {out} ({size / 1e6:.1f} MB). Copy the folder to the device and run there (Python >= 3.8 '
           f'with numpy and onnxruntime):\n  python measure.py [--provider cuda|tensorrt|coreml|nnapi|openvino|qnn|'
@@ -145,7 +145,8 @@ def _search(args: argparse.Namespace) -> int:
     results = specialize(supernet, predictor, used, limits, config, seed=args.seed, progress=not args.no_progress)
     elapsed = time.time() - start
     out = Path(args.out)
-    calib = _calibration_loader(args, supernet, max(space.resolutions or (supernet.input_resolution,)))
+    calib = _calibration_loader(args, supernet, max(space.resolutions or (supernet.input_resolution,)),
+                                'onnx-int8' in args.export_format)
     for budget, r in zip(budgets, results):
         folder = out / budget.label
         if args.export_format == 'none':
@@ -171,12 +172,12 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_loader(args: argparse.Namespace, supernet: Any, resolution: int) -> Any:
-    """Training images of ``--calibrate-bn`` for BN recalibration at ``resolution``, or None: none asked for, or a
-    supernet without batch norm (which says so)."""
+def _calibration_loader(args: argparse.Namespace, supernet: Any, resolution: int, int8: bool = False) -> Any:
+    """Training images of ``--calibrate-bn`` at ``resolution`` (BN recalibration, INT8 calibration), or None: none
+    asked for, or a supernet without batch norm and no INT8 graph to calibrate (which says so)."""
     if not args.calibrate_bn:
         return None
-    if not supernet.has_batchnorm:
+    if not supernet.has_batchnorm and not int8:
         print(f'{args.model} has no batch norm: --calibrate-bn has nothing to recalibrate', file=sys.stderr)
         return None
     return data_loaders(args.calibrate_bn, resolution, 32, 0, args.seed)[0]
@@ -184,15 +185,42 @@ def _calibration_loader(args: argparse.Namespace, supernet: Any, resolution: int
 
 def _export(args: argparse.Namespace) -> int:
     from ..search.export import export_subnet
+    from ..search.quantize import QuantizeConfig
+    formats = [f.strip() for f in args.format.split(',') if f.strip()]
+    int8 = 'onnx-int8' in formats
+    if int8 and not args.calibrate_bn:
+        raise ValueError('--format onnx-int8 calibrates its activations on training images: pass --calibrate-bn '
+                         'DIR (an ImageFolder root with a train/ folder)')
     supernet = load_supernet_from_args(args)
-    calib = _calibration_loader(args, supernet, supernet.resolution_of(supernet.resolve(args.subnet)))
-    result = export_subnet(supernet, args.subnet, args.out, formats=args.format.split(','), calib_loader=calib,
-                           calib_images=args.calib_images, model_name=args.model)
+    resolution = supernet.resolution_of(supernet.resolve(args.subnet))
+    calib = _calibration_loader(args, supernet, resolution, int8)
+    check = data_loaders(args.calibrate_bn, resolution, 32, 0, args.seed)[1] if int8 else None
+    quantize = QuantizeConfig(args.int8_images, args.int8_method, args.int8_activations)
+    result = export_subnet(supernet, args.subnet, args.out, formats=formats, calib_loader=calib,
+                           calib_images=args.calib_images, model_name=args.model, quantize=quantize,
+                           check_loader=check)
     for key in ('onnx_max_abs_diff', 'pt2_max_abs_diff'):
         if key in result:
             print(f"{key.split('_')[0]} check: max abs difference {result[key]:.3g} vs PyTorch")
+    if 'int8' in result:
+        c = result['int8']
+        print(f"onnx-int8 check on {c['images']} validation images: top-1 agrees with the float graph on "
+              f"{c['top1_agreement']:.1f}%, mean |logit difference| {100 * c['mean_abs_diff']:.2f}% of the logit scale")
     print(f"Exported {result['subnet'].to_dict()} to {args.out}: {', '.join(Path(f).name for f in result['files'])}")
     return 0
+
+
+def add_int8_args(p: argparse.ArgumentParser) -> None:
+    """The options of INT8 quantization (``QuantizeConfig``), shared by ``export`` and ``run``."""
+    from ..search.quantize import QuantizeConfig
+    d = QuantizeConfig()
+    p.add_argument('--int8-images', type=int, default=d.calibration_images,
+                   help='training images the INT8 activation ranges are calibrated on')
+    p.add_argument('--int8-method', choices=('minmax', 'entropy', 'percentile'), default=d.method,
+                   help='INT8 calibration method (onnxruntime.quantization)')
+    p.add_argument('--int8-activations', choices=('int8', 'uint8'), default=d.activations,
+                   help='INT8 activation type: int8 (symmetric, the CPU default) or uint8 (asymmetric, as NPUs '
+                        'such as QNN HTP take)')
 
 
 def add_parsers(sub: Any) -> None:
@@ -226,6 +254,8 @@ def add_parsers(sub: Any) -> None:
     b.add_argument('--warmup', type=int, default=10, help='untimed calls per entry')
     b.add_argument('--repeats', type=int, default=30, help='timed samples per entry (median)')
     b.add_argument('--passes', type=int, default=2, help='passes over the entries; each keeps its smallest median')
+    b.add_argument('--precision', choices=('fp32', 'int8'), default='fp32',
+                   help='int8: the QDQ graphs onnxruntime runs (the onnxruntime backend)')
     b.add_argument('--calibrate', type=int, default=10, help='subnets measured end to end to fit scale and offset')
     b.add_argument('--validate', type=int, default=0,
                    help='held-out subnets to measure end to end, in the same rounds as the calibration subnets')
@@ -239,6 +269,8 @@ def add_parsers(sub: Any) -> None:
     k.add_argument('--batch-size', type=int, default=1)
     k.add_argument('--calibrate', type=int, default=10, help='calibration subnets (measured whole)')
     k.add_argument('--validate', type=int, default=30, help='held-out validation subnets (measured whole)')
+    k.add_argument('--precision', choices=('fp32', 'int8'), default='fp32',
+                   help='int8: QDQ graphs, as NPUs (QNN HTP, NNAPI) and INT8 deployments run')
     k.add_argument('--seed', type=int, default=0)
     k.add_argument('--out', required=True, help='kit folder')
     k.add_argument('--no-progress', action='store_true')
@@ -315,8 +347,11 @@ def add_parsers(sub: Any) -> None:
     model_args(p)
     p.add_argument('--subnet', required=True, help="subnet JSON (or 'max' / 'min')")
     p.add_argument('--format', default='timm', help=f"comma-separated of {', '.join(EXPORT_FORMATS)}")
-    p.add_argument('--calibrate-bn', default=None, help='ImageFolder root: recalibrate BN on its train/ images')
-    p.add_argument('--calib-images', type=int, default=2000)
+    p.add_argument('--calibrate-bn', default=None,
+                   help='ImageFolder root: recalibrate BN on its train/ images (and calibrate onnx-int8 on them, '
+                        'checking it on validation/)')
+    p.add_argument('--calib-images', type=int, default=2000, help='images of BN recalibration')
+    add_int8_args(p)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--out', required=True, help='destination folder')
     p.set_defaults(func=_export)

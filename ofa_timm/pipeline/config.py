@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..search.budget import Budget, parse_budgets
+from ..search.quantize import PRECISIONS, QuantizeConfig
 from ..space import Subnet
 from ..training import TrainConfig
 
@@ -34,7 +35,12 @@ class RunConfig:
             ``'25%latency'``; see ``ofa_timm.search.parse_budgets``).
         out: The work folder.
         latency: ``'torch-cpu'``, ``'torch-cuda'`` or ``'onnxruntime'`` (measured here), the path of a latency
-            table, ``'kit:RESULTS.json'`` (a kit measured on another device), or None (FLOPs and parameters only).
+            table, ``'kit:RESULTS.json'`` (a kit measured on another device), None (FLOPs and parameters only), or
+            ``'auto'``: torch-cpu in fp32, onnxruntime in int8.
+        precision: ``'fp32'``, or ``'int8'``: the latency table times QDQ graphs, the finalists are scored by the
+            validation top-1 of their INT8 graph, the winners are exported as ``onnx-int8`` too, and the report gives
+            their INT8 test top-1 beside the FP32 one.
+        quantize: How INT8 graphs are calibrated (training images only).
         pretrained: Start from the model's pretrained weights.
         pretrained_file: Start from these local weights (timm weights of the source model, or a checkpoint).
         checkpoint: A trained supernet (``supernet.safetensors``): the train step uses it instead of training.
@@ -55,7 +61,7 @@ class RunConfig:
         sampling: Sampling rule of every stage (``'uniform'`` or ``'sandwich'``; default: each stage's own).
         subnets: Random subnets in the accuracy dataset.
         finalists: Candidates per budget measured on the validation split.
-        formats: Export formats (``timm``, ``safetensors``, ``onnx``, ``pt2``).
+        formats: Export formats (``timm``, ``safetensors``, ``onnx``, ``onnx-int8``, ``pt2``).
         latency_batch_size: Batch size the latency is measured at.
         latency_threads: Intra-op threads for latency (default: PyTorch's).
         calibrate: Calibration subnets of a latency table built here.
@@ -69,7 +75,9 @@ class RunConfig:
     budgets: Union[str, Sequence[Union[str, Budget]]]
     out: str = 'ofa_run'
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    latency: Optional[str] = 'torch-cpu'
+    latency: Optional[str] = 'auto'
+    precision: str = 'fp32'
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     pretrained: bool = False
     pretrained_file: Optional[str] = None
     checkpoint: Optional[str] = None
@@ -105,6 +113,17 @@ class RunConfig:
             raise ValueError(f'subnets must be >= 10 (the predictor holds 20% of them out), got {self.subnets}')
         if self.finalists < 1:
             raise ValueError(f'finalists must be >= 1, got {self.finalists}')
+        if self.precision not in PRECISIONS:
+            raise ValueError(f'Unknown precision {self.precision!r}; allowed: {list(PRECISIONS)}')
+        if self.latency == 'auto':
+            self.latency = 'onnxruntime' if self.precision == 'int8' else 'torch-cpu'
+        if self.precision == 'int8':
+            from ..search.quantize import require_quantization
+            require_quantization()
+            if self.latency in ('torch-cpu', 'torch-cuda'):
+                raise ValueError(f'An int8 run times the QDQ graphs onnxruntime runs: pass latency=onnxruntime (or a '
+                                 f'table / kit results measured in int8), not {self.latency}')
+            self.formats = tuple(dict.fromkeys([*self.formats, 'onnx-int8']))
         if self.latency is not None and self.latency not in LOCAL_BACKENDS and not (
                 self.latency.startswith('kit:') or self.latency.endswith('.json')):
             raise ValueError(f"latency must be one of {list(LOCAL_BACKENDS)}, a table's .json path, "
@@ -133,6 +152,12 @@ class BudgetResult:
             ``subnet``, ``val_top1`` and ``test_top1``.
         files: The exported files.
         load: A line that loads the subnet in timm.
+        latency: Its latency timed here against the table's anchors (``table_ms`` with its 95 % interval
+            ``low_ms``-``high_ms``, ``measured_ms`` as the clock read it, ``drift``, ``over_budget_pct``), where the
+            table is local.
+        test_top1_int8: Its INT8 graph's test top-1 (an int8 run).
+        fp32_choice: In an int8 run, the finalist FP32 validation top-1 would have chosen, where it is another
+            subnet: its ``subnet``, ``val_top1``, ``val_top1_int8``, ``test_top1`` and ``test_top1_int8``.
     """
     label: str
     limits: Dict[str, float]
@@ -146,6 +171,9 @@ class BudgetResult:
     random_best: Optional[Dict[str, Any]]
     files: List[str]
     load: str
+    latency: Optional[Dict[str, float]] = None
+    test_top1_int8: Optional[float] = None
+    fp32_choice: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -194,7 +222,7 @@ def demo_config(data_dir: Union[str, os.PathLike], out: Union[str, os.PathLike],
     size = image_size
     config = dict(
         model='ofa_mobilenetv3_large_100', data_dir=str(data_dir), out=str(out),
-        budgets='25%flops,50%flops,25%latency,50%latency', latency='torch-cpu',
+        budgets='25%flops,50%flops,25%latency,50%latency', latency='auto',
         resolutions=(size * 3 // 4, size * 7 // 8, size), image_size=size, scale=(0.6, 1.0), hflip=0.,
         formats=('timm', 'onnx'),
         # Validation during training at stage ends only, at the largest resolution: each subnet costs a BN

@@ -181,11 +181,12 @@ class Pipeline:
                 signal.signal(s, h if h is not None else signal.SIG_DFL)
 
     # --- what the steps share ------------------------------------------------------------------------------------
-    def _evaluator(self, split: str) -> SubnetEvaluator:
+    def _evaluator(self, split: str, int8: bool = False) -> SubnetEvaluator:
+        """Top-1 of subnets on ``split`` (``'val'`` or ``'test'``), of their INT8 graph with ``int8``."""
         t = self.config.train
         data = self.splits.val if split == 'val' else self.splits.test
         return SubnetEvaluator(self.splits.calib, data, t.calib_images, t.batch_size, self.config.seed, t.workers,
-                               self.device)
+                               self.device, quantize=self.config.quantize if int8 else None)
 
     @property
     def supernet_path(self) -> Path:
@@ -199,15 +200,16 @@ class Pipeline:
             models['latency'] = LatencyTable.load(self.table_path, space=self.supernet.space)
         return models
 
-    def _evaluate_sharded(self, subnets: Sequence[Subnet], folder: Path, resumable: bool) -> Dict[Subnet, Dict]:
-        """Evaluate ``subnets`` on the validation split, shared out across ranks: each rank appends its share to
-        ``folder/evaluated.rank{r}.jsonl`` as it goes (a rerun continues it), and every row comes back by subnet on
-        rank 0 (nothing on the other ranks)."""
+    def _evaluate_sharded(self, subnets: Sequence[Subnet], folder: Path, resumable: bool,
+                          int8: bool = False) -> Dict[Subnet, Dict]:
+        """Evaluate ``subnets`` (their INT8 graphs with ``int8``) on the validation split, shared out across ranks:
+        each rank appends its share to ``folder/evaluated.rank{r}.jsonl`` as it goes (a rerun continues it), and every
+        row comes back by subnet on rank 0 (nothing on the other ranks)."""
         from ..search.predictor import build_accuracy_dataset, read_accuracy_rows
         if not resumable and self.is_main and folder.exists():
             shutil.rmtree(folder)
         _barrier()
-        evaluator = self._evaluator('val')
+        evaluator = self._evaluator('val', int8)
         build_accuracy_dataset(self.supernet, None, None, folder / f'evaluated.rank{self.rank}.jsonl',
                                subnets=list(subnets)[self.rank::self.world], model=self.config.model,
                                progress=self.config.progress and self.is_main,
@@ -342,24 +344,41 @@ class Pipeline:
                    f'{", ".join(b.label for b in cfg.budgets)}', main_only=True)
         self.search_path = path
 
+    def _local_table(self) -> Optional[Any]:
+        """The run's latency table if its subnets can be timed here (built here, not through a kit), else None."""
+        models = self._cost_models()
+        table = models.get('latency')
+        if table is None or table.meta.get('kit') or table.meta.get('backend') not in LOCAL_BACKENDS or (
+                table.meta.get('backend') == 'torch-cuda' and not torch.cuda.is_available()):
+            return None
+        return table
+
     def _step_finalists(self, index: int) -> None:
         cfg = self.config
         folder = self.out / 'finalists'
         path = folder / 'finalists.json'
+        int8 = cfg.precision == 'int8'
         inputs = dict(supernet=file_digest(self.supernet_path), search=file_digest(self.search_path),
                       calib_images=cfg.train.calib_images, data=self.splits.fingerprint)
+        if int8:
+            inputs.update(precision=cfg.precision, quantize=cfg.quantize.to_dict())
 
         def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
             search = json.loads(self.search_path.read_text())
             unique = list(dict.fromkeys(Subnet.from_dict(c['subnet']) for b in search for c in b['candidates']))
             measured = self._evaluate_sharded(unique, folder / 'evaluated', resumable)
-            out = steps.pick_winners(search, measured) if self.is_main else []
+            measured_int8 = self._evaluate_sharded(unique, folder / 'evaluated_int8', resumable, True) if int8 \
+                else None
+            out = []
             if self.is_main:
+                latency = steps.time_candidates(search, self._local_table(), self.supernet, cfg.progress)
+                out = steps.pick_winners(search, measured, measured_int8, latency)
                 write_text_atomic(path, json.dumps(out, indent=1) + '\n')
             return dict(winners=[dict(label=o['label'], val_top1=o['winner']['val_top1'],
                                       predicted=o['winner']['predicted']) for o in out]), [path]
+        what = 'FP32 and INT8 validation top-1' if int8 else 'the validation split'
         self._step(index, 'finalists', inputs, work, f'the best {cfg.finalists} candidates of each budget, measured '
-                   f'on the validation split')
+                   f'on {what}; those of latency budgets timed here, and kept only if within the budget')
         self.finalists_path = path
 
     def _step_export(self, index: int) -> None:
@@ -368,15 +387,21 @@ class Pipeline:
         folder = self.out / 'export'
         inputs = dict(supernet=file_digest(self.supernet_path), finalists=file_digest(self.finalists_path),
                       formats=list(cfg.formats), calib_images=cfg.train.calib_images, seed=cfg.seed)
+        if 'onnx-int8' in cfg.formats:
+            inputs.update(quantize=cfg.quantize.to_dict())
 
         def work(resumable: bool) -> Tuple[Dict[str, Any], List[Path]]:
-            calib = self._evaluator('val').calib
-            files = {}
+            evaluator = self._evaluator('val')
+            files, int8 = {}, {}
             for b in json.loads(self.finalists_path.read_text()):
-                files[b['label']] = export_subnet(
-                    self.supernet, b['winner']['subnet'], folder / b['label'], formats=cfg.formats, calib_loader=calib,
-                    calib_images=cfg.train.calib_images, model_name=cfg.model)['files']
-            return dict(files=files), [folder / label for label in files]
+                result = export_subnet(
+                    self.supernet, b['winner']['subnet'], folder / b['label'], formats=cfg.formats,
+                    calib_loader=evaluator.calib, calib_images=cfg.train.calib_images, model_name=cfg.model,
+                    quantize=cfg.quantize, check_loader=evaluator.eval)
+                files[b['label']] = result['files']
+                if 'int8' in result:
+                    int8[b['label']] = result['int8']
+            return dict(files=files, **(dict(int8=int8) if int8 else {})), [folder / label for label in files]
         recalibrated = ', BN-recalibrated,' if self.supernet.has_batchnorm else ''
         self._step(index, 'export', inputs, work, f'each winner{recalibrated} as {", ".join(cfg.formats)}',
                    main_only=True)
@@ -393,12 +418,15 @@ class Pipeline:
             test = self._evaluator('test')
             info = dict(model=cfg.model, data=self.data_sizes, train=self.summaries.get('train', {}),
                         predictor=self.summaries['predictor'], latency=self.summaries.get('latency'),
-                        accuracy=self.summaries['accuracy'], test_source=cfg.test_dir or
+                        accuracy=self.summaries['accuracy'], precision=cfg.precision,
+                        int8_export=self.summaries['export'].get('int8'), test_source=cfg.test_dir or
                         f'{cfg.test_fraction:.0%} of the validation split (stratified, seed {cfg.seed})')
+            test_int8 = self._evaluator('test', True) if cfg.precision == 'int8' else None
             return steps.report_on_test_split(
                 cfg, self.supernet, self.out, json.loads(self.finalists_path.read_text()), self._cost_models(),
                 self.predictor, lambda s: test(self.supernet, s),
-                read_accuracy_dataset(self.accuracy_path, self.supernet.space), info, self._load_line)
+                read_accuracy_dataset(self.accuracy_path, self.supernet.space), info, self._load_line,
+                self._local_table(), test_int8 and (lambda s: test_int8(self.supernet, s)))
         self._step(index, 'report', inputs, work, 'each winner on the test split, latency measured here, report.md '
                    'and pareto.png', main_only=True)
         self.result = self._result_from_files() if self.is_main else None
@@ -417,7 +445,8 @@ class Pipeline:
             label=b['label'], limits=b['limits'], subnet=Subnet.from_dict(b['subnet']),
             predicted_top1=b['predicted_top1'], val_top1=b['val_top1'], test_top1=b['test_top1'],
             test_top5=b['test_top5'], costs=b['costs'], latency_measured=b['latency_measured'],
-            random_best=b['random_best'], files=b['files'], load=b['load']) for b in info['budgets']]
+            random_best=b['random_best'], files=b['files'], load=b['load'], latency=b.get('latency'),
+            test_top1_int8=b.get('test_top1_int8'), fp32_choice=b.get('fp32_choice')) for b in info['budgets']]
         return PipelineResult(self.out, budgets, info['predictor'], info['latency'], info['data'], info['train'],
                               self.out / 'report.md', self.out / 'pareto.png')
 

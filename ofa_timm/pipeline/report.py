@@ -66,6 +66,42 @@ def plot_report(info: Mapping[str, Any], models: Mapping[str, Any], predictor: A
     return path
 
 
+def _timed(b: Mapping[str, Any]) -> str:
+    """The latency cell: drift-corrected time and its 95 % interval, flagged when over the budget."""
+    t = b.get('latency')
+    if not t:
+        return f"{_cost(b['latency_measured'], 'latency')}" if b.get('latency_measured') else '-'
+    flag = f" **over by {t['over_budget_pct']:.1f}%**" if t.get('over_budget_pct', 0) > 0 else ''
+    return f"{t['table_ms']:.3g} ms [{t['low_ms']:.3g}-{t['high_ms']:.3g}]{flag}"
+
+
+def _latency_note(info: Mapping[str, Any]) -> str:
+    if not info.get('latency_measured_here'):
+        return 'Latency not timed here (the table is of another device, or there is none).'
+    drift = next((b['latency']['drift'] for b in info['budgets'] if b.get('latency')), None)
+    return ('"latency timed here": each winner timed now in rounds interleaved with the table\'s anchor subnets, '
+            'each round divided by the anchors\' ratio of now to the build, so that it reads in the table\'s terms '
+            f'(this machine now runs {drift:.2f}x as long as at the build), with the 95% interval of the median over '
+            'rounds. Candidates of a latency budget timed over it were dropped before the choice.')
+
+
+def _int8_lines(info: Mapping[str, Any]) -> List[str]:
+    """Where choosing in INT8 changed the winner, and how the exported INT8 graphs agree with the float ones."""
+    lines = []
+    for b in info['budgets']:
+        f = b.get('fp32_choice')
+        if f is None:
+            lines.append(f"- {b['label']}: FP32 and INT8 validation top-1 chose the same subnet.")
+        else:
+            lines.append(f"- {b['label']}: INT8 chose another subnet than FP32 would have. FP32's choice: INT8 test "
+                         f"top-1 {f['test_top1_int8']:.2f} (FP32 {f['test_top1']:.2f}); INT8's choice: INT8 test "
+                         f"top-1 {b['test_top1_int8']:.2f} (FP32 {b['test_top1']:.2f}).")
+    for label, c in (info.get('int8_export') or {}).items():
+        lines.append(f"- {label}: the exported `model_int8.onnx` agrees with the float graph on the top-1 of "
+                     f"{c['top1_agreement']:.1f}% of {c['images']} validation images.")
+    return ['INT8 against FP32:', ''] + lines + ['']
+
+
 def report_markdown(info: Mapping[str, Any], plot: str = 'pareto.png') -> str:
     """``report.md``: the setup, the predictor's and the latency table's quality, and a table per budget."""
     d, p = info['data'], info['predictor']
@@ -90,29 +126,41 @@ def report_markdown(info: Mapping[str, Any], plot: str = 'pareto.png') -> str:
         from ..search.latency import validation_summary
         val = validation_summary(lat['validation']) if lat.get('validation') else 'not validated'
         lines += [f"Latency table: {lat['describe']}; {val}.", '']
-    here = 'measured here' if info.get('latency_measured_here') else 'not measured here (the table is of another ' \
-                                                                     'device, or there is none)'
-    lines += ['| budget | test top-1 | test top-5 | val top-1 | predicted | best random subnet in budget: test top-1 '
-              '| gain | latency predicted | latency measured | FLOPs | params |',
-              '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+    int8 = info.get('precision') == 'int8'
+    lines += ['| budget | test top-1 |' + (' INT8 test top-1 |' if int8 else '') + ' test top-5 | val top-1 | '
+              'predicted | best random subnet in budget: test top-1 | gain | latency predicted | latency timed here '
+              '| FLOPs | params |',
+              '|---|---:|' + ('---:|' if int8 else '') + '---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for b in info['budgets']:
         rb = b['random_best']
         c = b['costs']
-        lines.append(
-            f"| {b['label']} | {b['test_top1']:.2f} | {b['test_top5']:.2f} | {b['val_top1']:.2f} | "
-            f"{b['predicted_top1']:.2f} | {rb['test_top1']:.2f} | {b['test_top1'] - rb['test_top1']:+.2f} | "
-            if rb else
-            f"| {b['label']} | {b['test_top1']:.2f} | {b['test_top5']:.2f} | {b['val_top1']:.2f} | "
-            f"{b['predicted_top1']:.2f} | none met it | | ")
-        lines[-1] += (f"{_cost(c['latency'], 'latency') if 'latency' in c else '-'} | "
-                      f"{_cost(b['latency_measured'], 'latency') if b['latency_measured'] else '-'} | "
+        int8_cell = f" {b['test_top1_int8']:.2f} |" if int8 else ''
+        lines.append(f"| {b['label']} | {b['test_top1']:.2f} |{int8_cell} {b['test_top5']:.2f} | {b['val_top1']:.2f} "
+                     f"| {b['predicted_top1']:.2f} | " + (
+                         f"{rb['test_top1']:.2f} | {b['test_top1'] - rb['test_top1']:+.2f} | " if rb else
+                         'none met it | | '))
+        lines[-1] += (f"{_cost(c['latency'], 'latency') if 'latency' in c else '-'} | {_timed(b)} | "
                       f"{_cost(c['flops'], 'flops')} | {_cost(c['params'], 'params')} |")
-    lines += ['', f'Top-1 in %. "val top-1" chose the winner among the finalists; "best random subnet in budget" is '
+    top1 = 'Top-1 in %' + (' (INT8: the QDQ graph run by ONNX Runtime; the winners were chosen by their INT8 '
+                           'validation top-1)' if int8 else '')
+    lines += ['', f'{top1}. "val top-1" chose the winner among the finalists; "best random subnet in budget" is '
               f'the best (by validation top-1) of the randomly evaluated subnets that meet the budget, and "gain" what '
-              f'the search added on the test split. Latency {here}.', '', f'![Pareto]({plot})', '']
+              f'the search added on the test split. {_latency_note(info)}', '']
+    over = [b for b in info['budgets'] if (b.get('latency') or {}).get('over_budget_pct', 0) > 0]
+    for b in over:
+        t = b['latency']
+        lines += [f"**{b['label']} is over its budget as timed here**: {t['table_ms']:.3g} ms (95% interval "
+                  f"{t['low_ms']:.3g}-{t['high_ms']:.3g}) against {b['limits']['latency']:.3g} ms, "
+                  f"{t['over_budget_pct']:.1f}% over" + (
+                      '; the interval reaches below the budget, so this is within the noise of the measurement.'
+                      if t['low_ms'] <= b['limits']['latency'] else '.'), '']
+    if int8:
+        lines += _int8_lines(info)
+    lines += [f'![Pareto]({plot})', '']
     for b in info['budgets']:
         limits = ', '.join(f'{k} <= {_cost(v, k)}' for k, v in b['limits'].items())
+        int8_text = f", INT8 top-1 {b['test_top1_int8']:.2f}%" if int8 else ''
         lines += [f"## {b['label']}", '', f'- Budget: {limits}', f"- Subnet: `{b['subnet']}`",
-                  f"- Test top-1 {b['test_top1']:.2f}%, top-5 {b['test_top5']:.2f}%",
+                  f"- Test top-1 {b['test_top1']:.2f}%, top-5 {b['test_top5']:.2f}%{int8_text}",
                   f"- Files: {', '.join(f'`{f}`' for f in b['files'])}", f"- Load: `{b['load']}`", '']
     return '\n'.join(lines)

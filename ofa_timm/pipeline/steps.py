@@ -15,7 +15,8 @@ from ..space import SearchSpace, Subnet
 from .config import LOCAL_BACKENDS, RunConfig
 from .data import Splits
 
-__all__ = ['train_supernet', 'latency_table', 'search_candidates', 'pick_winners', 'report_on_test_split']
+__all__ = ['train_supernet', 'latency_table', 'search_candidates', 'time_candidates', 'pick_winners',
+           'report_on_test_split']
 
 Log = Callable[[str], None]
 
@@ -58,16 +59,16 @@ def latency_table(spec: str, supernet: torch.nn.Module, path: Path, cfg: RunConf
     if not resumable:
         path.unlink(missing_ok=True)
     if spec in LOCAL_BACKENDS:
-        settings = LatencySettings(spec, cfg.latency_batch_size, cfg.latency_threads)
+        settings = LatencySettings(spec, cfg.latency_batch_size, cfg.latency_threads, precision=cfg.precision)
         table = build_latency_table(supernet, path, settings, calibrate=cfg.calibrate, seed=cfg.seed,
                                     model=cfg.model, progress=cfg.progress, validate=cfg.validate)
     elif spec.startswith('kit:'):
         from ..search.kit import import_kit_results
-        table = import_kit_results(spec[4:])
+        table = import_kit_results(spec[4:]).check_precision(cfg.precision, f'The kit {spec[4:]}')
         if table.space != supernet.space:
             raise ValueError(f'The kit {spec[4:]} was made for another space than {cfg.model} has')
     else:
-        table = LatencyTable.load(spec, space=supernet.space)
+        table = LatencyTable.load(spec, space=supernet.space).check_precision(cfg.precision, f'The table {spec}')
     table.save(path)
     return table
 
@@ -97,24 +98,74 @@ def search_candidates(supernet: torch.nn.Module, predictor: Any, models: Mapping
     return out
 
 
-def pick_winners(search: List[Dict[str, Any]], measured: Mapping[Subnet, Mapping[str, Any]]) -> List[Dict[str, Any]]:
+def _timed(m: Any, i: int) -> Dict[str, float]:
+    """Row ``i`` of an :class:`~ofa_timm.search.latency.AnchoredLatency`, in ms."""
+    return dict(table_ms=float(m.table_ms[i]), low_ms=float(m.low_ms[i]), high_ms=float(m.high_ms[i]),
+                measured_ms=float(m.measured_ms[i]), drift=m.drift)
+
+
+def time_candidates(search: List[Dict[str, Any]], table: Any, supernet: torch.nn.Module,
+                    progress: bool) -> Optional[Dict[Subnet, Dict[str, float]]]:
+    """The candidates of latency budgets, timed here against the table's anchors (``measure_anchored``): their
+    drift-corrected latency and its 95 % interval, by subnet; None without a table this machine can time."""
+    if table is None:
+        return None
+    from ..search.latency import measure_anchored
+    subnets = list(dict.fromkeys(Subnet.from_dict(c['subnet']) for b in search if 'latency' in b['limits']
+                                 for c in b['candidates']))
+    if not subnets:
+        return None
+    m = measure_anchored(table, supernet, subnets, progress=progress, desc='finalists (latency)')
+    return {s: _timed(m, i) for i, s in enumerate(subnets)}
+
+
+def pick_winners(search: List[Dict[str, Any]], measured: Mapping[Subnet, Mapping[str, Any]],
+                 measured_int8: Optional[Mapping[Subnet, Mapping[str, Any]]] = None,
+                 latency: Optional[Mapping[Subnet, Mapping[str, float]]] = None) -> List[Dict[str, Any]]:
     """Each budget's candidates with their measured validation top-1; the best measured one wins (ties go to the
-    higher prediction), so that a predictor's ranking error cannot pick a bad subnet."""
+    higher prediction), so that a predictor's ranking error cannot pick a bad subnet.
+
+    With ``latency`` (candidates of latency budgets timed here), a candidate whose timed latency exceeds the budget is
+    dropped before the choice: a budget holds against measurement, not only against the table's prediction. If every
+    candidate exceeds it, the fastest one is kept, and the report flags it.
+
+    With ``measured_int8`` (an int8 run), each candidate also gets ``val_top1_int8``, the winner is the best in INT8,
+    and ``fp32_choice`` is the candidate the FP32 top-1 would have picked (the same one, or what INT8 changed).
+    """
     out = []
     for b in search:
+        limit = b['limits'].get('latency')
         for c in b['candidates']:
-            c['val_top1'] = measured[Subnet.from_dict(c['subnet'])]['top1']
-        winner = max(b['candidates'], key=lambda c: (c['val_top1'], c['predicted']))
-        out.append(dict(b, winner=winner))
+            subnet = Subnet.from_dict(c['subnet'])
+            c['val_top1'] = measured[subnet]['top1']
+            if measured_int8 is not None:
+                c['val_top1_int8'] = measured_int8[subnet]['top1']
+            if latency is not None and subnet in latency:
+                c['latency_timed'] = dict(latency[subnet])
+        eligible = b['candidates']
+        if limit is not None and latency is not None:
+            eligible = [c for c in eligible if c['latency_timed']['table_ms'] <= limit] or \
+                [min(eligible, key=lambda c: c['latency_timed']['table_ms'])]
+        chosen = dict(b, dropped_over_budget=len(b['candidates']) - len(eligible)) if limit is not None and \
+            latency is not None else dict(b)
+        fp32 = max(eligible, key=lambda c: (c['val_top1'], c['predicted']))
+        if measured_int8 is None:
+            out.append(dict(chosen, winner=fp32))
+        else:
+            winner = max(eligible, key=lambda c: (c['val_top1_int8'], c['val_top1'], c['predicted']))
+            out.append(dict(chosen, winner=winner, fp32_choice=fp32))
     return out
 
 
 def report_on_test_split(cfg: RunConfig, supernet: torch.nn.Module, out: Path, finalists: List[Dict[str, Any]],
                 models: Mapping[str, Any], predictor: Any, test: Callable[[Subnet], Dict[str, float]],
                 random_rows: Tuple[np.ndarray, np.ndarray], info: Dict[str, Any],
-                load_line: Callable[[Path], str]) -> Tuple[Dict[str, Any], List[Path]]:
-    """Each winner's top-1 on the test split, its costs, its latency measured here (where the table is local) and
-    the best random subnet within its budget; ``results.json``, ``pareto.png`` and ``report.md``.
+                load_line: Callable[[Path], str], table: Any = None,
+                test_int8: Optional[Callable[[Subnet], Dict[str, float]]] = None) -> Tuple[Dict[str, Any], List[Path]]:
+    """Each winner's top-1 on the test split, its costs, its latency timed here against the table's anchors (where
+    the table is local; flagged when over its budget) and the best random subnet within its budget; in an int8 run,
+    its INT8 test top-1 too, and the FP32 choice's where INT8 chose another; ``results.json``, ``pareto.png`` and
+    ``report.md``.
 
     Args:
         cfg: The run's settings.
@@ -127,30 +178,43 @@ def report_on_test_split(cfg: RunConfig, supernet: torch.nn.Module, out: Path, f
         random_rows: Codes and validation top-1 of the randomly evaluated subnets.
         info: What the report says of the run besides the budgets (model, data, training, predictor, latency).
         load_line: The Python that loads an exported subnet.
+        table: The latency table, where this machine can time its subnets (else None).
+        test_int8: Top-1 of a subnet's INT8 graph on the test split (an int8 run).
     """
-    from ..search.latency import measure_subnets
+    from ..search.latency import measure_anchored
     from .report import plot_report, report_markdown
     space = supernet.space
     codes, val_top1 = random_rows
     random_costs = {k: np.asarray(m(codes), dtype=np.float64) for k, m in models.items()}
-    table = models.get('latency')
-    local = table is not None and not table.meta.get('kit') and table.meta.get('backend') in LOCAL_BACKENDS \
-        and (table.meta.get('backend') != 'torch-cuda' or torch.cuda.is_available())
     winners = [Subnet.from_dict(b['winner']['subnet']) for b in finalists]
-    measured = measure_subnets(supernet, winners, table.settings, progress=cfg.progress) if local \
-        else [None] * len(winners)
+    local = table is not None
+    unique = list(dict.fromkeys(winners))  # budgets may share a winner: time it once
+    timed = measure_anchored(table, supernet, unique, progress=cfg.progress, desc='winners (latency)') if local \
+        else None
     budgets = []
-    for b, subnet, latency in zip(finalists, winners, measured):
+    for b, subnet in zip(finalists, winners):
         metrics = test(subnet)
         code = space.encode(subnet)
         export = out / 'export' / b['label']
-        budgets.append(dict(
+        latency = _timed(timed, unique.index(subnet)) if timed is not None else None
+        limit = b['limits'].get('latency')
+        if latency is not None and limit is not None:
+            latency['over_budget_pct'] = max(0.0, 100 * (latency['table_ms'] / limit - 1))
+        row = dict(
             label=b['label'], limits=b['limits'], subnet=subnet.to_dict(), predicted_top1=b['winner']['predicted'],
             val_top1=b['winner']['val_top1'], test_top1=metrics['top1'], test_top5=metrics['top5'],
             costs={k: float(m(code)[0]) for k, m in models.items()},
-            latency_measured=None if latency is None else float(latency),
+            latency_measured=None if latency is None else latency['measured_ms'], latency=latency,
             random_best=_random_best(space, codes, val_top1, random_costs, b['limits'], test),
-            files=sorted(str(p) for p in export.iterdir()) if export.is_dir() else [], load=load_line(export)))
+            files=sorted(str(p) for p in export.iterdir()) if export.is_dir() else [], load=load_line(export))
+        if test_int8 is not None:
+            row.update(val_top1_int8=b['winner']['val_top1_int8'], test_top1_int8=test_int8(subnet)['top1'])
+            fp32 = Subnet.from_dict(b['fp32_choice']['subnet'])
+            row['fp32_choice'] = None if fp32 == subnet else dict(
+                subnet=fp32.to_dict(), val_top1=b['fp32_choice']['val_top1'],
+                val_top1_int8=b['fp32_choice']['val_top1_int8'], test_top1=test(fp32)['top1'],
+                test_top1_int8=test_int8(fp32)['top1'])
+        budgets.append(row)
     info = dict(info, budgets=budgets, latency_measured_here=bool(local))
     results = out / 'results.json'
     write_text_atomic(results, json.dumps(info, indent=1) + '\n')

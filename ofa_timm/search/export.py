@@ -10,17 +10,21 @@ checked (ONNX against ONNX Runtime, pt2 against eager PyTorch), so a failure nev
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
 
 import torch
 import torch.nn as nn
 
 from .._io import load_weights, staged_folder, supernet_model_args
+from .quantize import (
+    QuantizeConfig, calibration_batches, compare_graphs, onnx_bytes, quantize_onnx, require_quantization)
 from ..space import SearchSpace, SubnetLike
 
 __all__ = ['EXPORT_FORMATS', 'load_supernet', 'export_subnet']
 
-EXPORT_FORMATS = ('timm', 'safetensors', 'onnx', 'pt2')
+EXPORT_FORMATS = ('timm', 'safetensors', 'onnx', 'onnx-int8', 'pt2')
 
 
 def _checkpoint_facts(checkpoint: str, model: str) -> Dict[str, Any]:
@@ -134,6 +138,8 @@ def export_subnet(
         model_name: str = '',
         batch_size: int = 1,
         tolerance: float = 1e-4,
+        quantize: QuantizeConfig = QuantizeConfig(),
+        check_loader: Optional[Iterable] = None,
 ) -> Dict[str, Any]:
     """Extract ``subnet`` and write it to the folder ``out`` in each of ``formats``.
 
@@ -143,6 +149,9 @@ def export_subnet(
       ``timm.create_model(name, subnet=..., num_classes=N, pretrained=True,
       pretrained_cfg_overlay=dict(file=..., num_classes=N))``;
     * ``onnx``: ``model.onnx`` (dynamic batch), checked against ONNX Runtime;
+    * ``onnx-int8``: ``model_int8.onnx``, the QDQ graph of ``onnxruntime.quantization`` (static: per-channel int8
+      weights, activations calibrated on ``quantize.calibration_images`` images of ``calib_loader``), checked
+      against the float graph on real images (``check_loader``, default: the next images of ``calib_loader``);
     * ``pt2``: ``model.pt2`` from ``torch.export``, checked against eager PyTorch.
 
     ``subnet.json`` is always written.
@@ -158,12 +167,17 @@ def export_subnet(
         model_name: Registered name recorded for timm (default: the supernet's architecture).
         batch_size: Batch of the example input (the pt2 graph is specialised to it).
         tolerance: Largest max-abs difference, relative to the output scale, the ONNX / pt2 check accepts.
+        quantize: Calibration size and method of ``onnx-int8``.
+        check_loader: Images the INT8 graph is compared with the float graph on (default: those of ``calib_loader``
+            after the calibration images).
 
     Returns:
-        ``{'subnet', 'files', 'onnx_max_abs_diff'?, 'pt2_max_abs_diff'?}``.
+        ``{'subnet', 'files', 'onnx_max_abs_diff'?, 'pt2_max_abs_diff'?, 'int8'?}``; ``int8`` is
+        :func:`~ofa_timm.search.quantize.compare_graphs`' agreement of the INT8 graph with the float one.
 
     Raises:
-        ValueError: On a subnet outside the space, an unknown format, an unwritable folder, or a failed check.
+        ValueError: On a subnet outside the space, an unknown format, an unwritable folder, a failed check, or
+            ``onnx-int8`` without training images or an onnxruntime that quantizes.
     """
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
@@ -172,8 +186,13 @@ def export_subnet(
     subnet = supernet.resolve(subnet)
     model_name = model_name or supernet.pretrained_cfg.get('architecture', '')
     out = Path(out)
-    if 'onnx' in formats:
+    if 'onnx' in formats or 'onnx-int8' in formats:
         _require_onnx()
+    if 'onnx-int8' in formats:
+        require_quantization()
+        if calib_loader is None:
+            raise ValueError('onnx-int8 calibrates its activations on training images: pass calib_loader '
+                             '(--calibrate-bn DIR on the command line)')
     model = supernet.extract(subnet).eval()
     if calib_loader is not None:
         from ..training import calibrate_bn
@@ -211,6 +230,13 @@ def export_subnet(
             result['onnx_max_abs_diff'] = diff
             if diff > tolerance * scale:
                 raise ValueError(f'The ONNX model differs from PyTorch by {diff:.3g} (max abs) on a random input')
+        if 'onnx-int8' in formats:
+            graph = onnx_bytes(model, x[:1], dynamic_batch=True)
+            batches = calibration_batches(calib_loader, quantize.calibration_images, subnet.resolution)
+            quantize_onnx(graph, staging / 'model_int8.onnx', batches, quantize)
+            check = calibration_batches(check_loader, 256, subnet.resolution) if check_loader is not None else \
+                _after(calib_loader, quantize.calibration_images, 256, subnet.resolution) or batches
+            result['int8'] = compare_graphs(graph, staging / 'model_int8.onnx', check)
         if 'pt2' in formats:
             program = torch.export.export(model, (x,))
             path = staging / 'model.pt2'
@@ -221,6 +247,14 @@ def export_subnet(
                 raise ValueError(f'The torch.export program differs from eager PyTorch by {diff:.3g} (max abs)')
         result['files'] = sorted(str(out / p.name) for p in staging.iterdir())
     return result
+
+
+def _after(loader: Iterable, skip: int, images: int, resolution: Optional[int]) -> List[Any]:
+    """Up to ``images`` images of ``loader`` after its first ``skip`` (empty if it has no more)."""
+    batches = calibration_batches(loader, skip + images, resolution) if images else []
+    flat = np.concatenate(batches) if batches else np.zeros((0,))
+    rest = flat[skip:]
+    return [rest[i:i + 64] for i in range(0, len(rest), 64)]
 
 
 def _require_onnx() -> Any:

@@ -33,10 +33,11 @@ from .._io import write_text_atomic
 from .._malloc import steady_allocator
 from ..space import SearchSpace, Subnet, SubnetLike, read_json
 from .cost import AdditiveCost, BlockLayout, disjoint_groups
+from .quantize import PRECISIONS, onnx_bytes, quantize_onnx
 
 __all__ = ['BACKENDS', 'LatencySettings', 'LatencyTable', 'build_latency_table', 'validate_latency_table',
-           'measure_subnets', 'plan_entries', 'entry_modules', 'score_predictions', 'calibration_subnets',
-           'held_out_subnets', 'with_calibration', 'subnet_input_shape']
+           'measure_subnets', 'measure_anchored', 'AnchoredLatency', 'plan_entries', 'entry_modules',
+           'score_predictions', 'calibration_subnets', 'held_out_subnets', 'with_calibration', 'subnet_input_shape']
 
 BACKENDS = ('torch-cpu', 'torch-cuda', 'onnxruntime')
 TABLE_FORMAT = 'ofa_timm.latency_table.v1'
@@ -59,6 +60,9 @@ class LatencySettings:
         passes: Passes over everything measured, apart in time; each entry keeps its smallest median. A slow spell of
             a shared machine (another job, a throttled core) only ever adds time, and it lasts seconds to minutes:
             measured here, a whole subnet ran 35 % slower for a minute, then as before.
+        precision: ``'fp32'`` or ``'int8'``: the QDQ graph ``onnxruntime`` runs after static quantization (the
+            onnxruntime backend only; activation ranges come from random inputs, which leave integer kernels' speed
+            alone).
     """
     backend: str = 'torch-cpu'
     batch_size: int = 1
@@ -69,10 +73,16 @@ class LatencySettings:
     repeats: int = 30
     min_sample_ms: float = 1.0
     passes: int = 2
+    precision: str = 'fp32'
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f'Unknown latency backend {self.backend!r}; allowed: {list(BACKENDS)}')
+        if self.precision not in PRECISIONS:
+            raise ValueError(f'Unknown precision {self.precision!r}; allowed: {list(PRECISIONS)}')
+        if self.precision == 'int8' and self.backend != 'onnxruntime':
+            raise ValueError(f'INT8 latency is measured on the QDQ graph onnxruntime runs: use the onnxruntime backend '
+                             f'(or a latency kit on the device), not {self.backend}')
         if self.batch_size < 1 or (self.threads is not None and self.threads < 1):
             raise ValueError(f'batch_size and threads must be >= 1, got {self.batch_size}, {self.threads}')
         if self.amp not in (None, 'bf16'):
@@ -86,6 +96,8 @@ class LatencySettings:
 
     @property
     def dtype(self) -> str:
+        if self.precision == 'int8':
+            return 'int8 (QDQ)'
         return 'bfloat16 (autocast)' if self.amp == 'bf16' else 'float32'
 
 
@@ -100,7 +112,7 @@ class _Runner:
         x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
         self.cuda = backend == 'torch-cuda'
         if backend == 'onnxruntime':
-            self._call = _onnx_session(module, x, settings.threads)
+            self._call = _onnx_session(module, x, settings.threads, settings.precision)
             return
         device = torch.device('cuda' if self.cuda else 'cpu')
         memory_format = torch.channels_last if settings.channels_last and x.dim() == 4 else torch.contiguous_format
@@ -139,17 +151,21 @@ class _Runner:
         return max(1, int(math.ceil(self.settings.min_sample_ms / max(once, 1e-6))))
 
 
-def _onnx_session(module: nn.Module, x: torch.Tensor, threads: Optional[int]) -> Callable[[], None]:
+def _onnx_session(module: nn.Module, x: torch.Tensor, threads: Optional[int],
+                  precision: str = 'fp32') -> Callable[[], None]:
     ort = _import_onnxruntime()
-    import io
-    buffer = io.BytesIO()
-    with _quiet_export():
-        torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=['input'], output_names=['output'])
+    graph = onnx_bytes(module, x)
+    if precision == 'int8':
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            g = torch.Generator().manual_seed(1)
+            batches = [torch.randn(*x.shape, generator=g).numpy() for _ in range(2)]
+            graph = quantize_onnx(graph, Path(tmp) / 'int8.onnx', batches).read_bytes()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=['CPUExecutionProvider'])
+    session = ort.InferenceSession(graph, options, providers=['CPUExecutionProvider'])
     feed = {'input': x.numpy()}
     return lambda: session.run(None, feed)
 
@@ -205,6 +221,30 @@ def subnet_input_shape(supernet: nn.Module, subnet: Subnet, batch_size: int) -> 
     return [batch_size, int(getattr(supernet, 'in_chans', 3)), res, res]
 
 
+class _Rounds:
+    """Extracted subnets, warmed up once, timed in interleaved rounds: every round takes the same few samples of each
+    subnet in turn, so that a slow spell of a shared machine touches all of them alike instead of spoiling one."""
+
+    def __init__(self, supernet: nn.Module, subnets: Sequence[Subnet], settings: LatencySettings, bar: Any):
+        self.settings = settings
+        self.bar = bar
+        self.runners, self.numbers = [], []
+        for s in subnets:
+            runner = _Runner(supernet.extract(s).eval(), subnet_input_shape(supernet, s, settings.batch_size),
+                             settings)
+            self.runners.append(runner)
+            self.numbers.append(runner.warm_up())
+            bar.update()
+
+    def round(self, samples: int) -> np.ndarray:
+        """The median (ms) of ``samples`` samples of each subnet, taken in turn."""
+        out = np.empty(len(self.runners))
+        for i, (runner, number) in enumerate(zip(self.runners, self.numbers)):
+            out[i] = np.median([runner.sample(number) for _ in range(samples)])
+            self.bar.update()
+        return out
+
+
 def measure_subnets(
         supernet: nn.Module, subnets: Sequence[SubnetLike], settings: LatencySettings, rounds: int = 5,
         progress: bool = False, desc: str = 'end to end',
@@ -222,21 +262,84 @@ def measure_subnets(
     # disable=None: no bar when the output is not a terminal (a log file would fill with carriage returns)
     bar = tqdm(total=len(subnets) * (rounds * settings.passes + 1), desc=desc, disable=None if progress else True)
     with _backend_context(settings), bar:
-        runners, numbers = [], []
-        for s in subnets:
-            runner = _Runner(supernet.extract(s).eval(), subnet_input_shape(supernet, s, settings.batch_size),
-                             settings)
-            runners.append(runner)
-            numbers.append(runner.warm_up())
-            bar.update()
+        timer = _Rounds(supernet, subnets, settings, bar)
         for p in range(settings.passes):
-            samples: List[List[float]] = [[] for _ in subnets]
-            for _ in range(rounds):
-                for i, runner in enumerate(runners):
-                    samples[i].extend(runner.sample(numbers[i]) for _ in range(per_round))
-                    bar.update()
-            medians[p] = [np.median(s) for s in samples]
+            medians[p] = np.median([timer.round(per_round) for _ in range(rounds)], axis=0)
     return medians.min(axis=0)
+
+
+@dataclass
+class AnchoredLatency:
+    """Subnets timed now, and translated to the machine's speed when the table was built.
+
+    The table's first calibration subnets (*anchors*, with their time at the build) are timed in every round with
+    the measured subnets; each round's *drift* is the anchors' median ratio of now to then, and a subnet's time in the
+    table's terms is its time in that round divided by that round's drift. A slow spell slows anchors and subnets
+    alike, so it cancels out of the ratio; rounds are added until the 95 % interval of every estimate is narrow.
+
+    Attributes:
+        measured_ms: Median time now (ms), as a clock here reads it.
+        table_ms: Median of the drift-corrected times (ms): what the table should predict.
+        low_ms: Lower end of the 95 % bootstrap interval of ``table_ms``.
+        high_ms: Upper end of it.
+        drift: Median over rounds of the anchors' now-to-build ratio (1.2: the machine runs 20 % slower than then).
+        rounds: Rounds measured.
+    """
+    measured_ms: np.ndarray
+    table_ms: np.ndarray
+    low_ms: np.ndarray
+    high_ms: np.ndarray
+    drift: float
+    rounds: int
+
+
+def _bootstrap_median(values: np.ndarray, rng: np.random.Generator, draws: int = 500) -> Tuple[np.ndarray, ...]:
+    """Median over axis 0 of ``values`` (rounds, n) and its 95 % percentile bootstrap interval over rounds."""
+    picks = rng.integers(0, len(values), size=(draws, len(values)))
+    medians = np.median(values[picks], axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5], axis=0)
+    return np.median(values, axis=0), low, high
+
+
+def measure_anchored(
+        table: 'LatencyTable', supernet: nn.Module, subnets: Sequence[SubnetLike], anchors: int = 4,
+        min_rounds: int = 8, max_rounds: int = 40, target_pct: float = 2.0, progress: bool = False,
+        desc: str = 'end to end (anchored)',
+) -> AnchoredLatency:
+    """Time ``subnets`` at the table's settings, normalised by the table's anchor subnets (see
+    :class:`AnchoredLatency`); rounds are added, ``min_rounds`` at a time, until every 95 % interval is within
+    ±``target_pct`` % of its estimate, or ``max_rounds`` are done.
+
+    Raises:
+        ValueError: If the table is of another space, or was measured on another device (a kit).
+    """
+    from tqdm import tqdm
+    if table.space != supernet.space:
+        raise ValueError("The latency table was built for another space than the supernet's")
+    if table.meta.get('kit'):
+        raise ValueError('This table was measured on another device through a latency kit: measure subnets there')
+    cal = table.calibration or {}
+    # a table without calibration subnets has nothing to anchor on: its rounds are taken as they come (drift 1)
+    anchor = [Subnet.from_dict(d) for d in cal.get('subnets', [])][:anchors]
+    then = np.asarray(cal.get('measured_ms', [])[:len(anchor)], dtype=np.float64)
+    subnets = [supernet.resolve(s) for s in subnets]
+    settings = table.settings
+    per_round = max(1, settings.repeats // 5)
+    everything = subnets + anchor
+    bar = tqdm(total=len(everything) * (max_rounds + 1), desc=desc, disable=None if progress else True)
+    rng = np.random.default_rng(0)
+    rows: List[np.ndarray] = []
+    with _backend_context(settings), bar:
+        timer = _Rounds(supernet, everything, settings, bar)
+        while len(rows) < max_rounds:
+            rows.extend(timer.round(per_round) for _ in range(min(min_rounds, max_rounds - len(rows))))
+            times = np.asarray(rows)
+            drift = np.median(times[:, len(subnets):] / then, axis=1) if anchor else np.ones(len(times))
+            table_ms, low, high = _bootstrap_median(times[:, :len(subnets)] / drift[:, None], rng)
+            if len(subnets) == 0 or np.all((high - low) / 2 <= table_ms * target_pct / 100):
+                break
+    return AnchoredLatency(np.median(times[:, :len(subnets)], axis=0), table_ms, low, high,
+                           float(np.median(drift)), len(rows))
 
 
 # --- the table -----------------------------------------------------------------------------------------------------
@@ -366,12 +469,30 @@ class LatencyTable(AdditiveCost):
         return cls.from_dict(read_json(path), space, where=os.fspath(path))
 
     @property
+    def precision(self) -> str:
+        """``'fp32'`` or ``'int8'``: what the table's graphs computed in (tables of 0.2.0: fp32)."""
+        return self.meta.get('precision', 'fp32')
+
+    @property
     def settings(self) -> LatencySettings:
         """The settings the table was measured with (what a later measurement of a subnet must use)."""
         m = self.meta
         return LatencySettings(m['backend'], m['batch_size'], m['threads'],
                                'bf16' if 'bfloat16' in m['dtype'] else None, m['channels_last'], m['warmup'],
-                               m['repeats'], m['min_sample_ms'], m.get('passes', 1))
+                               m['repeats'], m['min_sample_ms'], m.get('passes', 1), self.precision)
+
+    def check_precision(self, precision: str, where: str = 'the table') -> 'LatencyTable':
+        """The table itself, if it was measured in ``precision``.
+
+        Raises:
+            ValueError: Naming both precisions and how to measure a table of the wanted one.
+        """
+        if self.precision != precision:
+            raise ValueError(
+                f'{where} was measured in {self.precision}, and this run deploys {precision}: a latency of one '
+                f'precision says nothing of the other. Measure a {precision} table (ofa-timm latency build --backend '
+                f'onnxruntime --precision {precision}, or a kit made with --precision {precision})')
+        return self
 
     def describe(self) -> str:
         """One line on what the table was measured on."""
@@ -385,6 +506,7 @@ def _table_meta(supernet: nn.Module, settings: LatencySettings, model: str) -> D
         model=model or supernet.pretrained_cfg.get('architecture', type(supernet).__name__),
         num_classes=supernet.num_classes, backend=settings.backend, device=_device_name(settings),
         batch_size=settings.batch_size, threads=settings.threads or torch.get_num_threads(), dtype=settings.dtype,
+        precision=settings.precision,
         channels_last=settings.channels_last, warmup=settings.warmup, repeats=settings.repeats,
         min_sample_ms=settings.min_sample_ms, passes=settings.passes, versions=_versions(settings))
 
@@ -638,26 +760,30 @@ def validation_summary(result: Dict[str, Any]) -> str:
             f"sum of blocks: median {result['plain_median_abs_pct']:.2f}%, max {result['plain_max_abs_pct']:.2f}%)")
     if 'drift' in result:
         r = result['rescaled']
+        rounds = f" over {result['rounds']} rounds" if 'rounds' in result else ''
+        interval = f", 95% intervals ±{result['interval_pct']:.1f}%" if 'interval_pct' in result else ''
         text += (f"; drift since the build: the calibration subnets now take {result['drift']:.3f}x their time then; "
-                 f"rescaled by it, median {r['median_abs_pct']:.2f}%, {r['within_10_pct']:.0f}% within ±10%, max "
-                 f"{r['max_abs_pct']:.2f}%")
+                 f"corrected for it round by round{rounds}, median {r['median_abs_pct']:.2f}%, "
+                 f"{r['within_10_pct']:.0f}% within ±10%, max {r['max_abs_pct']:.2f}%{interval}")
     return text
 
 
 def validate_latency_table(
         table: LatencyTable, supernet: nn.Module, n: int = 20, seed: int = 1, progress: bool = True,
-        rounds: int = 5, anchors: int = 4,
+        rounds: int = 5, anchors: int = 4, max_rounds: int = 40,
 ) -> Dict[str, Any]:
     """Measure ``n`` held-out random subnets end to end, now, and compare with the table's prediction.
 
     Run it apart from the build (another process, another time): that error is what a user of the table meets. The
-    first ``anchors`` calibration subnets are measured again in the same interleaved rounds, and the median ratio of
-    their time now to their time at calibration is the table's *drift* (how much this machine's speed moved since the
-    table was built); the error is also given after rescaling the prediction by it.
+    first ``anchors`` calibration subnets are timed again in every round (:func:`measure_anchored`): their ratio of
+    now to the build is the *drift* (how much this machine's speed moved since the table was built), and the error is
+    also given with each round's times divided by that round's drift, which is the table's own error once the
+    machine's swings are taken out. Rounds are added ``rounds`` at a time until the estimates are stable.
 
     Returns ``{'n', 'median_abs_pct', 'max_abs_pct', 'within_10_pct' (the share of subnets predicted within ±10 %),
     'plain_median_abs_pct', 'plain_max_abs_pct' (the uncalibrated sum), 'apart': True, 'drift', 'rescaled'
-    (the same scores after rescaling by the drift), 'rows'}``, and stores it in ``table.validation``.
+    (the same scores on the drift-corrected times), 'rounds', 'interval_pct' (median half-width of the 95 %
+    intervals), 'rows'}``, and stores it in ``table.validation``.
 
     Raises:
         ValueError: If the table is of another space, or was measured on another device through a kit (validate
@@ -671,15 +797,16 @@ def validate_latency_table(
     cal = table.calibration or {}
     calibration = [Subnet.from_dict(d) for d in cal.get('subnets', [])]
     subnets = held_out_subnets(table.space, n, seed, exclude=calibration)
-    anchor = calibration[:anchors]
-    measured = measure_subnets(supernet, subnets + anchor, table.settings, rounds, progress, desc='validation')
-    held, again = measured[:len(subnets)], measured[len(subnets):]
-    result = dict(score_predictions(table, subnets, held), apart=True)
-    if anchor:
-        then = np.asarray(cal['measured_ms'][:len(anchor)], dtype=np.float64)
-        drift = float(np.median(again / then))
-        rescaled = score_predictions(table, subnets, held / drift)
-        result.update(drift=drift, anchors=len(anchor), rescaled={k: rescaled[k] for k in (
-            'median_abs_pct', 'max_abs_pct', 'within_10_pct')})
+    if not calibration or anchors < 1:
+        measured = measure_subnets(supernet, subnets, table.settings, rounds, progress, desc='validation')
+        result = dict(score_predictions(table, subnets, measured), apart=True)
+    else:
+        m = measure_anchored(table, supernet, subnets, anchors, min_rounds=max(rounds, 2), max_rounds=max_rounds,
+                             progress=progress, desc='validation (anchored)')
+        result = dict(score_predictions(table, subnets, m.measured_ms), apart=True)
+        rescaled = score_predictions(table, subnets, m.table_ms)
+        result.update(drift=m.drift, anchors=min(anchors, len(calibration)), rounds=m.rounds,
+                      interval_pct=float(np.median(100 * (m.high_ms - m.low_ms) / 2 / m.table_ms)),
+                      rescaled={k: rescaled[k] for k in ('median_abs_pct', 'max_abs_pct', 'within_10_pct')})
     table.validation = result
     return result

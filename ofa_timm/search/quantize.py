@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ['PRECISIONS', 'QuantizeConfig', 'quantize_onnx', 'onnx_bytes', 'export_onnx', 'calibration_batches',
-           'compare_graphs', 'OnnxClassifier', 'require_quantization']
+           'compare_graphs', 'OnnxClassifier', 'quantized_classifier', 'require_quantization']
 
 PRECISIONS: Tuple[str, ...] = ('fp32', 'int8')
 _METHODS = ('minmax', 'entropy', 'percentile')
@@ -193,6 +193,17 @@ class OnnxClassifier:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input: images.detach().cpu().numpy()})[0])
+
+
+def quantized_classifier(model: nn.Module, calib_loader: Iterable, resolution: int,
+                         config: QuantizeConfig = QuantizeConfig(), in_chans: int = 3) -> OnnxClassifier:
+    """``model`` (an extracted, BN-recalibrated subnet) as the INT8 graph a device runs: exported, quantized with
+    activations calibrated on ``config.calibration_images`` images of ``calib_loader`` (training images), and run by
+    ONNX Runtime."""
+    graph = onnx_bytes(model.cpu(), torch.zeros(1, in_chans, resolution, resolution), dynamic_batch=True)
+    batches = calibration_batches(calib_loader, config.calibration_images, resolution)
+    with tempfile.TemporaryDirectory() as tmp:
+        return OnnxClassifier(quantize_onnx(graph, Path(tmp) / 'int8.onnx', batches, config).read_bytes())
 
 
 def compare_graphs(fp32: Union[bytes, str, os.PathLike], int8: Union[bytes, str, os.PathLike],

@@ -1,6 +1,6 @@
 """Accuracy of one subnet, as everything in this package measures it: extracted, BN-recalibrated, evaluated."""
 import contextlib
-from typing import Callable, ContextManager, Dict, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Callable, ContextManager, Dict, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -9,6 +9,9 @@ from timm.utils import accuracy
 from ..space import SubnetLike
 from .bn import calibrate_bn
 from .data import eval_loader, resize_to
+
+if TYPE_CHECKING:
+    from ..search.quantize import QuantizeConfig
 
 __all__ = ['evaluate_subnet', 'SubnetEvaluator']
 
@@ -22,10 +25,13 @@ def evaluate_subnet(
         calib_images: int = 2000,
         device: Union[str, torch.device, None] = None,
         autocast: Optional[Callable[[], ContextManager]] = None,
+        quantize: Optional['QuantizeConfig'] = None,
 ) -> Dict[str, float]:
     """Top-1 / top-5 (%) of ``subnet`` on ``val_loader`` after recalibrating its BN on ``calib_images`` images.
 
-    The subnet is extracted first, so the supernet's weights and running statistics are untouched.
+    The subnet is extracted first, so the supernet's weights and running statistics are untouched. With
+    ``quantize``, the accuracy is that of its INT8 graph run by ONNX Runtime on the CPU (activations calibrated on
+    images of ``calib_loader``), as a device running INT8 computes it.
 
     Args:
         supernet: An elastic supernet.
@@ -35,12 +41,18 @@ def evaluate_subnet(
         calib_images: Images used for recalibration.
         device: Evaluation device (default: the supernet's).
         autocast: Returns the autocast context of the forward passes (default: none).
+        quantize: Evaluate the INT8 graph quantized with these settings (default: the float model).
     """
     subnet = supernet.resolve(subnet)
     device = torch.device(device) if device is not None else next(supernet.parameters()).device
     model = supernet.extract(subnet).to(device)
     calibrate_bn(model, calib_loader, calib_images, resolution=subnet.resolution, device=device)
     model.eval()
+    if quantize is not None:
+        from ..search.quantize import quantized_classifier
+        model = quantized_classifier(model, calib_loader, supernet.resolution_of(subnet), quantize,
+                                     int(getattr(supernet, 'in_chans', 3)))
+        device = torch.device('cpu')
     top1 = top5 = 0.
     count = 0
     for images, targets in val_loader:
@@ -69,20 +81,23 @@ class SubnetEvaluator:
         workers: Data-loader workers.
         device: Evaluation device (default: the supernet's).
         autocast: Returns the autocast context of the forward passes (default: none).
+        quantize: Evaluate INT8 graphs quantized with these settings (default: float models).
     """
 
     def __init__(self, calib_set: torch.utils.data.Dataset, eval_set: torch.utils.data.Dataset,
                  calib_images: int = 2000, batch_size: int = 64, seed: int = 0, workers: int = 0,
                  device: Union[str, torch.device, None] = None,
-                 autocast: Optional[Callable[[], ContextManager]] = None):
+                 autocast: Optional[Callable[[], ContextManager]] = None,
+                 quantize: Optional['QuantizeConfig'] = None):
         self.n_calib = min(calib_images, len(calib_set))
         g = torch.Generator().manual_seed(seed)
         indices = torch.randperm(len(calib_set), generator=g)[:self.n_calib].tolist()
         pin = torch.device(device).type == 'cuda' if device is not None else False
         self.calib = eval_loader(calib_set, batch_size, workers, pin, indices)
         self.eval = eval_loader(eval_set, batch_size, workers, pin)
-        self.device, self.autocast = device, autocast
+        self.device, self.autocast, self.quantize = device, autocast, quantize
 
     def __call__(self, supernet: nn.Module, subnet: SubnetLike) -> Dict[str, float]:
         """``{'top1', 'top5'}`` (%) of ``subnet`` of ``supernet``."""
-        return evaluate_subnet(supernet, subnet, self.calib, self.eval, self.n_calib, self.device, self.autocast)
+        return evaluate_subnet(supernet, subnet, self.calib, self.eval, self.n_calib, self.device, self.autocast,
+                               self.quantize)

@@ -16,7 +16,6 @@ from the block models, the calibration fit from the calibration subnets, the err
     table = import_kit_results('kit/results.json')        # ofa-timm latency import kit/results.json --out t.json
 """
 import datetime
-import io
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ import torch.nn as nn
 from ..._io import staged_folder
 from ...space import Subnet
 from ..cost import BlockLayout
+from ..quantize import PRECISIONS, onnx_bytes, quantize_onnx, require_quantization
 from ..latency import (
     LatencySettings, LatencyTable, calibration_subnets, entry_modules, held_out_subnets, plan_entries,
     score_predictions, subnet_input_shape, with_calibration)
@@ -52,35 +52,44 @@ def _require_onnx() -> Any:
     return onnx
 
 
-def _export_graph(module: nn.Module, input_shape: Sequence[int], path: Path, opset: int) -> Dict[str, Any]:
-    """Write ``module`` as an ONNX graph whose float weights are external data that ``measure.py`` draws; return
-    the weights' layout and value ranges."""
+def _export_graph(module: nn.Module, input_shape: Sequence[int], path: Path, opset: int,
+                  precision: str = 'fp32') -> Dict[str, Any]:
+    """Write ``module`` as an ONNX graph (a QDQ one for ``precision`` ``'int8'``) whose weights are external data
+    that ``measure.py`` draws; return the weights' layout, dtype and value ranges."""
     onnx = _require_onnx()
     from onnx import numpy_helper
     from onnx.external_data_helper import set_external_data
-    import warnings
-    buffer = io.BytesIO()
     x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter('ignore')
-        torch.onnx.export(module.eval(), (x,), buffer, dynamo=False, opset_version=opset, input_names=['input'],
-                          output_names=['output'])
-    model = onnx.load_from_string(buffer.getvalue())
+    graph = onnx_bytes(module, x, opset=opset)
+    if precision == 'int8':
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            g = torch.Generator().manual_seed(1)  # activation ranges leave integer kernels' speed alone
+            batches = [torch.randn(*input_shape, generator=g).numpy() for _ in range(2)]
+            graph = quantize_onnx(graph, Path(tmp) / 'int8.onnx', batches).read_bytes()
+    model = onnx.load_from_string(graph)
     weights_file = path.stem + '.weights'
+    drawn = {onnx.TensorProto.FLOAT: ('float32', np.float32), onnx.TensorProto.INT8: ('int8', np.int8)}
+    # scales and zero points of (De)QuantizeLinear stay in the graph: drawn at random they would be invalid
+    quant_params = {name for node in model.graph.node if node.op_type in ('QuantizeLinear', 'DequantizeLinear')
+                    for name in node.input[1:]}
     tensors, offset = [], 0
     for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT:
+        if init.data_type not in drawn or init.name in quant_params:
             continue
-        values = numpy_helper.to_array(init).astype(np.float32)
-        if values.size < _INLINE_BELOW:
+        dtype, numpy_type = drawn[init.data_type]
+        values = numpy_helper.to_array(init).astype(numpy_type)
+        if values.size < _INLINE_BELOW:  # scales, zero points, small biases stay in the graph
             continue
         offset = -(-offset // _ALIGN) * _ALIGN
+        v = values.astype(np.float64)
         tensors.append(dict(name=init.name, shape=list(values.shape), offset=offset, length=int(values.nbytes),
-                            mean=float(values.mean()), std=float(values.std()), min=float(values.min()),
-                            max=float(values.max())))
+                            dtype=dtype, mean=float(v.mean()), std=float(v.std()), min=float(v.min()),
+                            max=float(v.max())))
         set_external_data(init, location=weights_file, offset=offset, length=int(values.nbytes))
         init.ClearField('raw_data')
         init.ClearField('float_data')
+        init.ClearField('int32_data')
         init.data_location = onnx.TensorProto.EXTERNAL
         offset += int(values.nbytes)
     path.write_bytes(model.SerializeToString())
@@ -97,6 +106,7 @@ def make_kit(
         model: str = '',
         opset: int = 17,
         progress: bool = True,
+        precision: str = 'fp32',
 ) -> Path:
     """Write a latency kit for ``supernet``'s space into the folder ``out`` (replaced only once complete).
 
@@ -111,12 +121,18 @@ def make_kit(
         model: Model name recorded in the kit (default: the supernet's architecture).
         opset: ONNX opset of the graphs.
         progress: Show a progress bar (when the output is a terminal).
+        precision: ``'int8'`` writes QDQ graphs (static quantization, per-channel weights) for devices that run INT8:
+            the QNN HTP and NNAPI providers run only those. Their int8 weights are drawn on the device too.
 
     Returns:
         The kit folder.
     """
     from tqdm import tqdm
     _require_onnx()
+    if precision not in PRECISIONS:
+        raise ValueError(f'Unknown precision {precision!r}; allowed: {list(PRECISIONS)}')
+    if precision == 'int8':
+        require_quantization()
     if batch_size < 1 or calibrate < 2 or validate < 0:
         raise ValueError(f'batch_size must be >= 1, calibrate >= 2 and validate >= 0, got {batch_size}, {calibrate}, '
                          f'{validate}')
@@ -124,7 +140,7 @@ def make_kit(
     space = supernet.space
     model = model or supernet.pretrained_cfg.get('architecture', type(supernet).__name__)
     layout = BlockLayout.from_supernet(supernet)
-    entries, sources, blocks = plan_entries(layout, LatencySettings('onnxruntime', batch_size))
+    entries, sources, blocks = plan_entries(layout, LatencySettings('onnxruntime', batch_size, precision=precision))
     skeleton = LatencyTable(space, blocks, entries, {}).to_dict()
     cal = calibration_subnets(space, calibrate, seed)
     val = held_out_subnets(space, validate, seed, exclude=cal) if validate else []
@@ -137,7 +153,7 @@ def make_kit(
         with tqdm(total=total, desc='latency kit', unit='graph', disable=None if progress else True) as bar:
             for i, module in entry_modules(supernet, layout, sources, range(len(entries))):
                 rel = Path('blocks') / (entries[i]['id'].replace('@', '_') + '.onnx')
-                weights = _export_graph(module, entries[i]['input'], staging / rel, opset)
+                weights = _export_graph(module, entries[i]['input'], staging / rel, opset, precision)
                 models.append(dict(id=entries[i]['id'], part='blocks', file=rel.as_posix(),
                                    input=entries[i]['input'], desc=entries[i]['desc'], weights=weights))
                 bar.update()
@@ -145,7 +161,7 @@ def make_kit(
                 for k, subnet in enumerate(subnets):
                     rel = Path('subnets') / f'{part}_{k:03d}.onnx'
                     shape = subnet_input_shape(supernet, subnet, batch_size)
-                    weights = _export_graph(supernet.extract(subnet), shape, staging / rel, opset)
+                    weights = _export_graph(supernet.extract(subnet), shape, staging / rel, opset, precision)
                     models.append(dict(id=f'{part}/{k}', part=part, file=rel.as_posix(), input=shape,
                                        subnet=subnet.to_dict(), weights=weights))
                     bar.update()
@@ -154,18 +170,21 @@ def make_kit(
         import timm
         manifest = dict(
             format=KIT_FORMAT, model=model, num_classes=supernet.num_classes, batch_size=batch_size, seed=seed,
+            precision=precision,
             created=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
             made_with=dict(torch=torch.__version__, timm=timm.__version__, onnx=_require_onnx().__version__,
                            python=platform.python_version(), opset=opset),
             table=skeleton, models=models)
         (staging / 'manifest.json').write_text(json.dumps(manifest, indent=1))
         shutil.copyfile(Path(_format.__file__), staging / 'measure.py')
-        (staging / 'README.txt').write_text(_readme(model, len(entries), len(cal), len(val)))
+        (staging / 'README.txt').write_text(_readme(model, len(entries), len(cal), len(val), precision))
     return out
 
 
-def _readme(model: str, n_blocks: int, n_cal: int, n_val: int) -> str:
-    return f"""Latency kit of {model}: {n_blocks} block graphs, {n_cal} calibration and {n_val} validation subnets.
+def _readme(model: str, n_blocks: int, n_cal: int, n_val: int, precision: str) -> str:
+    graphs = 'INT8 (QDQ) graphs' if precision == 'int8' else 'float32 graphs'
+    return f"""Latency kit of {model} ({graphs}): {n_blocks} block graphs, {n_cal} calibration and {n_val} validation
+subnets.
 
 On the device (Python >= 3.8 with numpy and onnxruntime; no PyTorch):
 
@@ -221,9 +240,11 @@ def import_kit_results(results: Union[str, os.PathLike], kit: Optional[Union[str
     table_dict = dict(manifest['table'])
     entries = [dict(e, ms=measured[e['id']]['ms'], iqr=_last_iqr(measured[e['id']]),
                     passes=[p['ms'] for p in measured[e['id']]['passes']]) for e in table_dict['entries']]
+    precision = manifest.get('precision', 'fp32')  # kits of 0.2.0 are float32
     meta = dict(model=manifest['model'], num_classes=manifest['num_classes'], backend='onnxruntime',
                 provider=device['provider'], device=device['cpu'], platform=device['platform'],
-                batch_size=manifest['batch_size'], threads=device['threads'] or 'default', dtype='float32',
+                batch_size=manifest['batch_size'], threads=device['threads'] or 'default',
+                dtype='int8 (QDQ)' if precision == 'int8' else 'float32', precision=precision,
                 channels_last=False, kit=kit_id, versions=dict(onnxruntime=device['onnxruntime'],
                                                                python=device['python'], numpy=device['numpy']),
                 **data['settings'])

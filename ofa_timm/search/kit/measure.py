@@ -124,8 +124,12 @@ def materialise(model, kit_dir, folder, seed):
         buffer = np.zeros(weights['size'], dtype=np.uint8)
         for i, t in enumerate(weights['tensors']):
             rng = np.random.default_rng([seed, i])
-            n = t['length'] // 4
-            values = rng.normal(t['mean'], t['std'] or 0.0, size=n).clip(t['min'], t['max']).astype('<f4')
+            if t.get('dtype', 'float32') == 'int8':  # a QDQ graph's quantized weights
+                values = rng.normal(t['mean'], t['std'] or 0.0, size=t['length']).round().clip(
+                    t['min'], t['max']).astype(np.int8)
+            else:
+                n = t['length'] // 4
+                values = rng.normal(t['mean'], t['std'] or 0.0, size=n).clip(t['min'], t['max']).astype('<f4')
             buffer[t['offset']:t['offset'] + t['length']] = values.view(np.uint8)
         buffer.tofile(os.path.join(folder, weights['file']))
     return graph
