@@ -180,7 +180,8 @@ def _info(over_pct: float, low: float) -> dict:
                   fp32_choice=dict(subnet={}, val_top1=62, val_top1_int8=50, test_top1=63, test_top1_int8=49.5))
     return dict(model=MODEL, data=dict(train=1, val=1, test=1, classes=2), test_source='t', accuracy=dict(
         n=10, top1_min=1, top1_max=2), predictor=dict(n_train=8, n_val=2, rmse=1, spearman=0.5), budgets=[budget],
-        latency_measured_here=True, precision='int8', int8_export={'latency_10ms': dict(images=24, top1_agreement=95.8)})
+        latency_measured_here=True, precision='int8',
+        int8_export={'latency_10ms': dict(images=24, top1_agreement=95.8)})
 
 
 def test_the_report_flags_a_winner_over_its_budget_and_sets_int8_beside_fp32():
