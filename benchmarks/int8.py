@@ -2,10 +2,10 @@
 
 ``latency``: for each ``--models`` supernet (random weights: the weights' values do not change the time), the min,
 mid and max subnets are extracted, exported to an FP32 ONNX graph and quantized to a QDQ graph (per-channel weights,
-activations calibrated on random images; ``int8`` and ``uint8`` activations). The graphs of one subnet are timed
-interleaved, ``--rounds`` rounds of ``--runs`` runs each with the order rotating every round; each round's median
-gives a ratio to the FP32 graph of the same round, so a slow spell of the machine cancels out. Reported: the median
-time of each graph and the median (min-max) of the per-round ratios.
+activations calibrated on random images by min and max; ``int8`` and ``uint8`` activations). The graphs of one subnet
+are timed interleaved, ``--rounds`` rounds of ``--runs`` runs each with the order rotating every round; each round's
+median gives a ratio to the FP32 graph of the same round, so a slow spell of the machine cancels out. Reported: the
+median time of each graph and the median (min-max) of the per-round ratios.
 
 ``accuracy``: the trained supernet of an ``ofa-timm run`` / ``ofa-timm demo`` folder (``--run``, its data with
 ``--data-dir``, the split the run carved): the min, mid and max subnets, BN-recalibrated on training images, as FP32
@@ -30,7 +30,7 @@ import torch
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
 from ofa_timm.search.export import load_supernet
-from ofa_timm.search.quantize import OnnxClassifier, QuantizeConfig, onnx_bytes, quantize_onnx
+from ofa_timm.search.quantize import QuantizeConfig, onnx_bytes, quantize_onnx
 
 SUBNETS = ('min', 'mid', 'max')
 
@@ -41,21 +41,26 @@ def _subnets(space) -> Dict[str, Any]:
 
 def time_graphs(graphs: Dict[str, bytes], shape, rounds: int, runs: int, threads: int) -> Dict[str, Dict[str, float]]:
     """Median time (ms) of each graph, and its per-round ratio to the first graph, timed interleaved."""
-    sessions = {k: OnnxClassifier(g, threads=threads) for k, g in graphs.items()}
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # the graphs are timed in turn: threads left spinning by one session would steal the cores of the next
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    sessions = {k: ort.InferenceSession(g, options, providers=['CPUExecutionProvider']) for k, g in graphs.items()}
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     names = list(sessions)
     per_round = {k: [] for k in names}
     for k in names:  # warm-up
         for _ in range(3):
-            sessions[k].session.run(None, {sessions[k].input: x})
+            sessions[k].run(None, feeds[k])
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for k in order:
-            s = sessions[k]
             times = []
             for _ in range(runs):
                 t = time.perf_counter()
-                s.session.run(None, {s.input: x})
+                sessions[k].run(None, feeds[k])
                 times.append(time.perf_counter() - t)
             per_round[k].append(1e3 * statistics.median(times))
     base = names[0]
@@ -80,7 +85,7 @@ def latency(args: argparse.Namespace) -> List[Dict[str, Any]]:
             with tempfile.TemporaryDirectory() as tmp:
                 for act in ('int8', 'uint8'):
                     path = quantize_onnx(fp32, Path(tmp) / f'{act}.onnx', calib,
-                                         QuantizeConfig(len(calib), activations=act))
+                                         QuantizeConfig(len(calib), method='minmax', activations=act))
                     graphs[f'int8 ({act} act.)'] = path.read_bytes()
             timed = time_graphs(graphs, (args.batch_size, 3, args.resolution, args.resolution), args.rounds,
                                 args.runs, args.threads)
@@ -110,10 +115,12 @@ def accuracy(args: argparse.Namespace) -> List[Dict[str, Any]]:
     cfg = demo_config(args.data_dir, run, size)
     splits = load_splits(DataConfig(args.data_dir, image_size=size), cfg.test_dir, cfg.test_fraction, cfg.seed)
     rows = []
-    configs = [None] + [QuantizeConfig(n, method=m) for m in args.methods for n in args.images]
+    configs = [None] + [QuantizeConfig(n, method=m, activations=a) for a in args.activations for m in args.methods
+                        for n in args.images]
     for name, subnet in _subnets(supernet.space).items():
         for q in configs:
-            row = dict(subnet=name, precision='fp32' if q is None else f'int8 {q.method} {q.calibration_images}')
+            row = dict(subnet=name, precision='fp32' if q is None else
+                       f'int8 {q.method}, {q.calibration_images} images, {q.activations} activations')
             for split in ('val', 'test'):
                 evaluator = SubnetEvaluator(splits.calib, splits.val if split == 'val' else splits.test,
                                             args.calib_images, 64, cfg.seed, quantize=q)
@@ -166,6 +173,7 @@ def main(argv=None) -> int:
     b.add_argument('--model', default='ofa_mobilenetv3_large_100')
     b.add_argument('--methods', nargs='+', default=['minmax', 'entropy', 'percentile'])
     b.add_argument('--images', nargs='+', type=int, default=[64, 256])
+    b.add_argument('--activations', nargs='+', default=['int8', 'uint8'], choices=('int8', 'uint8'))
     b.add_argument('--calib-images', type=int, default=256, help='images of the BN recalibration')
     b.add_argument('--random', type=int, default=30, help='random subnets whose FP32 and INT8 ranking is compared')
     for q in (a, b):

@@ -90,6 +90,7 @@ def test_every_artefact_is_written_and_loads(base):
     assert [b.label for b in result.budgets] == ['flops_40pct', 'flops_70pct']
     report = result.report.read_text()
     assert 'held-out' in report and 'Spearman' in report and 'test top-1' in report and 'pareto.png' in report
+    assert '--hflip 0 turns them off' in report  # flips, which digits and text must not have, are named
     for b in result.budgets:
         assert b.costs['flops'] <= b.limits['flops'] and 0 <= b.test_top1 <= 100
         assert b.random_best is not None and 'test_top1' in b.random_best
@@ -101,6 +102,13 @@ def test_every_artefact_is_written_and_loads(base):
     search = json.loads((out / 'search.json').read_text())
     assert all(len(s['candidates']) == 3 for s in search)  # the finalists: distinct candidates
     assert all(len({json.dumps(c['subnet'], sort_keys=True) for c in s['candidates']}) == 3 for s in search)
+
+
+def test_the_augmentation_is_named_with_the_flags_that_change_it(data, tmp_path):
+    plain = config(data, tmp_path).augmentation()
+    assert '--hflip 0' in plain and "ImageNet's; --scale 0.6 1" in plain and 'batch 9' in plain
+    tuned = config(data, tmp_path, hflip=0., scale=(0.6, 1.0)).augmentation()
+    assert tuned == 'random-resized crops of 60%-100% of each image, no flips, batch 9'
 
 
 def test_test_split_is_carved_stratified_disjoint_and_fixed():

@@ -216,11 +216,12 @@ def add_int8_args(p: argparse.ArgumentParser) -> None:
     d = QuantizeConfig()
     p.add_argument('--int8-images', type=int, default=d.calibration_images,
                    help='training images the INT8 activation ranges are calibrated on')
-    p.add_argument('--int8-method', choices=('minmax', 'entropy', 'percentile'), default=d.method,
-                   help='INT8 calibration method (onnxruntime.quantization)')
-    p.add_argument('--int8-activations', choices=('int8', 'uint8'), default=d.activations,
-                   help='INT8 activation type: int8 (symmetric, the CPU default) or uint8 (asymmetric, as NPUs '
-                        'such as QNN HTP take)')
+    p.add_argument('--int8-method', choices=('percentile', 'minmax', 'entropy'), default=d.method,
+                   help=f'INT8 calibration method (onnxruntime.quantization); percentile clips the activation ranges '
+                        f'at the {d.percentile}th percentile')
+    p.add_argument('--int8-activations', choices=('uint8', 'int8'), default=d.activations,
+                   help='INT8 activation type: uint8 (what NPUs such as QNN HTP and NNAPI take) or int8 (S8S8, '
+                        "ONNX Runtime's advice on x86 CPUs)")
 
 
 def add_parsers(sub: Any) -> None:

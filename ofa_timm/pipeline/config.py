@@ -133,6 +133,18 @@ class RunConfig:
             raise ValueError(f'Latency budgets ({", ".join(b.label for b in self.budgets)}) need a latency table: '
                              f'pass latency=torch-cpu (or a table / kit results)')
 
+    def augmentation(self) -> str:
+        """The training augmentation in words, with the flag that changes what data may not want: flips cannot be
+        inferred from the images (wrong for digits and text), and timm's ImageNet crop keeps as little as 8 % of a
+        small image."""
+        lo, hi = self.scale
+        flips = (f'horizontal flips {self.hflip:.0%} of the time (--hflip 0 turns them off: wrong for digits, text '
+                 f'and anything a mirror changes)' if self.hflip else 'no flips')
+        crop = f'random-resized crops of {lo:.0%}-{hi:.0%} of each image'
+        if (lo, hi) == (0.08, 1.0):
+            crop += " (ImageNet's; --scale 0.6 1 keeps more of a small image)"
+        return f'{crop}, {flips}, batch {self.train.batch_size}'
+
 
 @dataclass
 class BudgetResult:

@@ -110,6 +110,7 @@ class Pipeline:
                  f'{s.num_classes} classes (test split: '
                  f'{cfg.test_dir or f"{cfg.test_fraction:.0%} of the validation split, stratified, seed {cfg.seed}"}, '
                  f'read by the report alone)')
+        self.log(f'Training augmentation: {cfg.augmentation()}')
         if not initial.has_batchnorm:
             self.log(f'{cfg.model} has no batch norm: its subnets are evaluated and exported without BN '
                      f'recalibration')
@@ -262,10 +263,13 @@ class Pipeline:
         path = self.out / 'latency' / 'table.json'
         spec = cfg.latency
         inputs: Dict[str, Any] = dict(latency=spec, model=cfg.model, space=self.supernet.space.to_dict())
+        if cfg.precision != 'fp32':  # named only then, so that the FP32 run folders written before stay done
+            inputs.update(precision=cfg.precision)
         if spec in LOCAL_BACKENDS:
             inputs.update(batch_size=cfg.latency_batch_size, threads=cfg.latency_threads, calibrate=cfg.calibrate,
                           validate=cfg.validate, seed=cfg.seed)
-            what = f'a {spec} latency table measured here (batch {cfg.latency_batch_size})'
+            what = (f'a latency table of {cfg.precision.upper()} subnets measured here with {spec} '
+                    f'(batch {cfg.latency_batch_size})')
         elif spec.startswith('kit:'):
             results = Path(spec[4:])
             inputs.update(results=file_digest(results), manifest=file_digest(results.parent / 'manifest.json'))
@@ -419,6 +423,7 @@ class Pipeline:
             info = dict(model=cfg.model, data=self.data_sizes, train=self.summaries.get('train', {}),
                         predictor=self.summaries['predictor'], latency=self.summaries.get('latency'),
                         accuracy=self.summaries['accuracy'], precision=cfg.precision,
+                        augmentation=cfg.augmentation(),
                         int8_export=self.summaries['export'].get('int8'), test_source=cfg.test_dir or
                         f'{cfg.test_fraction:.0%} of the validation split (stratified, seed {cfg.seed})')
             test_int8 = self._evaluator('test', True) if cfg.precision == 'int8' else None

@@ -110,6 +110,8 @@ def report_markdown(info: Mapping[str, Any], plot: str = 'pareto.png') -> str:
              f"classes. The test split ({info['test_source']}) was read by this report alone: training, BN "
              f"recalibration, the accuracy predictor and the choice among finalists used the training and validation "
              f"splits.", '']
+    if info.get('augmentation'):
+        lines += [f"Training augmentation: {info['augmentation']}.", '']
     train = info.get('train') or {}
     if train.get('stages'):
         stages = ', '.join(f"{s['stage']} {s['top1']:.1f}" for s in train['stages'])

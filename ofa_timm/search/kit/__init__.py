@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..._io import staged_folder
 from ...space import Subnet
 from ..cost import BlockLayout
-from ..quantize import PRECISIONS, onnx_bytes, quantize_onnx, require_quantization
+from ..quantize import PRECISIONS, onnx_bytes, quantize_for_timing, require_quantization
 from ..latency import (
     LatencySettings, LatencyTable, calibration_subnets, entry_modules, held_out_subnets, plan_entries,
     score_predictions, subnet_input_shape, with_calibration)
@@ -62,11 +62,7 @@ def _export_graph(module: nn.Module, input_shape: Sequence[int], path: Path, ops
     x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
     graph = onnx_bytes(module, x, opset=opset)
     if precision == 'int8':
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            g = torch.Generator().manual_seed(1)  # activation ranges leave integer kernels' speed alone
-            batches = [torch.randn(*input_shape, generator=g).numpy() for _ in range(2)]
-            graph = quantize_onnx(graph, Path(tmp) / 'int8.onnx', batches).read_bytes()
+        graph = quantize_for_timing(graph, input_shape)
     model = onnx.load_from_string(graph)
     weights_file = path.stem + '.weights'
     drawn = {onnx.TensorProto.FLOAT: ('float32', np.float32), onnx.TensorProto.INT8: ('int8', np.int8)}
