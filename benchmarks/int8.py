@@ -30,7 +30,7 @@ import torch
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
 from ofa_timm.search.export import load_supernet
-from ofa_timm.search.quantize import QuantizeConfig, onnx_bytes, quantize_onnx
+from ofa_timm.search.quantize import QuantizeConfig, cpu_session, onnx_bytes, quantize_onnx
 
 SUBNETS = ('min', 'mid', 'max')
 
@@ -41,12 +41,7 @@ def _subnets(space) -> Dict[str, Any]:
 
 def time_graphs(graphs: Dict[str, bytes], shape, rounds: int, runs: int, threads: int) -> Dict[str, Dict[str, float]]:
     """Median time (ms) of each graph, and its per-round ratio to the first graph, timed interleaved."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    # the graphs are timed in turn: threads left spinning by one session would steal the cores of the next
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    sessions = {k: ort.InferenceSession(g, options, providers=['CPUExecutionProvider']) for k, g in graphs.items()}
+    sessions = {k: cpu_session(g, threads, timing=True) for k, g in graphs.items()}
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     names = list(sessions)

@@ -33,7 +33,7 @@ from .._io import write_text_atomic
 from .._malloc import steady_allocator
 from ..space import SearchSpace, Subnet, SubnetLike, read_json
 from .cost import AdditiveCost, BlockLayout, disjoint_groups
-from .quantize import PRECISIONS, onnx_bytes, quantize_for_timing
+from .quantize import PRECISIONS, cpu_session, onnx_bytes, quantize_for_timing
 
 __all__ = ['BACKENDS', 'LatencySettings', 'LatencyTable', 'build_latency_table', 'validate_latency_table',
            'measure_subnets', 'measure_anchored', 'AnchoredLatency', 'plan_entries', 'entry_modules',
@@ -153,17 +153,11 @@ class _Runner:
 
 def _onnx_session(module: nn.Module, x: torch.Tensor, threads: Optional[int],
                   precision: str = 'fp32') -> Callable[[], None]:
-    ort = _import_onnxruntime()
+    _import_onnxruntime()  # a clear error where it is missing
     graph = onnx_bytes(module, x)
     if precision == 'int8':
         graph = quantize_for_timing(graph, x.shape)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # Many sessions are timed in turn: threads left spinning by the last one would steal the cores of the next.
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    session = ort.InferenceSession(graph, options, providers=['CPUExecutionProvider'])
+    session = cpu_session(graph, threads or torch.get_num_threads(), timing=True)
     feed = {'input': x.numpy()}
     return lambda: session.run(None, feed)
 
