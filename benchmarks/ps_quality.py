@@ -28,8 +28,9 @@ Each subnet is BN-recalibrated on 500 training images and evaluated on the 1,000
 the binomial standard error of a top-1 near 95 % is 0.7 points). Stage-end figures are the max subnet on the test
 split at the end of each stage. The tables go into ``docs/results.md`` between markers named after the model and part.
 
-Usage: python benchmarks/ps_quality.py --model ofa_mobilenetv3_large_100 [--image-size 32] [--parts scratch
-       pretrained small] [--no-ablations] [--results docs/results.md] [--output /tmp/ps_quality] [--seed 0] [--smoke]
+Usage: python benchmarks/ps_quality.py --model ofa_mobilenetv3_large_100 [--model-kwargs depth=4 ...]
+       [--image-size 32] [--parts scratch pretrained small] [--no-ablations] [--results docs/results.md]
+       [--output /tmp/ps_quality] [--seed 0] [--smoke]
 """
 import argparse
 import math
@@ -42,6 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
+from timm.utils import ParseKwargs
 
 import ofa_timm  # noqa: F401  registers the ofa_* models
 from ofa_timm.elastic import single_subnet
@@ -148,7 +150,8 @@ def _alone(bench: Bench, supernet: torch.nn.Module, subnet: Subnet, steps: int, 
 def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     bench = Bench(args)
     torch.manual_seed(args.seed)
-    initial = timm.create_model(args.model, num_classes=bench.num_classes, resolutions=bench.resolutions)
+    initial = timm.create_model(args.model, num_classes=bench.num_classes, resolutions=bench.resolutions,
+                                **args.model_kwargs)
     zero_init_residual(initial)  # what the trainer does at the start of a run; the subnets trained alone share it
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
@@ -185,7 +188,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     bench = Bench(args)
     source_name = args.model[len('ofa_'):]
     torch.manual_seed(args.seed)
-    source = timm.create_model(source_name, num_classes=bench.num_classes)
+    source = timm.create_model(source_name, num_classes=bench.num_classes, **args.model_kwargs)
     # The source trained alone to convergence: the scratch recipe's full stage, for --source-steps steps.
     plain = single_subnet(source, args.image_size)
     full = build_schedule('scratch', plain.space).stages[0]
@@ -200,7 +203,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     print(f'source trained alone for {args.source_steps} steps ({time.time() - tick:.0f} s)', flush=True)
 
     supernet = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                                 num_classes=bench.num_classes, resolutions=bench.resolutions)
+                                 num_classes=bench.num_classes, resolutions=bench.resolutions, **args.model_kwargs)
     state = {k: v.clone() for k, v in supernet.state_dict().items()}
     space = supernet.space
     source_top1 = bench.test_top1(supernet, space.max())
@@ -227,7 +230,8 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
 def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     bench = Bench(args, train_per_class=20)
     torch.manual_seed(args.seed)
-    initial = timm.create_model(args.model, num_classes=bench.num_classes, resolutions=bench.resolutions)
+    initial = timm.create_model(args.model, num_classes=bench.num_classes, resolutions=bench.resolutions,
+                                **args.model_kwargs)
     zero_init_residual(initial)
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
@@ -278,6 +282,8 @@ def _schedule_text(schedule: Schedule, steps: int, n_train: int) -> str:
 
 def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: float) -> str:
     flags = ' --no-ablations' if args.no_ablations and part == 'scratch' else ''
+    if args.model_kwargs:
+        flags += ' --model-kwargs ' + ' '.join(f'{k}={v}' for k, v in args.model_kwargs.items())
     cmd = (f'`python benchmarks/ps_quality.py --model {args.model} --image-size {args.image_size} --parts {part}'
            f'{flags}` ({seconds / 60:.1f} minutes on the 2-core machine)')
     res = f'{args.image_size * 3 // 4}/{args.image_size * 7 // 8}/{args.image_size} px'
@@ -353,6 +359,8 @@ def write_section(path: Path, key: str, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='ofa_mobilenetv3_large_100')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='source model arguments, e.g. depth=4 patch_size=4 img_size=32 for a small ViT')
     parser.add_argument('--image-size', type=int, default=32)
     parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS))
     parser.add_argument('--source-steps', type=int, default=1500, help='steps the pretrained part trains its source')

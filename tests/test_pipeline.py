@@ -16,6 +16,7 @@ import torch
 from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.pipeline import STEPS, PipelineInterrupted, RunConfig, carve_test_split, run
 from ofa_timm.pipeline import core as pipeline_core
+from ofa_timm.pipeline.report import report_markdown
 from ofa_timm.training import PRESETS, Schedule, Stage, TrainConfig, TrainingInterrupted
 
 MODEL = 'ofa_mobilenetv3_small_100'
@@ -109,6 +110,22 @@ def test_the_augmentation_is_named_with_the_flags_that_change_it(data, tmp_path)
     assert '--hflip 0' in plain and "ImageNet's; --scale 0.6 1" in plain and 'batch 9' in plain
     tuned = config(data, tmp_path, hflip=0., scale=(0.6, 1.0)).augmentation()
     assert tuned == 'random-resized crops of 60%-100% of each image, no flips, batch 9'
+
+
+def test_the_report_sets_the_teacher_beside_the_winners_with_what_to_try(data, tmp_path):
+    budget = dict(label='flops_50pct', limits={'flops': 1e6}, subnet={}, predicted_top1=50, val_top1=61.5,
+                  test_top1=60, test_top5=90, costs={'flops': 1e6, 'params': 1e5}, random_best=None, files=[], load='')
+    info = dict(model='m', data=dict(train=1, val=1, test=1, classes=2), test_source='t',
+                accuracy=dict(n=10, top1_min=1, top1_max=2), predictor=dict(n_train=8, n_val=2, rmse=1, spearman=0.5),
+                budgets=[budget, dict(budget, label='flops_30pct', val_top1=58.0)],
+                train=dict(steps=10, stages=[dict(stage='full', top1=70.0, min_top1=70.0, max_top1=72.5)]),
+                what_to_try=config(data, tmp_path).what_to_try())
+    text = report_markdown(info)
+    assert 'the max subnet ended the full stage at 72.5% validation top-1; the winners have 58.0-61.5%' in text
+    assert '`--hflip 0`' in text and '`--scale 0.6 1`' in text and '`--epochs-scale 2`' in text
+    tuned = config(data, tmp_path, hflip=0., scale=(0.6, 1.0)).what_to_try()
+    assert not any('--hflip' in t or '--scale' in t for t in tuned)
+    assert 'Teacher' not in report_markdown(dict(info, train={}))  # a given checkpoint: no stage figures
 
 
 def test_test_split_is_carved_stratified_disjoint_and_fixed():

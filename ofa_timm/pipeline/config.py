@@ -145,6 +145,18 @@ class RunConfig:
             crop += " (ImageNet's; --scale 0.6 1 keeps more of a small image)"
         return f'{crop}, {flips}, batch {self.train.batch_size}'
 
+    def what_to_try(self) -> List[str]:
+        """Flags that commonly lift a weak full stage (the teacher every subnet learns from), given these settings."""
+        tips = []
+        if self.hflip:
+            tips.append('`--hflip 0` if a mirror changes the class (digits, text)')
+        if tuple(self.scale) == (0.08, 1.0):
+            tips.append('`--scale 0.6 1` for small images')
+        if not (self.pretrained or self.pretrained_file or self.checkpoint):
+            tips.append('`--pretrained` (or `--pretrained-file`) where weights of this model exist')
+        tips.append('a longer run (`--epochs-scale 2`)')
+        return tips
+
 
 @dataclass
 class BudgetResult:

@@ -423,7 +423,7 @@ class Pipeline:
             info = dict(model=cfg.model, data=self.data_sizes, train=self.summaries.get('train', {}),
                         predictor=self.summaries['predictor'], latency=self.summaries.get('latency'),
                         accuracy=self.summaries['accuracy'], precision=cfg.precision,
-                        augmentation=cfg.augmentation(),
+                        augmentation=cfg.augmentation(), what_to_try=cfg.what_to_try(),
                         int8_export=self.summaries['export'].get('int8'), test_source=cfg.test_dir or
                         f'{cfg.test_fraction:.0%} of the validation split (stratified, seed {cfg.seed})')
             test_int8 = self._evaluator('test', True) if cfg.precision == 'int8' else None

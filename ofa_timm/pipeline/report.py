@@ -102,6 +102,21 @@ def _int8_lines(info: Mapping[str, Any]) -> List[str]:
     return ['INT8 against FP32:', ''] + lines + ['']
 
 
+def _teacher_lines(info: Mapping[str, Any]) -> List[str]:
+    """The max subnet at the end of the first stage (the teacher the others distil from) beside the winners, both on
+    the validation split, so that a weak teacher, which caps every subnet, shows at a glance."""
+    stages = (info.get('train') or {}).get('stages')
+    if not stages or stages[0].get('max_top1') is None or not info['budgets']:
+        return []
+    first = stages[0]
+    winners = [b['val_top1'] for b in info['budgets']]
+    tips = info.get('what_to_try') or []
+    return [f"Teacher: the max subnet ended the {first['stage']} stage at {first['max_top1']:.1f}% validation top-1; "
+            f"the winners have {min(winners):.1f}-{max(winners):.1f}%. Every subnet learns from that max subnet, so "
+            f"if it is lower than this model should reach on these images, fix it first" +
+            (f": try {'; '.join(tips)}." if tips else '.'), '']
+
+
 def report_markdown(info: Mapping[str, Any], plot: str = 'pareto.png') -> str:
     """``report.md``: the setup, the predictor's and the latency table's quality, and a table per budget."""
     d, p = info['data'], info['predictor']
@@ -148,6 +163,7 @@ def report_markdown(info: Mapping[str, Any], plot: str = 'pareto.png') -> str:
     lines += ['', f'{top1}. "val top-1" chose the winner among the finalists; "best random subnet in budget" is '
               f'the best (by validation top-1) of the randomly evaluated subnets that meet the budget, and "gain" what '
               f'the search added on the test split. {_latency_note(info)}', '']
+    lines += _teacher_lines(info)
     over = [b for b in info['budgets'] if (b.get('latency') or {}).get('over_budget_pct', 0) > 0]
     for b in over:
         t = b['latency']
