@@ -121,7 +121,8 @@ def test_the_report_sets_the_teacher_beside_the_winners_with_what_to_try(data, t
                 train=dict(steps=10, stages=[dict(stage='full', top1=70.0, min_top1=70.0, max_top1=72.5)]),
                 what_to_try=config(data, tmp_path).what_to_try())
     text = report_markdown(info)
-    assert 'the max subnet ended the full stage at 72.5% validation top-1; the winners have 58.0-61.5%' in text
+    assert 'end of the full stage the best validated subnet' in text
+    assert 'had 72.5% validation top-1; the winners have 58.0-61.5%' in text
     assert '`--hflip 0`' in text and '`--scale 0.6 1`' in text and '`--epochs-scale 2`' in text
     tuned = config(data, tmp_path, hflip=0., scale=(0.6, 1.0)).what_to_try()
     assert not any('--hflip' in t or '--scale' in t for t in tuned)

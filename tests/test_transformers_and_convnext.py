@@ -130,3 +130,34 @@ def test_token_shaped_latency_entries_and_kit(tmp_path):
     for subnet in (supernet.space.min(), supernet.space.max()):
         assert params(subnet)[0] == count_params(supernet.extract(subnet))  # position embeddings grow with size
     assert flops_model(supernet)(supernet.space.min())[0] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name, kwargs, resolutions', [
+    ('ofa_vit_tiny_patch16_224', dict(img_size=RES, patch_size=8, depth=2), (24, 32)),
+    ('ofa_convnext_atto', {}, (32, 40)),  # 32: the network's stride
+], ids=['vit', 'convnext'])
+def test_run_finishes_end_to_end_with_a_report(name, kwargs, resolutions, tmp_path):
+    pytest.importorskip('onnxruntime')
+    from ofa_timm.example_data import make_shapes_dataset
+    from ofa_timm.pipeline import RunConfig, run
+    size = max(resolutions)
+    shapes = make_shapes_dataset(tmp_path / 'data', num_classes=3, train_per_class=8, val_per_class=6, image_size=size)
+    out = tmp_path / 'run'
+    result = run(RunConfig(
+        model=name, model_kwargs=kwargs, data_dir=str(shapes), budgets='60%flops', out=str(out), latency=None,
+        resolutions=resolutions, image_size=size, epochs_scale=0.02, min_steps=0, subnets=10, finalists=2,
+        formats=('timm', 'onnx'), progress=False, train=TrainConfig(batch_size=8, workers=0, calib_images=8)))
+    (b,) = result.budgets
+    assert b.costs['flops'] <= b.limits['flops'] and 0 <= b.test_top1 <= 100
+    report = (out / 'report.md').read_text()
+    assert f'# {name}: one subnet per budget' in report and 'Teacher:' in report
+    folder = out / 'export' / b.label
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    assert isinstance(model, timm.models.VisionTransformer if 'vit' in name else timm.models.ConvNeXt)
+    x = torch.randn(1, 3, b.subnet.resolution, b.subnet.resolution)
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(folder / 'model.onnx'), providers=['CPUExecutionProvider'])
+    with torch.no_grad():
+        assert_close(torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]), model(x),
+                     rtol=1e-4, what='ONNX Runtime against the exported timm model')

@@ -111,10 +111,10 @@ def _teacher_lines(info: Mapping[str, Any]) -> List[str]:
     first = stages[0]
     winners = [b['val_top1'] for b in info['budgets']]
     tips = info.get('what_to_try') or []
-    return [f"Teacher: the max subnet ended the {first['stage']} stage at {first['max_top1']:.1f}% validation top-1; "
-            f"the winners have {min(winners):.1f}-{max(winners):.1f}%. Every subnet learns from that max subnet, so "
-            f"if it is lower than this model should reach on these images, fix it first" +
-            (f": try {'; '.join(tips)}." if tips else '.'), '']
+    return [f"Teacher: at the end of the {first['stage']} stage the best validated subnet (as a rule the max subnet, "
+            f"which the others learn from) had {first['max_top1']:.1f}% validation top-1; the winners have "
+            f"{min(winners):.1f}-{max(winners):.1f}%. If the first is lower than this model should reach on these "
+            f"images, every subnet inherits it, so fix it first" + (f": try {'; '.join(tips)}." if tips else '.'), '']
 
 
 def report_markdown(info: Mapping[str, Any], plot: str = 'pareto.png') -> str:
