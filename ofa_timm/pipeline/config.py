@@ -10,6 +10,7 @@ from ..search.budget import Budget, parse_budgets
 from ..search.quantize import PRECISIONS, QuantizeConfig
 from ..space import Subnet
 from ..training import TrainConfig
+from ..training.data import IMAGENET_SCALE
 
 __all__ = ['STEPS', 'LOCAL_BACKENDS', 'DEFAULT_SUBNETS', 'RunConfig', 'BudgetResult', 'PipelineResult',
            'PipelineInterrupted', 'demo_config']
@@ -89,7 +90,7 @@ class RunConfig:
     test_dir: Optional[str] = None
     test_fraction: float = 0.5
     auto_augment: Optional[str] = None
-    scale: Tuple[float, float] = (0.08, 1.0)
+    scale: Tuple[float, float] = IMAGENET_SCALE
     hflip: float = 0.5
     schedule: str = 'auto'
     epochs_scale: Optional[float] = None
@@ -133,6 +134,10 @@ class RunConfig:
             raise ValueError(f'Latency budgets ({", ".join(b.label for b in self.budgets)}) need a latency table: '
                              f'pass latency=torch-cpu (or a table / kit results)')
 
+    @property
+    def _imagenet_crop(self) -> bool:
+        return tuple(self.scale) == IMAGENET_SCALE
+
     def augmentation(self) -> str:
         """The training augmentation in words, with the flag that changes what data may not want: flips cannot be
         inferred from the images (wrong for digits and text), and timm's ImageNet crop keeps as little as 8 % of a
@@ -141,7 +146,7 @@ class RunConfig:
         flips = (f'horizontal flips {self.hflip:.0%} of the time (--hflip 0 turns them off: wrong for digits, text '
                  f'and anything a mirror changes)' if self.hflip else 'no flips')
         crop = f'random-resized crops of {lo:.0%}-{hi:.0%} of each image'
-        if (lo, hi) == (0.08, 1.0):
+        if self._imagenet_crop:
             crop += " (ImageNet's; --scale 0.6 1 keeps more of a small image)"
         return f'{crop}, {flips}, batch {self.train.batch_size}'
 
@@ -150,7 +155,7 @@ class RunConfig:
         tips = []
         if self.hflip:
             tips.append('`--hflip 0` if a mirror changes the class (digits, text)')
-        if tuple(self.scale) == (0.08, 1.0):
+        if self._imagenet_crop:
             tips.append('`--scale 0.6 1` for small images')
         if not (self.pretrained or self.pretrained_file or self.checkpoint):
             tips.append('`--pretrained` (or `--pretrained-file`) where weights of this model exist')

@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ['DataConfig', 'SeededDataset', 'EpochSampler', 'build_datasets', 'train_loader', 'eval_loader', 'resize_to',
-           'num_classes_of', 'default_workers']
+__all__ = ['IMAGENET_SCALE', 'DataConfig', 'SeededDataset', 'EpochSampler', 'build_datasets', 'train_loader',
+           'eval_loader', 'resize_to', 'num_classes_of', 'default_workers']
+
+#: timm's ImageNet random-resized-crop area range, the default: on a small image it can keep as little as 8 %.
+IMAGENET_SCALE: Tuple[float, float] = (0.08, 1.0)
 
 
 @dataclass
@@ -45,7 +48,7 @@ class DataConfig:
     val_split: str = 'validation'
     image_size: int = 224
     auto_augment: Optional[str] = None
-    scale: Tuple[float, float] = (0.08, 1.0)
+    scale: Tuple[float, float] = IMAGENET_SCALE
     hflip: float = 0.5
     interpolation: str = 'bilinear'
     mean: Sequence[float] = (0.485, 0.456, 0.406)
