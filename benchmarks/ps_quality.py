@@ -39,7 +39,7 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -52,6 +52,7 @@ from ofa_timm.space import Subnet
 from ofa_timm.training import (
     DataConfig, Schedule, Stage, SubnetEvaluator, TrainConfig, Trainer, build_datasets, build_schedule,
     zero_init_residual)
+from ofa_timm.training.schedule import recommended_min_steps
 from ofa_timm.training.sampling import applicable_stages
 
 PARTS = ('scratch', 'pretrained', 'small')
@@ -92,9 +93,11 @@ class Bench:
         return self.evaluator(supernet, subnet)['top1']
 
 
-def _run_by_stage(bench: Bench, trainer: Trainer) -> List[Tuple[str, float]]:
-    """Run ``trainer`` stage by stage (stop at each stage end, resume exactly) and measure the max subnet on the test
-    split after each stage."""
+def _run_by_stage(bench: Bench, trainer: Trainer,
+                  measure: Optional[Callable[[Trainer], float]] = None) -> List[Tuple[str, float]]:
+    """Run ``trainer`` stage by stage (stop at each stage end, resume exactly) and measure the max subnet after each
+    stage: with ``measure(trainer)``, or by default on the test split."""
+    measure = measure or (lambda t: bench.test_top1(t.supernet, t.supernet.space.max()))
     ends, total = [], 0
     for stage in trainer.schedule.stages:
         total += trainer.stage_steps(stage)
@@ -102,7 +105,7 @@ def _run_by_stage(bench: Bench, trainer: Trainer) -> List[Tuple[str, float]]:
     out = []
     for name, end in ends:
         trainer.run(stop_after=end)
-        out.append((name, bench.test_top1(trainer.supernet, trainer.supernet.space.max())))
+        out.append((name, measure(trainer)))
         trainer.resume()  # continue from the checkpoint, bitwise as one run would
     return out
 
@@ -156,7 +159,8 @@ def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
     randoms = _randoms(space, args)
-    ps = applicable_stages(build_schedule('auto', space, pretrained=False), space, pretrained=False)
+    ps = applicable_stages(build_schedule('auto', space, pretrained=False, min_steps=_floor(args, False)),
+                           space, pretrained=False)
     rows: Dict[str, Dict[str, Any]] = {}
     steps = None
     for label, schedule in _variants(ps).items():
@@ -184,12 +188,17 @@ def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     return 'scratch', dict(rows=rows, steps=steps, n_train=len(bench.train), schedule=trainer.schedule)
 
 
-def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
-    bench = Bench(args)
-    source_name = args.model[len('ofa_'):]
+def train_source(bench: Bench, args: argparse.Namespace) -> Path:
+    """The source timm model trained alone to convergence (the scratch recipe's full stage, for ``--source-steps``
+    steps), saved as timm weights: the stand-in for pretrained weights. A file from an earlier run with the same
+    settings is reused."""
+    kwargs = ''.join(f'_{k}{v}' for k, v in sorted(args.model_kwargs.items()))  # e.g. _depth4_patch_size4
+    name = f'source{kwargs}_{args.image_size}px_{args.source_steps}_seed{args.seed}{"_smoke" if args.smoke else ""}'
+    path = Path(args.output) / args.model / f'{name}.pth'
+    if path.is_file():
+        return path
     torch.manual_seed(args.seed)
-    source = timm.create_model(source_name, num_classes=bench.num_classes, **args.model_kwargs)
-    # The source trained alone to convergence: the scratch recipe's full stage, for --source-steps steps.
+    source = timm.create_model(args.model[len('ofa_'):], num_classes=bench.num_classes, **args.model_kwargs)
     plain = single_subnet(source, args.image_size)
     full = build_schedule('scratch', plain.space).stages[0]
     probe = Trainer(plain, Schedule((full,)), bench.train, bench.val, bench.calib, bench.config('source'))
@@ -198,17 +207,33 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     tick = time.time()
     trainer = Trainer(plain, Schedule((stage,)), bench.train, bench.val, bench.calib, bench.config('source'))
     trainer.run()
-    path = Path(args.output) / args.model / 'source.pth'
-    torch.save(plain.extract('max').state_dict(), path)  # timm weights of the source model
+    tmp = path.with_suffix('.tmp')
+    torch.save(plain.extract('max').state_dict(), tmp)
+    tmp.replace(path)  # atomic: an interrupted run leaves no half-written source to reuse
     print(f'source trained alone for {args.source_steps} steps ({time.time() - tick:.0f} s)', flush=True)
+    return path
 
-    supernet = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                                 num_classes=bench.num_classes, resolutions=bench.resolutions, **args.model_kwargs)
+
+def pretrained_supernet(bench: Bench, args: argparse.Namespace) -> torch.nn.Module:
+    """The supernet converted from the source's weights with ``pretrained=True``, as a user converts theirs."""
+    weights = train_source(bench, args)
+    return timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
+                             num_classes=bench.num_classes, resolutions=bench.resolutions, **args.model_kwargs)
+
+
+def _floor(args: argparse.Namespace, pretrained: bool) -> int:
+    """The schedule's floor in optimizer steps: the ``auto`` recipe's, times ``--floor-scale``."""
+    return round(recommended_min_steps(pretrained) * args.floor_scale)
+
+
+def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
+    bench = Bench(args)
+    supernet = pretrained_supernet(bench, args)
     state = {k: v.clone() for k, v in supernet.state_dict().items()}
     space = supernet.space
     source_top1 = bench.test_top1(supernet, space.max())
     randoms = _randoms(space, args)
-    schedule = build_schedule('auto', space, pretrained=True)
+    schedule = build_schedule('auto', space, pretrained=True, min_steps=_floor(args, pretrained=True))
     trainer = Trainer(supernet, _smoke(schedule, args), bench.train, bench.val, bench.calib, bench.config('ps_fast'),
                       pretrained=True)
     tick = time.time()
@@ -236,7 +261,8 @@ def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
     randoms = _randoms(space, args)
-    trainer = Trainer(initial, _smoke(build_schedule('auto', space), args), bench.train, bench.val, bench.calib,
+    schedule = build_schedule('auto', space, min_steps=_floor(args, pretrained=False))
+    trainer = Trainer(initial, _smoke(schedule, args), bench.train, bench.val, bench.calib,
                       bench.config('small_ps'))
     tick = time.time()
     stage_max = _run_by_stage(bench, trainer)
@@ -282,6 +308,8 @@ def _schedule_text(schedule: Schedule, steps: int, n_train: int) -> str:
 
 def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: float) -> str:
     flags = ' --no-ablations' if args.no_ablations and part == 'scratch' else ''
+    if args.floor_scale != 1:
+        flags += f' --floor-scale {args.floor_scale:g}'
     if args.model_kwargs:
         flags += ' --model-kwargs ' + ' '.join(f'{k}={v}' for k, v in args.model_kwargs.items())
     cmd = (f'`python benchmarks/ps_quality.py --model {args.model} --image-size {args.image_size} --parts {part}'
@@ -319,6 +347,7 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
                              f"against No PS, sandwich {rows['No PS, sandwich']['mean']:.1f}.")
     elif part == 'pretrained':
         ps, alone = data['ps'], data['alone']
+        low_stage, low = min(ps['stages'], key=lambda stage: stage[1])
         lines += [f"Source `{args.model[4:]}` trained alone for {data['source_steps']:,} steps: {data['source']:.1f}.",
                   '', '| | min | mid | max | random mean | random worst |', '|---|---:|---:|---:|---:|---:|',
                   f"| PS from the source (`fast`) | {ps['min']:.1f} | {ps['mid']:.1f} | {ps['max']:.1f} | "
@@ -329,6 +358,8 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
                   f"Max subnet at the end of each stage: {_stage_line(ps['stages'])}.", '', 'Targets:', '',
                   f"- Max within 0.5 point of the source: {ps['max']:.1f} vs {data['source']:.1f} "
                   f"({_verdict(ps['max'] >= data['source'] - 0.5, ps['max'] - data['source'] + 0.5)}).",
+                  f"- Max within 0.5 point of the source at every stage end: lowest {low:.1f} ({low_stage}) vs "
+                  f"{data['source']:.1f} ({_verdict(low >= data['source'] - 0.5 - 1e-6, low - data['source'] + 0.5)}).",
                   '- Min and mid at least as good as fine-tuning each alone: ' + ', '.join(
                       f"{k} {ps[k]:.1f} vs {alone[k]:.1f} ({_verdict(ps[k] >= alone[k], ps[k] - alone[k])})"
                       for k in ('min', 'mid')) + '.']
@@ -345,9 +376,9 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
     return '\n'.join(lines)
 
 
-def write_section(path: Path, key: str, text: str) -> None:
-    """Replace the text between the ``ps_quality:KEY`` markers of ``path`` (appending the section if missing)."""
-    begin, end = f'<!-- ps_quality:{key}:begin -->', f'<!-- ps_quality:{key}:end -->'
+def write_section(path: Path, key: str, text: str, script: str = 'ps_quality') -> None:
+    """Replace the text between the ``SCRIPT:KEY`` markers of ``path`` (appending the section if missing)."""
+    begin, end = f'<!-- {script}:{key}:begin -->', f'<!-- {script}:{key}:end -->'
     block = f'{begin}\n{text}\n{end}'
     doc = path.read_text() if path.is_file() else '# Measured results\n'
     pattern = re.compile(re.escape(begin) + '.*?' + re.escape(end), re.S)
@@ -364,6 +395,8 @@ def main() -> None:
     parser.add_argument('--image-size', type=int, default=32)
     parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS))
     parser.add_argument('--source-steps', type=int, default=1500, help='steps the pretrained part trains its source')
+    parser.add_argument('--floor-scale', type=float, default=1.0,
+                        help="multiplies the auto recipe's floor in optimizer steps (the budget curve: 1, 2, 4)")
     parser.add_argument('--output', default='/tmp/ps_quality')
     parser.add_argument('--results', default=str(ROOT / 'docs' / 'results.md'),
                         help="Markdown file whose sections are replaced ('' to only print)")
@@ -372,6 +405,8 @@ def main() -> None:
     parser.add_argument('--no-ablations', action='store_true',
                         help='scratch part: PS and the subnets alone, without the four ablation runs')
     args = parser.parse_args()
+    if not args.floor_scale > 0:
+        parser.error(f'--floor-scale must be > 0, got {args.floor_scale}')
     (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
     parts = {'scratch': part_scratch, 'pretrained': part_pretrained, 'small': part_small}
     for name in args.parts:
@@ -380,7 +415,8 @@ def main() -> None:
         text = report(part, data, args, time.time() - start)
         print(text, flush=True)
         if args.results:
-            write_section(Path(args.results), f'{args.model}:{part}', text)
+            floor = f':floor{args.floor_scale:g}' if args.floor_scale != 1 else ''
+            write_section(Path(args.results), f'{args.model}:{part}{floor}', text)
 
 
 if __name__ == '__main__':

@@ -44,7 +44,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument('--weight-decay', type=float, default=default.weight_decay)
     g.add_argument('--clip-grad', type=float, default=default.clip_grad,
                    help="clip the gradient norm in every stage (default: the schedule's own clipping)")
-    g.add_argument('--ema-decay', type=float, default=default.ema_decay)
+    g.add_argument('--ema-decay', type=float, default=default.ema_decay,
+                   help="keep an EMA of the supernet in last.pth (under 'ema'); search and export load the "
+                        'trained weights, not the EMA')
     g.add_argument('--smoothing', dest='label_smoothing', type=float, default=default.label_smoothing)
     g.add_argument('--kd', dest='kd_kind', choices=('ce', 'kl'), default=default.kd_kind)
     g.add_argument('--kd-temperature', type=float, default=default.kd_temperature)

@@ -1,0 +1,166 @@
+"""Keeping the source: ways to train the shrinking stages without losing the max subnet, measured on the validation
+split.
+
+From a pretrained start the max subnet *is* the user's model, and it must come out of every stage within 0.5 points
+of the source; from scratch, no stage should lower it by more than a point below the full stage. With ``--start
+pretrained`` this benchmark converts one source (``ps_quality.py``'s stand-in for pretrained weights, trained here
+on the digits, or reused from an earlier run with the same settings) and runs the ``auto`` recipe's stages for a
+pretrained start (``fast``); with ``--start scratch`` it trains the ``scratch`` recipe's full stage once and runs its
+later stages. Each variant starts from the same weights, with the same data, batch, seed and optimizer steps:
+
+- ``recipe``: the recipe as it is (sandwich sampling, in-place distillation from the max subnet of the same step);
+- ``frozen KD``: every subnet, the max included, distils from the frozen start (``Stage.inplace_kd=False``);
+- ``lr x0.3`` / ``lr x0.1``: every stage's learning rate scaled (the source ended its own training near lr 0);
+- ``frozen KD, lr x0.3``: both;
+- ``EMA``: the same run as ``recipe``, deploying the exponential moving average of the shared weights
+  (``TrainConfig.ema_decay``, timm's ``ModelEmaV3``).
+
+Every figure is top-1 on the 300 validation images (30 per class, one image is 0.33 points), which is what a recipe
+may be chosen on; the chosen recipe is then measured on the test split by ``ps_quality.py --parts pretrained``. The
+table goes into ``docs/results.md`` between the ``keep_source:MODEL:START`` markers.
+
+Usage: python benchmarks/keep_source.py --model ofa_mobilenetv3_large_100 [--image-size 24] [--start scratch]
+       [--variants recipe "frozen KD" ...] [--results docs/results.md] [--output /tmp/ps_quality] [--smoke]
+"""
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+import timm
+import torch
+from timm.utils import ParseKwargs
+
+from ps_quality import ROOT, Bench, _run_by_stage, _randoms, _smoke, _stage_line, pretrained_supernet, write_section
+
+from ofa_timm.training import Schedule, SubnetEvaluator, Trainer, build_schedule
+
+# name -> (schedule change, TrainConfig overrides)
+Variant = Tuple[Callable[[Schedule], Schedule], Dict[str, Any]]
+
+
+def _stages(lr_scale: float = 1.0, **changes: Any) -> Callable[[Schedule], Schedule]:
+    """Every stage with its lr scaled and ``changes`` made."""
+    return lambda s: replace(s, stages=tuple(replace(st, lr=st.lr * lr_scale, **changes) for st in s.stages))
+
+
+VARIANTS: Dict[str, Variant] = {
+    'recipe': (lambda s: s, {}),
+    'frozen KD': (_stages(inplace_kd=False), {}),
+    'lr x0.3': (_stages(0.3), {}),
+    'lr x0.1': (_stages(0.1), {}),
+    'frozen KD, lr x0.3': (_stages(0.3, inplace_kd=False), {}),
+    'EMA': (lambda s: s, dict(ema_decay=0.998)),
+}
+
+
+def start(bench: Bench, args: argparse.Namespace) -> Tuple[torch.nn.Module, Schedule]:
+    """The weights every variant starts from, and the stages they train.
+
+    ``pretrained``: the supernet converted from the source, and the ``fast`` stages. ``scratch``: the supernet after
+    the ``scratch`` recipe's full stage (trained once, at the length the recipe's floor gives it), and the recipe's
+    later stages at the same lengths; each variant then starts them from the full stage's end, as a run would (with a
+    fresh optimizer and data order, the same for every variant).
+    """
+    if args.start == 'pretrained':
+        supernet = pretrained_supernet(bench, args)
+        return supernet, _smoke(build_schedule('auto', supernet.space, pretrained=True), args)
+    torch.manual_seed(args.seed)
+    supernet = timm.create_model(args.model, num_classes=bench.num_classes, resolutions=bench.resolutions,
+                                 **args.model_kwargs)
+    trainer = Trainer(supernet, _smoke(build_schedule('auto', supernet.space), args), bench.train, bench.val,
+                      bench.calib, bench.config('keep_full'))
+    full, *rest = trainer.schedule.stages  # fitted to the floor, as the whole run fits them
+    tick = time.time()
+    trainer.run(stop_after=trainer.stage_steps(full))
+    print(f'full stage: {trainer.stage_steps(full)} steps ({time.time() - tick:.0f} s)', flush=True)
+    return supernet, replace(trainer.schedule, stages=tuple(rest), min_steps=0)
+
+
+def run_variant(bench: Bench, supernet: torch.nn.Module, state: Dict[str, torch.Tensor], shrinking: Schedule,
+                name: str, evaluator: SubnetEvaluator, args: argparse.Namespace) -> Dict[str, Any]:
+    """Train ``name``'s version of the ``shrinking`` stages from the weights ``state``; the max subnet at each stage
+    end and the final subnets, on the validation split."""
+    change, overrides = VARIANTS[name]
+    supernet.load_state_dict(state)
+    space = supernet.space
+    schedule = change(shrinking)
+    # ``pretrained=True``: the trainer starts from these weights (no full stage), with them as the frozen teacher.
+    trainer = Trainer(supernet, schedule, bench.train, bench.val, bench.calib,
+                      bench.config('keep_' + ''.join(c if c.isalnum() else '_' for c in name), **overrides),
+                      pretrained=True)
+
+    def deployed(t: Trainer) -> torch.nn.Module:
+        return t.ema.module if t.ema is not None else t.supernet
+
+    tick = time.time()
+    stage_max = _run_by_stage(bench, trainer, lambda t: evaluator(deployed(t), space.max())['top1'])
+    model = deployed(trainer)
+    out: Dict[str, Any] = {k: evaluator(model, s)['top1'] for k, s in (('min', space.min()), ('mid', space.mid()),
+                                                                         ('max', space.max()))}
+    accs = [evaluator(model, s)['top1'] for s in _randoms(space, args)]
+    out.update(mean=sum(accs) / len(accs), stages=stage_max, steps=trainer.position.global_step,
+               seconds=time.time() - tick)
+    return out
+
+
+def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any]], seconds: float) -> str:
+    flags = ''
+    if list(rows) != list(VARIANTS):
+        flags += ' --variants ' + ' '.join(name if name.isidentifier() else f'"{name}"' for name in rows)
+    if args.model_kwargs:
+        flags += ' --model-kwargs ' + ' '.join(f'{k}={v}' for k, v in args.model_kwargs.items())
+    steps = next(iter(rows.values()))['steps']
+    what = 'the source' if args.start == 'pretrained' else "the full stage's max subnet"
+    lines = [f'### Keeping the {"source" if args.start == "pretrained" else "full stage"}: `{args.model}`, '
+             f'{args.start}', '',
+             f'`python benchmarks/keep_source.py --model {args.model} --image-size {args.image_size} --start '
+             f'{args.start}{flags}` ({seconds / 60:.1f} minutes on the 2-core machine); {steps:,} optimizer steps per '
+             f'variant after the start. **Validation** top-1 (%, 300 images); {what} scores {start:.1f}.', '',
+             '| variant | max at each stage end | lowest stage end − start | min | mid | max | random mean |',
+             '|---|---|---:|---:|---:|---:|---:|']
+    for name, r in rows.items():
+        low = min(acc for _, acc in r['stages']) - start
+        lines.append(f"| {name} | {_stage_line(r['stages'])} | {low:+.1f} | {r['min']:.1f} | {r['mid']:.1f} | "
+                     f"{r['max']:.1f} | {r['mean']:.1f} |")
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='ofa_mobilenetv3_large_100')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    parser.add_argument('--image-size', type=int, default=24)
+    parser.add_argument('--start', choices=('pretrained', 'scratch'), default='pretrained',
+                        help="the source's weights, or the scratch recipe's full stage")
+    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument('--source-steps', type=int, default=1500, help='steps the source is trained for')
+    parser.add_argument('--output', default='/tmp/ps_quality')
+    parser.add_argument('--results', default=str(ROOT / 'docs' / 'results.md'),
+                        help="Markdown file whose section is replaced ('' to only print)")
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--smoke', action='store_true', help='a few steps of each run (the test suite runs it)')
+    args = parser.parse_args()
+    (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
+    tick = time.time()
+    bench = Bench(args)
+    supernet, shrinking = start(bench, args)
+    state = {k: v.clone() for k, v in supernet.state_dict().items()}
+    evaluator = SubnetEvaluator(bench.calib, bench.val, calib_images=bench.calib_images, batch_size=64, seed=args.seed)
+    source = evaluator(supernet, supernet.space.max())['top1']
+    print(f'{args.start} start: {source:.1f} (validation)', flush=True)
+    rows: Dict[str, Dict[str, Any]] = {}
+    for name in args.variants:
+        rows[name] = run_variant(bench, supernet, state, shrinking, name, evaluator, args)
+        r = rows[name]
+        print(f"{name}: {_stage_line(r['stages'])}; min {r['min']:.1f} mid {r['mid']:.1f} max {r['max']:.1f} "
+              f"mean {r['mean']:.1f} ({r['seconds']:.0f} s)", flush=True)
+    text = report(args, source, rows, time.time() - tick)
+    print(text, flush=True)
+    if args.results:
+        write_section(Path(args.results), f'{args.model}:{args.start}', text, script='keep_source')
+
+
+if __name__ == '__main__':
+    main()
