@@ -32,7 +32,9 @@ import timm
 import torch
 from timm.utils import ParseKwargs
 
-from ps_quality import ROOT, Bench, _run_by_stage, _randoms, _smoke, _stage_line, pretrained_supernet, write_section
+from ps_quality import (
+    ROOT, Bench, _evaluate, _randoms, _run_by_stage, _smoke, _stage_line, model_kwargs_flag, pretrained_supernet,
+    write_section)
 
 from ofa_timm.training import Schedule, SubnetEvaluator, Trainer, build_schedule
 
@@ -96,12 +98,9 @@ def run_variant(bench: Bench, supernet: torch.nn.Module, state: Dict[str, torch.
 
     tick = time.time()
     stage_max = _run_by_stage(bench, trainer, lambda t: evaluator(deployed(t), space.max())['top1'])
-    model = deployed(trainer)
-    out: Dict[str, Any] = {k: evaluator(model, s)['top1'] for k, s in (('min', space.min()), ('mid', space.mid()),
-                                                                         ('max', space.max()))}
-    accs = [evaluator(model, s)['top1'] for s in _randoms(space, args)]
-    out.update(mean=sum(accs) / len(accs), stages=stage_max, steps=trainer.position.global_step,
-               seconds=time.time() - tick)
+    out: Dict[str, Any] = _evaluate(bench, deployed(trainer), _randoms(space, args),
+                                    lambda model, subnet: evaluator(model, subnet)['top1'])
+    out.update(stages=stage_max, steps=trainer.position.global_step, seconds=time.time() - tick)
     return out
 
 
@@ -109,8 +108,7 @@ def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any
     flags = ''
     if list(rows) != list(VARIANTS):
         flags += ' --variants ' + ' '.join(name if name.isidentifier() else f'"{name}"' for name in rows)
-    if args.model_kwargs:
-        flags += ' --model-kwargs ' + ' '.join(f'{k}={v}' for k, v in args.model_kwargs.items())
+    flags += model_kwargs_flag(args)
     steps = next(iter(rows.values()))['steps']
     what = 'the source' if args.start == 'pretrained' else "the full stage's max subnet"
     lines = [f'### Keeping the {"source" if args.start == "pretrained" else "full stage"}: `{args.model}`, '

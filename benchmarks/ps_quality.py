@@ -110,11 +110,13 @@ def _run_by_stage(bench: Bench, trainer: Trainer,
     return out
 
 
-def _evaluate(bench: Bench, supernet: torch.nn.Module, randoms: Sequence[Subnet]) -> Dict[str, float]:
+def _evaluate(bench: Bench, supernet: torch.nn.Module, randoms: Sequence[Subnet],
+              top1: Optional[Callable[[torch.nn.Module, Subnet], float]] = None) -> Dict[str, float]:
+    """Min, mid, max, and the mean and worst of ``randoms``: with ``top1(supernet, subnet)``, by default on test."""
+    top1 = top1 or bench.test_top1
     space = supernet.space
-    out = {k: bench.test_top1(supernet, s) for k, s in (('min', space.min()), ('mid', space.mid()),
-                                                          ('max', space.max()))}
-    accs = [bench.test_top1(supernet, s) for s in randoms]
+    out = {k: top1(supernet, s) for k, s in (('min', space.min()), ('mid', space.mid()), ('max', space.max()))}
+    accs = [top1(supernet, s) for s in randoms]
     out['mean'], out['worst'] = sum(accs) / len(accs), min(accs)
     return out
 
@@ -288,6 +290,13 @@ def _smoke(schedule: Schedule, args: argparse.Namespace) -> Schedule:
     return replace(schedule, epochs_scale=0.02, min_steps=0) if args.smoke else schedule
 
 
+def model_kwargs_flag(args: argparse.Namespace) -> str:
+    """``--model-kwargs`` as it was given, for the command line a report quotes ('' without it)."""
+    if not args.model_kwargs:
+        return ''
+    return ' --model-kwargs ' + ' '.join(f'{k}={v}' for k, v in args.model_kwargs.items())
+
+
 def _brief(row: Dict[str, Any]) -> str:
     return ', '.join(f'{k} {row[k]:.1f}' for k in ('min', 'mid', 'max', 'mean', 'worst') if k in row)
 
@@ -310,8 +319,7 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
     flags = ' --no-ablations' if args.no_ablations and part == 'scratch' else ''
     if args.floor_scale != 1:
         flags += f' --floor-scale {args.floor_scale:g}'
-    if args.model_kwargs:
-        flags += ' --model-kwargs ' + ' '.join(f'{k}={v}' for k, v in args.model_kwargs.items())
+    flags += model_kwargs_flag(args)
     cmd = (f'`python benchmarks/ps_quality.py --model {args.model} --image-size {args.image_size} --parts {part}'
            f'{flags}` ({seconds / 60:.1f} minutes on the 2-core machine)')
     res = f'{args.image_size * 3 // 4}/{args.image_size * 7 // 8}/{args.image_size} px'
