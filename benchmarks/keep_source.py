@@ -13,7 +13,8 @@ later stages. Each variant starts from the same weights, with the same data, bat
 - ``lr x0.3`` / ``lr x0.1``: every stage's learning rate scaled (the source ended its own training near lr 0);
 - ``frozen KD, lr x0.3``: both;
 - ``EMA``: the same run as ``recipe``, deploying the exponential moving average of the shared weights
-  (``TrainConfig.ema_decay``, timm's ``ModelEmaV3``).
+  (``TrainConfig.ema_decay``, timm's ``ModelEmaV3``);
+- ``kernel lr x0.5``: only the kernel stage's learning rate halved (the stage that costs the max most from scratch).
 
 Every figure is top-1 on the 300 validation images (30 per class, one image is 0.33 points), which is what a recipe
 may be chosen on; the chosen recipe is then measured on the test split by ``ps_quality.py --parts pretrained``. The
@@ -33,8 +34,8 @@ import torch
 from timm.utils import ParseKwargs
 
 from ps_quality import (
-    ROOT, Bench, _evaluate, _randoms, _run_by_stage, _smoke, _stage_line, model_kwargs_flag, pretrained_supernet,
-    write_section)
+    ROOT, Bench, _evaluate, _randoms, _run_by_stage, _smoke, _stage_line, deployed, model_kwargs_flag,
+    pretrained_supernet, write_section)
 
 from ofa_timm.training import Schedule, SubnetEvaluator, Trainer, build_schedule
 
@@ -42,9 +43,10 @@ from ofa_timm.training import Schedule, SubnetEvaluator, Trainer, build_schedule
 Variant = Tuple[Callable[[Schedule], Schedule], Dict[str, Any]]
 
 
-def _stages(lr_scale: float = 1.0, **changes: Any) -> Callable[[Schedule], Schedule]:
-    """Every stage with its lr scaled and ``changes`` made."""
-    return lambda s: replace(s, stages=tuple(replace(st, lr=st.lr * lr_scale, **changes) for st in s.stages))
+def _stages(lr_scale: float = 1.0, only: str = '', **changes: Any) -> Callable[[Schedule], Schedule]:
+    """Every stage (or those whose name starts with ``only``) with its lr scaled and ``changes`` made."""
+    return lambda s: replace(s, stages=tuple(
+        replace(st, lr=st.lr * lr_scale, **changes) if st.name.startswith(only) else st for st in s.stages))
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -54,6 +56,7 @@ VARIANTS: Dict[str, Variant] = {
     'lr x0.1': (_stages(0.1), {}),
     'frozen KD, lr x0.3': (_stages(0.3, inplace_kd=False), {}),
     'EMA': (lambda s: s, dict(ema_decay=0.998)),
+    'kernel lr x0.5': (_stages(0.5, only='kernel'), {}),
 }
 
 
@@ -92,9 +95,6 @@ def run_variant(bench: Bench, supernet: torch.nn.Module, state: Dict[str, torch.
     trainer = Trainer(supernet, schedule, bench.train, bench.val, bench.calib,
                       bench.config('keep_' + ''.join(c if c.isalnum() else '_' for c in name), **overrides),
                       pretrained=True)
-
-    def deployed(t: Trainer) -> torch.nn.Module:
-        return t.ema.module if t.ema is not None else t.supernet
 
     tick = time.time()
     stage_max = _run_by_stage(bench, trainer, lambda t: evaluator(deployed(t), space.max())['top1'])

@@ -27,9 +27,12 @@ Parts (``--parts``):
 Each subnet is BN-recalibrated on 500 training images and evaluated on the 1,000 test images (one image is 0.1 points;
 the binomial standard error of a top-1 near 95 % is 0.7 points). Stage-end figures are the max subnet on the test
 split at the end of each stage. The tables go into ``docs/results.md`` between markers named after the model and part.
+``--floor-scale`` (the budget curve) and ``--ema-decay`` (the PS runs deploy the exponential moving average of their
+shared weights, ``TrainConfig.ema_decay``; the subnets trained alone do not) write sections of their own.
 
 Usage: python benchmarks/ps_quality.py --model ofa_mobilenetv3_large_100 [--model-kwargs depth=4 ...]
-       [--image-size 32] [--parts scratch pretrained small] [--no-ablations] [--results docs/results.md]
+       [--image-size 32] [--parts scratch pretrained small] [--no-ablations] [--floor-scale 2] [--ema-decay 0.998]
+       [--results docs/results.md]
        [--output /tmp/ps_quality] [--seed 0] [--smoke]
 """
 import argparse
@@ -93,11 +96,16 @@ class Bench:
         return self.evaluator(supernet, subnet)['top1']
 
 
+def deployed(trainer: Trainer) -> torch.nn.Module:
+    """The weights a run deploys: the EMA of the shared weights when it keeps one (``--ema-decay``), else them."""
+    return trainer.ema.module if trainer.ema is not None else trainer.supernet
+
+
 def _run_by_stage(bench: Bench, trainer: Trainer,
                   measure: Optional[Callable[[Trainer], float]] = None) -> List[Tuple[str, float]]:
     """Run ``trainer`` stage by stage (stop at each stage end, resume exactly) and measure the max subnet after each
-    stage: with ``measure(trainer)``, or by default on the test split."""
-    measure = measure or (lambda t: bench.test_top1(t.supernet, t.supernet.space.max()))
+    stage: with ``measure(trainer)``, or by default the deployed weights on the test split."""
+    measure = measure or (lambda t: bench.test_top1(deployed(t), t.supernet.space.max()))
     ends, total = [], 0
     for stage in trainer.schedule.stages:
         total += trainer.stage_steps(stage)
@@ -170,10 +178,11 @@ def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
             continue
         initial.load_state_dict(state)
         trainer = Trainer(initial, _smoke(schedule, args), bench.train, bench.val, bench.calib,
-                          bench.config(re.sub(r'\W+', '_', label).lower()))
+                          bench.config(re.sub(r'\W+', '_', label).lower(), ema_decay=args.ema_decay))
         tick = time.time()
         stage_max = _run_by_stage(bench, trainer)
-        rows[label] = dict(_evaluate(bench, initial, randoms), steps=trainer.position.global_step, stages=stage_max)
+        rows[label] = dict(_evaluate(bench, deployed(trainer), randoms), steps=trainer.position.global_step,
+                           stages=stage_max)
         print(f'{label}: {_brief(rows[label])} ({time.time() - tick:.0f} s)', flush=True)
         steps = steps or trainer.position.global_step
         assert trainer.position.global_step == steps, 'every variant takes the same optimizer steps'
@@ -236,11 +245,11 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     source_top1 = bench.test_top1(supernet, space.max())
     randoms = _randoms(space, args)
     schedule = build_schedule('auto', space, pretrained=True, min_steps=_floor(args, pretrained=True))
-    trainer = Trainer(supernet, _smoke(schedule, args), bench.train, bench.val, bench.calib, bench.config('ps_fast'),
-                      pretrained=True)
+    trainer = Trainer(supernet, _smoke(schedule, args), bench.train, bench.val, bench.calib,
+                      bench.config('ps_fast', ema_decay=args.ema_decay), pretrained=True)
     tick = time.time()
     stage_max = _run_by_stage(bench, trainer)
-    ps = dict(_evaluate(bench, supernet, randoms), steps=trainer.position.global_step, stages=stage_max)
+    ps = dict(_evaluate(bench, deployed(trainer), randoms), steps=trainer.position.global_step, stages=stage_max)
     print(f'PS from the source: {_brief(ps)} ({time.time() - tick:.0f} s)', flush=True)
     steps, first = ps['steps'], trainer.schedule.stages[0]
     bench.schedule_scale = trainer.schedule.epochs_scale
@@ -265,10 +274,10 @@ def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     randoms = _randoms(space, args)
     schedule = build_schedule('auto', space, min_steps=_floor(args, pretrained=False))
     trainer = Trainer(initial, _smoke(schedule, args), bench.train, bench.val, bench.calib,
-                      bench.config('small_ps'))
+                      bench.config('small_ps', ema_decay=args.ema_decay))
     tick = time.time()
     stage_max = _run_by_stage(bench, trainer)
-    ps = dict(_evaluate(bench, initial, randoms), steps=trainer.position.global_step, stages=stage_max)
+    ps = dict(_evaluate(bench, deployed(trainer), randoms), steps=trainer.position.global_step, stages=stage_max)
     print(f'PS on {len(bench.train)} images: {_brief(ps)} ({time.time() - tick:.0f} s)', flush=True)
     steps, full = ps['steps'], trainer.schedule.stages[0]
     bench.schedule_scale = trainer.schedule.epochs_scale
@@ -319,11 +328,18 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
     flags = ' --no-ablations' if args.no_ablations and part == 'scratch' else ''
     if args.floor_scale != 1:
         flags += f' --floor-scale {args.floor_scale:g}'
+    if args.ema_decay:
+        flags += f' --ema-decay {args.ema_decay:g}'
     flags += model_kwargs_flag(args)
     cmd = (f'`python benchmarks/ps_quality.py --model {args.model} --image-size {args.image_size} --parts {part}'
            f'{flags}` ({seconds / 60:.1f} minutes on the 2-core machine)')
     res = f'{args.image_size * 3 // 4}/{args.image_size * 7 // 8}/{args.image_size} px'
-    lines = [f'### `{args.model}`, {part}', '', f'{cmd}; resolutions {res}; '
+    title = f'### `{args.model}`, {part}'
+    if args.floor_scale != 1:
+        title += f", {args.floor_scale:g}× the recipe's floor"
+    if args.ema_decay:
+        title += f', EMA {args.ema_decay:g} deployed'
+    lines = [title, '', f'{cmd}; resolutions {res}; '
              f"{_schedule_text(data['schedule'], data['steps'], data['n_train'])}. Test top-1 (%).", '']
     if part == 'scratch':
         rows = data['rows']
@@ -405,6 +421,9 @@ def main() -> None:
     parser.add_argument('--source-steps', type=int, default=1500, help='steps the pretrained part trains its source')
     parser.add_argument('--floor-scale', type=float, default=1.0,
                         help="multiplies the auto recipe's floor in optimizer steps (the budget curve: 1, 2, 4)")
+    parser.add_argument('--ema-decay', type=float, default=None,
+                        help='PS runs keep an EMA of the shared weights with this decay and deploy it (the subnets '
+                             'alone do not)')
     parser.add_argument('--output', default='/tmp/ps_quality')
     parser.add_argument('--results', default=str(ROOT / 'docs' / 'results.md'),
                         help="Markdown file whose sections are replaced ('' to only print)")
@@ -415,6 +434,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.floor_scale > 0:
         parser.error(f'--floor-scale must be > 0, got {args.floor_scale}')
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        parser.error(f'--ema-decay must be in (0, 1), got {args.ema_decay}')
     (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
     parts = {'scratch': part_scratch, 'pretrained': part_pretrained, 'small': part_small}
     for name in args.parts:
@@ -424,7 +445,8 @@ def main() -> None:
         print(text, flush=True)
         if args.results:
             floor = f':floor{args.floor_scale:g}' if args.floor_scale != 1 else ''
-            write_section(Path(args.results), f'{args.model}:{part}{floor}', text)
+            ema = f':ema{args.ema_decay:g}' if args.ema_decay else ''
+            write_section(Path(args.results), f'{args.model}:{part}{floor}{ema}', text)
 
 
 if __name__ == '__main__':

@@ -48,14 +48,14 @@ def test_quality_matrix_smoke(tmp_path):
     results = tmp_path / 'results.md'
     cmd = [sys.executable, str(BENCHMARKS / 'ps_quality.py'), '--model', 'ofa_mobilenetv3_small_100', '--image-size',
            '16', '--parts', 'scratch', 'pretrained', 'small', '--source-steps', '4', '--smoke', '--output',
-           str(tmp_path / 'out'), '--results', str(results), '--floor-scale', '2']
+           str(tmp_path / 'out'), '--results', str(results), '--floor-scale', '2', '--ema-decay', '0.9']
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     doc = results.read_text()
-    for part in ('scratch', 'pretrained', 'small'):  # a budget-curve run has sections of its own
-        key = f'ps_quality:ofa_mobilenetv3_small_100:{part}:floor2'
+    for part in ('scratch', 'pretrained', 'small'):  # a budget-curve or EMA run has sections of its own
+        key = f'ps_quality:ofa_mobilenetv3_small_100:{part}:floor2:ema0.9'
         assert f'<!-- {key}:begin -->' in doc and f'<!-- {key}:end -->' in doc
-    assert doc.count('--floor-scale 2') == 3
+    assert doc.count('--floor-scale 2 --ema-decay 0.9') == 3 and doc.count('EMA 0.9 deployed') == 3
     assert 'Max within 0.5 point of the source' in doc and 'Within 2 points of each subnet alone' in doc
     assert '| PS |' in doc and 'Alone,' in doc
 
@@ -76,14 +76,14 @@ def test_keep_source_smoke(tmp_path):
     rows = [line for line in doc.splitlines() if line.startswith('| recipe |') or line.startswith('| frozen KD |')]
     assert len(rows) == 2 and all(line.count(' → ') == 3 for line in rows)  # the max at each of the four stage ends
     assert 'source trained alone' in result.stdout
-    again = subprocess.run(cmd[:-2] + ['--results', str(results), '--variants', 'recipe', '--start', 'scratch'],
+    again = subprocess.run(cmd[:-2] + ['--results', str(results), '--variants', 'kernel lr x0.5', '--start', 'scratch'],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'source trained alone' not in again.stdout  # the scratch start trains the full stage instead
     assert 'full stage:' in again.stdout
     doc = results.read_text()
     assert '<!-- keep_source:ofa_mobilenetv3_small_100:scratch:begin -->' in doc
-    assert "the full stage's max subnet scores" in doc
+    assert "the full stage's max subnet scores" in doc and '| kernel lr x0.5 |' in doc
     # The source is trained once, and a later run with the same settings reuses it.
     reuse = subprocess.run(cmd[:-2] + ['--results', '', '--variants', 'recipe'], capture_output=True, text=True,
                            timeout=600)
