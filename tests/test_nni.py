@@ -11,7 +11,7 @@ from ofa_timm import Subnet  # noqa: E402
 from ofa_timm.plugins.nni import (  # noqa: E402
     OFAProgressiveShrinking, SharedSubnet, SupernetSpace, fresh_trainer, quiet_nni_import, run_experiment)
 from ofa_timm.plugins.nni.search import flops_cost, save_top_subnets, search_config, subnet_evaluator  # noqa: E402
-from ofa_timm.training import Schedule, Stage  # noqa: E402
+from ofa_timm.training import PRESETS, Schedule, Stage  # noqa: E402
 
 with quiet_nni_import():
     from nni.nas.evaluator.pytorch import Classification, DataLoader  # noqa: E402
@@ -91,7 +91,8 @@ def test_strategy_refuses_an_evaluator_too_short_for_the_floor(data, tmp_path):
     space = SupernetSpace(supernet())
     strategy = OFAProgressiveShrinking('auto', pretrained=True)
     strategy.mutate_model(space)
-    with pytest.raises(ValueError, match=r'floor of 1000 optimizer steps at 3 per epoch\): set max_epochs='):
+    floor = PRESETS['fast'].min_steps
+    with pytest.raises(ValueError, match=rf'floor of {floor} optimizer steps at 3 per epoch\): set max_epochs='):
         strategy.mutate_evaluator(classification(data, 5, tmp_path))
 
 
