@@ -21,7 +21,8 @@ may be chosen on; the chosen recipe is then measured on the test split by ``ps_q
 table goes into ``docs/results.md`` between the ``keep_source:MODEL:START`` markers.
 
 Usage: python benchmarks/keep_source.py --model ofa_mobilenetv3_large_100 [--image-size 24] [--start scratch]
-       [--variants recipe "frozen KD" ...] [--results docs/results.md] [--output /tmp/ps_quality] [--smoke]
+       [--variants recipe "frozen KD" ...] [--floor-scale 0.5] [--results docs/results.md] [--output /tmp/ps_quality]
+       [--smoke]
 """
 import argparse
 import time
@@ -34,7 +35,7 @@ import torch
 from timm.utils import ParseKwargs
 
 from ps_quality import (
-    ROOT, Bench, _evaluate, _randoms, _run_by_stage, _smoke, _stage_line, deployed, model_kwargs_flag,
+    ROOT, Bench, _evaluate, _floor, _randoms, _run_by_stage, _smoke, _stage_line, deployed, model_kwargs_flag,
     pretrained_supernet, write_section)
 
 from ofa_timm.training import Schedule, SubnetEvaluator, Trainer, build_schedule
@@ -70,11 +71,13 @@ def start(bench: Bench, args: argparse.Namespace) -> Tuple[torch.nn.Module, Sche
     """
     if args.start == 'pretrained':
         supernet = pretrained_supernet(bench, args)
-        return supernet, _smoke(build_schedule('auto', supernet.space, pretrained=True), args)
+        return supernet, _smoke(build_schedule('auto', supernet.space, pretrained=True,
+                                               min_steps=_floor(args, pretrained=True)), args)
     torch.manual_seed(args.seed)
     supernet = timm.create_model(args.model, num_classes=bench.num_classes, resolutions=bench.resolutions,
                                  **args.model_kwargs)
-    trainer = Trainer(supernet, _smoke(build_schedule('auto', supernet.space), args), bench.train, bench.val,
+    schedule = build_schedule('auto', supernet.space, min_steps=_floor(args, pretrained=False))
+    trainer = Trainer(supernet, _smoke(schedule, args), bench.train, bench.val,
                       bench.calib, bench.config('keep_full'))
     full, *rest = trainer.schedule.stages  # fitted to the floor, as the whole run fits them
     tick = time.time()
@@ -108,6 +111,8 @@ def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any
     flags = ''
     if list(rows) != list(VARIANTS):
         flags += ' --variants ' + ' '.join(name if name.isidentifier() else f'"{name}"' for name in rows)
+    if args.floor_scale != 1:
+        flags += f' --floor-scale {args.floor_scale:g}'
     flags += model_kwargs_flag(args)
     steps = next(iter(rows.values()))['steps']
     what = 'the source' if args.start == 'pretrained' else "the full stage's max subnet"
@@ -134,12 +139,17 @@ def main() -> None:
                         help="the source's weights, or the scratch recipe's full stage")
     parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument('--source-steps', type=int, default=1500, help='steps the source is trained for')
+    parser.add_argument('--floor-scale', type=float, default=1.0,
+                        help="multiplies the auto recipe's floor in optimizer steps (0.5: the floor of 1,000 steps "
+                             "the tried table was measured at)")
     parser.add_argument('--output', default='/tmp/ps_quality')
     parser.add_argument('--results', default=str(ROOT / 'docs' / 'results.md'),
                         help="Markdown file whose section is replaced ('' to only print)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--smoke', action='store_true', help='a few steps of each run (the test suite runs it)')
     args = parser.parse_args()
+    if not args.floor_scale > 0:
+        parser.error(f'--floor-scale must be > 0, got {args.floor_scale}')
     (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
     tick = time.time()
     bench = Bench(args)

@@ -76,7 +76,8 @@ def test_keep_source_smoke(tmp_path):
     rows = [line for line in doc.splitlines() if line.startswith('| recipe |') or line.startswith('| frozen KD |')]
     assert len(rows) == 2 and all(line.count(' → ') == 3 for line in rows)  # the max at each of the four stage ends
     assert 'source trained alone' in result.stdout
-    again = subprocess.run(cmd[:-2] + ['--results', str(results), '--variants', 'kernel lr x0.5', '--start', 'scratch'],
+    again = subprocess.run(cmd[:-2] + ['--results', str(results), '--variants', 'kernel lr x0.5', '--start', 'scratch',
+                                       '--floor-scale', '0.5'],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'source trained alone' not in again.stdout  # the scratch start trains the full stage instead
@@ -84,6 +85,7 @@ def test_keep_source_smoke(tmp_path):
     doc = results.read_text()
     assert '<!-- keep_source:ofa_mobilenetv3_small_100:scratch:begin -->' in doc
     assert "the full stage's max subnet scores" in doc and '| kernel lr x0.5 |' in doc
+    assert '--start scratch --variants "kernel lr x0.5" --floor-scale 0.5`' in doc
     # The source is trained once, and a later run with the same settings reuses it.
     reuse = subprocess.run(cmd[:-2] + ['--results', '', '--variants', 'recipe'], capture_output=True, text=True,
                            timeout=600)
