@@ -334,9 +334,7 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
     cmd = (f'`python benchmarks/ps_quality.py --model {args.model} --image-size {args.image_size} --parts {part}'
            f'{flags}` ({seconds / 60:.1f} minutes on the 2-core machine)')
     res = f'{args.image_size * 3 // 4}/{args.image_size * 7 // 8}/{args.image_size} px'
-    title = f'### `{args.model}`, {part}'
-    if args.floor_scale != 1:
-        title += f", {args.floor_scale:g}× the recipe's floor"
+    title = f"### `{args.model}`, {part}, {data['steps']:,} steps"  # the budget curve's points differ in steps
     if args.ema_decay:
         title += f', EMA {args.ema_decay:g} deployed'
     lines = [title, '', f'{cmd}; resolutions {res}; '
