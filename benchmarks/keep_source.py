@@ -32,11 +32,10 @@ from typing import Any, Callable, Dict, Tuple
 
 import timm
 import torch
-from timm.utils import ParseKwargs
 
 from ps_quality import (
-    ROOT, Bench, _evaluate, _floor, _randoms, _run_by_stage, _smoke, _stage_line, deployed, model_kwargs_flag,
-    pretrained_supernet, write_section)
+    Bench, _evaluate, _floor, _randoms, _run_by_stage, _smoke, _stage_line, bench_parser, deployed,
+    model_kwargs_flag, parse_bench_args, pretrained_supernet, write_section)
 
 from ofa_timm.training import Schedule, SubnetEvaluator, Trainer, build_schedule
 
@@ -131,26 +130,11 @@ def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='ofa_mobilenetv3_large_100')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
-    parser.add_argument('--image-size', type=int, default=24)
+    parser = bench_parser(__doc__, image_size=24)
     parser.add_argument('--start', choices=('pretrained', 'scratch'), default='pretrained',
                         help="the source's weights, or the scratch recipe's full stage")
     parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument('--source-steps', type=int, default=1500, help='steps the source is trained for')
-    parser.add_argument('--floor-scale', type=float, default=1.0,
-                        help="multiplies the auto recipe's floor in optimizer steps (0.5: the floor of 1,000 steps "
-                             "the tried table was measured at)")
-    parser.add_argument('--output', default='/tmp/ps_quality')
-    parser.add_argument('--results', default=str(ROOT / 'docs' / 'results.md'),
-                        help="Markdown file whose section is replaced ('' to only print)")
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--smoke', action='store_true', help='a few steps of each run (the test suite runs it)')
-    args = parser.parse_args()
-    if not args.floor_scale > 0:
-        parser.error(f'--floor-scale must be > 0, got {args.floor_scale}')
-    (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
+    args = parse_bench_args(parser)
     tick = time.time()
     bench = Bench(args)
     supernet, shrinking = start(bench, args)

@@ -409,32 +409,44 @@ def write_section(path: Path, key: str, text: str, script: str = 'ps_quality') -
     print(f'Wrote {path} ({key})')
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_parser(doc: str, image_size: int) -> argparse.ArgumentParser:
+    """The arguments this script and ``keep_source.py`` share: the model, data, source, floor and output."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='ofa_mobilenetv3_large_100')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                         help='source model arguments, e.g. depth=4 patch_size=4 img_size=32 for a small ViT')
-    parser.add_argument('--image-size', type=int, default=32)
-    parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS))
-    parser.add_argument('--source-steps', type=int, default=1500, help='steps the pretrained part trains its source')
+    parser.add_argument('--image-size', type=int, default=image_size)
+    parser.add_argument('--source-steps', type=int, default=1500, help='steps the pretrained source is trained for')
     parser.add_argument('--floor-scale', type=float, default=1.0,
-                        help="multiplies the auto recipe's floor in optimizer steps (the budget curve: 1, 2, 4)")
-    parser.add_argument('--ema-decay', type=float, default=None,
-                        help='PS runs keep an EMA of the shared weights with this decay and deploy it (the subnets '
-                             'alone do not)')
+                        help="multiplies the auto recipe's floor in optimizer steps (the budget curve: 0.5, 1, 2)")
     parser.add_argument('--output', default='/tmp/ps_quality')
     parser.add_argument('--results', default=str(ROOT / 'docs' / 'results.md'),
                         help="Markdown file whose sections are replaced ('' to only print)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--smoke', action='store_true', help='a few steps of each run (the test suite runs it)')
-    parser.add_argument('--no-ablations', action='store_true',
-                        help='scratch part: PS and the subnets alone, without the four ablation runs')
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, check the shared arguments, and make the output folder."""
     args = parser.parse_args()
     if not args.floor_scale > 0:
         parser.error(f'--floor-scale must be > 0, got {args.floor_scale}')
+    (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, image_size=32)
+    parser.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS))
+    parser.add_argument('--ema-decay', type=float, default=None,
+                        help='PS runs keep an EMA of the shared weights with this decay and deploy it (the subnets '
+                             'alone do not)')
+    parser.add_argument('--no-ablations', action='store_true',
+                        help='scratch part: PS and the subnets alone, without the four ablation runs')
+    args = parse_bench_args(parser)
     if args.ema_decay is not None and not 0 < args.ema_decay < 1:
         parser.error(f'--ema-decay must be in (0, 1), got {args.ema_decay}')
-    (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
     parts = {'scratch': part_scratch, 'pretrained': part_pretrained, 'small': part_small}
     for name in args.parts:
         start = time.time()
