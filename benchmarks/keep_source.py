@@ -14,7 +14,9 @@ later stages. Each variant starts from the same weights, with the same data, bat
 - ``frozen KD, lr x0.3``: both;
 - ``EMA``: the same run as ``recipe``, deploying the exponential moving average of the shared weights
   (``TrainConfig.ema_decay``, timm's ``ModelEmaV3``);
-- ``kernel lr x0.5``: only the kernel stage's learning rate halved (the stage that costs the max most from scratch).
+- ``kernel lr x0.5``: only the kernel stage's learning rate halved (the stage that costs the max most from scratch);
+- ``shrinking x2``: every stage after the start twice as long (warmup included), the start unchanged: a floor that
+  lengthens only the stages whose steps the subnets share.
 
 Every figure is top-1 on the 300 validation images (30 per class, one image is 0.33 points), which is what a recipe
 may be chosen on; the chosen recipe is then measured on the test split by ``ps_quality.py --parts pretrained``. The
@@ -34,19 +36,22 @@ import timm
 import torch
 
 from ps_quality import (
-    Bench, _evaluate, _floor, _randoms, _run_by_stage, _smoke, _stage_line, bench_parser, deployed,
-    model_kwargs_flag, parse_bench_args, pretrained_supernet, write_section)
+    Bench, _evaluate, _randoms, _run_by_stage, _smoke, _stage_line, bench_parser, bench_schedule, deployed,
+    floor_flags, model_kwargs_flag, parse_bench_args, pretrained_supernet, write_section)
 
-from ofa_timm.training import Schedule, SubnetEvaluator, Trainer, build_schedule
+from ofa_timm.training import Schedule, SubnetEvaluator, Trainer
 
 # name -> (schedule change, TrainConfig overrides)
 Variant = Tuple[Callable[[Schedule], Schedule], Dict[str, Any]]
 
 
-def _stages(lr_scale: float = 1.0, only: str = '', **changes: Any) -> Callable[[Schedule], Schedule]:
-    """Every stage (or those whose name starts with ``only``) with its lr scaled and ``changes`` made."""
+def _stages(lr_scale: float = 1.0, only: str = '', length: float = 1.0, **changes: Any
+            ) -> Callable[[Schedule], Schedule]:
+    """Every stage (or those whose name starts with ``only``) with its lr scaled, its length (warmup included)
+    multiplied by ``length`` and ``changes`` made."""
     return lambda s: replace(s, stages=tuple(
-        replace(st, lr=st.lr * lr_scale, **changes) if st.name.startswith(only) else st for st in s.stages))
+        replace(st, lr=st.lr * lr_scale, epochs=st.epochs * length, warmup_epochs=st.warmup_epochs * length,
+                **changes) if st.name.startswith(only) else st for st in s.stages))
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -57,6 +62,7 @@ VARIANTS: Dict[str, Variant] = {
     'frozen KD, lr x0.3': (_stages(0.3, inplace_kd=False), {}),
     'EMA': (lambda s: s, dict(ema_decay=0.998)),
     'kernel lr x0.5': (_stages(0.5, only='kernel'), {}),
+    'shrinking x2': (_stages(length=2.0), {}),
 }
 
 
@@ -70,12 +76,11 @@ def start(bench: Bench, args: argparse.Namespace) -> Tuple[torch.nn.Module, Sche
     """
     if args.start == 'pretrained':
         supernet = pretrained_supernet(bench, args)
-        return supernet, _smoke(build_schedule('auto', supernet.space, pretrained=True,
-                                               min_steps=_floor(args, pretrained=True)), args)
+        return supernet, _smoke(bench_schedule(args, supernet.space, pretrained=True), args)
     torch.manual_seed(args.seed)
     supernet = timm.create_model(args.model, num_classes=bench.num_classes, resolutions=bench.resolutions,
                                  **args.model_kwargs)
-    schedule = build_schedule('auto', supernet.space, min_steps=_floor(args, pretrained=False))
+    schedule = bench_schedule(args, supernet.space, pretrained=False)
     trainer = Trainer(supernet, _smoke(schedule, args), bench.train, bench.val,
                       bench.calib, bench.config('keep_full'))
     full, *rest = trainer.schedule.stages  # fitted to the floor, as the whole run fits them
@@ -110,22 +115,19 @@ def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any
     flags = ''
     if list(rows) != list(VARIANTS):
         flags += ' --variants ' + ' '.join(name if name.isidentifier() else f'"{name}"' for name in rows)
-    if args.floor_scale != 1:
-        flags += f' --floor-scale {args.floor_scale:g}'
-    flags += model_kwargs_flag(args)
-    steps = next(iter(rows.values()))['steps']
+    flags += floor_flags(args) + model_kwargs_flag(args)
     what = 'the source' if args.start == 'pretrained' else "the full stage's max subnet"
     lines = [f'### Keeping the {"source" if args.start == "pretrained" else "full stage"}: `{args.model}`, '
              f'{args.start}', '',
              f'`python benchmarks/keep_source.py --model {args.model} --image-size {args.image_size} --start '
-             f'{args.start}{flags}` ({seconds / 60:.1f} minutes on the 2-core machine); {steps:,} optimizer steps per '
-             f'variant after the start. **Validation** top-1 (%, 300 images); {what} scores {start:.1f}.', '',
-             '| variant | max at each stage end | lowest stage end − start | min | mid | max | random mean |',
-             '|---|---|---:|---:|---:|---:|---:|']
+             f'{args.start}{flags}` ({seconds / 60:.1f} minutes on the 2-core machine). "steps": optimizer steps '
+             f'after the start. **Validation** top-1 (%, 300 images); {what} scores {start:.1f}.', '',
+             '| variant | steps | max at each stage end | lowest stage end − start | min | mid | max | random mean |',
+             '|---|---:|---|---:|---:|---:|---:|---:|']
     for name, r in rows.items():
         low = min(acc for _, acc in r['stages']) - start
-        lines.append(f"| {name} | {_stage_line(r['stages'])} | {low:+.1f} | {r['min']:.1f} | {r['mid']:.1f} | "
-                     f"{r['max']:.1f} | {r['mean']:.1f} |")
+        lines.append(f"| {name} | {r['steps']:,} | {_stage_line(r['stages'])} | {low:+.1f} | {r['min']:.1f} | "
+                     f"{r['mid']:.1f} | {r['max']:.1f} | {r['mean']:.1f} |")
     return '\n'.join(lines)
 
 

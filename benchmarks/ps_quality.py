@@ -55,7 +55,7 @@ from ofa_timm.space import Subnet
 from ofa_timm.training import (
     DataConfig, Schedule, Stage, SubnetEvaluator, TrainConfig, Trainer, build_datasets, build_schedule,
     zero_init_residual)
-from ofa_timm.training.schedule import recommended_min_steps
+from ofa_timm.training.schedule import PRESETS
 from ofa_timm.training.sampling import applicable_stages
 
 PARTS = ('scratch', 'pretrained', 'small')
@@ -81,7 +81,7 @@ class Bench:
         self.calib_images = 64 if args.smoke else 500  # the smoke run checks the plumbing, not the figures
         self.evaluator = SubnetEvaluator(self.calib, self.test, calib_images=self.calib_images, batch_size=64,
                                          seed=args.seed)
-        self.schedule_scale = 1.0  # the epoch scale the schedule ran at (its floor), for the runs alone
+        self.schedule_scale = 1.0  # the schedule's epoch scale (it multiplies a stage's warmup), for the runs alone
 
     def config(self, name: str, resolution: Optional[int] = None, **kwargs: Any) -> TrainConfig:
         run = Path(self.args.output) / self.args.model / name
@@ -169,8 +169,7 @@ def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
     randoms = _randoms(space, args)
-    ps = applicable_stages(build_schedule('auto', space, pretrained=False, min_steps=_floor(args, False)),
-                           space, pretrained=False)
+    ps = applicable_stages(bench_schedule(args, space, pretrained=False), space, pretrained=False)
     rows: Dict[str, Dict[str, Any]] = {}
     steps = None
     for label, schedule in _variants(ps).items():
@@ -232,9 +231,13 @@ def pretrained_supernet(bench: Bench, args: argparse.Namespace) -> torch.nn.Modu
                              num_classes=bench.num_classes, resolutions=bench.resolutions, **args.model_kwargs)
 
 
-def _floor(args: argparse.Namespace, pretrained: bool) -> int:
-    """The schedule's floor in optimizer steps: the ``auto`` recipe's, times ``--floor-scale``."""
-    return round(recommended_min_steps(pretrained) * args.floor_scale)
+def bench_schedule(args: argparse.Namespace, space: Any, pretrained: bool) -> Schedule:
+    """The ``auto`` recipe's stages for this start, with its floor in optimizer steps times ``--floor-scale`` and,
+    with ``--floor-weight``, that floor weight on the stages after ``full``."""
+    recipe = PRESETS['fast' if pretrained else 'scratch']
+    weight = recipe.shrink_floor_weight if args.floor_weight is None else args.floor_weight
+    recipe = replace(recipe, min_steps=round(recipe.min_steps * args.floor_scale), shrink_floor_weight=weight)
+    return build_schedule(recipe, space, pretrained=pretrained)
 
 
 def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
@@ -244,7 +247,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     space = supernet.space
     source_top1 = bench.test_top1(supernet, space.max())
     randoms = _randoms(space, args)
-    schedule = build_schedule('auto', space, pretrained=True, min_steps=_floor(args, pretrained=True))
+    schedule = bench_schedule(args, space, pretrained=True)
     trainer = Trainer(supernet, _smoke(schedule, args), bench.train, bench.val, bench.calib,
                       bench.config('ps_fast', ema_decay=args.ema_decay), pretrained=True)
     tick = time.time()
@@ -272,7 +275,7 @@ def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     state = {k: v.clone() for k, v in initial.state_dict().items()}
     space = initial.space
     randoms = _randoms(space, args)
-    schedule = build_schedule('auto', space, min_steps=_floor(args, pretrained=False))
+    schedule = bench_schedule(args, space, pretrained=False)
     trainer = Trainer(initial, _smoke(schedule, args), bench.train, bench.val, bench.calib,
                       bench.config('small_ps', ema_decay=args.ema_decay))
     tick = time.time()
@@ -320,14 +323,16 @@ def _stage_line(stages: Sequence[Tuple[str, float]]) -> str:
 
 
 def _schedule_text(schedule: Schedule, steps: int, n_train: int) -> str:
-    return (f'{steps:,} optimizer steps on {n_train:,} training images (epoch scale {schedule.epochs_scale:.2f} '
-            f"after the recipe's floor of {schedule.min_steps:,} steps)")
+    weights = sorted({s.floor_weight for s in schedule.stages[1:]} - {1.})
+    weight = f", the stages after the first weighted {'/'.join(f'{w:g}' for w in weights)} in it" if weights else ''
+    return f"{steps:,} optimizer steps on {n_train:,} training images (the recipe's floor of {schedule.min_steps:,} " \
+           f"steps{weight})"
+
 
 
 def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: float) -> str:
     flags = ' --no-ablations' if args.no_ablations and part == 'scratch' else ''
-    if args.floor_scale != 1:
-        flags += f' --floor-scale {args.floor_scale:g}'
+    flags += floor_flags(args)
     if args.ema_decay:
         flags += f' --ema-decay {args.ema_decay:g}'
     flags += model_kwargs_flag(args)
@@ -409,6 +414,12 @@ def write_section(path: Path, key: str, text: str, script: str = 'ps_quality') -
     print(f'Wrote {path} ({key})')
 
 
+def floor_flags(args: argparse.Namespace) -> str:
+    """``--floor-scale`` and ``--floor-weight`` as a section's command line gives them (nothing at the defaults)."""
+    flags = f' --floor-scale {args.floor_scale:g}' if args.floor_scale != 1 else ''
+    return flags + (f' --floor-weight {args.floor_weight:g}' if args.floor_weight is not None else '')
+
+
 def bench_parser(doc: str, image_size: int) -> argparse.ArgumentParser:
     """The arguments this script and ``keep_source.py`` share: the model, data, source, floor and output."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -419,6 +430,9 @@ def bench_parser(doc: str, image_size: int) -> argparse.ArgumentParser:
     parser.add_argument('--source-steps', type=int, default=1500, help='steps the pretrained source is trained for')
     parser.add_argument('--floor-scale', type=float, default=1.0,
                         help="multiplies the auto recipe's floor in optimizer steps (the budget curve: 0.5, 1, 2)")
+    parser.add_argument('--floor-weight', type=float, default=None,
+                        help="floor weight of the stages after 'full' (default: the recipe's; 1 shares the floor "
+                             'in proportion to epochs, as before the scratch recipe weighted it)')
     parser.add_argument('--output', default='/tmp/ps_quality')
     parser.add_argument('--results', default=str(ROOT / 'docs' / 'results.md'),
                         help="Markdown file whose sections are replaced ('' to only print)")
@@ -432,6 +446,8 @@ def parse_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     if not args.floor_scale > 0:
         parser.error(f'--floor-scale must be > 0, got {args.floor_scale}')
+    if args.floor_weight is not None and not args.floor_weight > 0:
+        parser.error(f'--floor-weight must be > 0, got {args.floor_weight}')
     (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
     return args
 
@@ -455,6 +471,7 @@ def main() -> None:
         print(text, flush=True)
         if args.results:
             floor = f':floor{args.floor_scale:g}' if args.floor_scale != 1 else ''
+            floor += f':weight{args.floor_weight:g}' if args.floor_weight is not None else ''
             ema = f':ema{args.ema_decay:g}' if args.ema_decay else ''
             write_section(Path(args.results), f'{args.model}:{part}{floor}{ema}', text)
 

@@ -99,12 +99,25 @@ def test_min_steps_floor_lengthens_every_stage_in_proportion():
     assert schedule.total_steps(5) == 15  # 3 stages of 1 epoch at 5 steps/epoch
     fitted = schedule.fit(5)
     steps = [fitted.stage_steps(s, 5) for s in fitted.stages]
-    assert sum(steps) >= 30 and max(steps) - min(steps) <= 1  # the stages keep their shares
-    assert fitted.epochs_scale > 1 and fitted.fit(5) == fitted
+    assert sum(steps) == 30 and max(steps) - min(steps) <= 1  # the stages keep their shares
+    assert fitted.fit(5) == fitted
     assert schedule.fit(40) is schedule  # a large dataset reaches the floor in its epochs: unchanged
     assert Schedule.from_dict(fitted.to_dict()) == fitted  # the floor travels in YAML and checkpoints
     with pytest.raises(ValueError, match='min_steps'):
         Schedule(TINY.stages, min_steps=-1)
+    with pytest.raises(ValueError, match="'kernel': floor_weight must be > 0"):
+        replace(TINY.stages[1], floor_weight=0.)
+
+
+def test_floor_weights_share_the_floor_and_never_shorten_a_stage():
+    full, *shared = TINY.stages
+    weighted = Schedule((full, *(replace(s, floor_weight=2., warmup_epochs=0.5) for s in shared)), min_steps=50)
+    fitted = weighted.fit(5)  # 15 steps at 5 steps/epoch: the floor binds
+    assert [fitted.stage_steps(s, 5) for s in fitted.stages] == [10, 20, 20]  # shares 1 : 2 : 2 per epoch
+    assert [s.warmup_epochs / s.epochs for s in fitted.stages] == pytest.approx([0, 0.5, 0.5])
+    # A floor that barely binds lengthens the heavy stages only: none runs below its own epochs.
+    barely = replace(weighted, min_steps=19).fit(5)
+    assert [barely.stage_steps(s, 5) for s in barely.stages] == [5, 7, 7]
 
 
 def test_auto_picks_fast_for_a_pretrained_start_and_scratch_otherwise():

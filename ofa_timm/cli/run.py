@@ -66,7 +66,8 @@ def add_parsers(sub: Any) -> None:
     d.add_argument('--image-size', type=int, default=32, help='digits are upscaled from 8x8 to this size')
     d.add_argument('--epochs-scale', type=float, default=None)
     d.add_argument('--min-steps', type=int, default=None,
-                   help="floor in optimizer steps (default: the recipe's; 0 for a quick look)")
+                   help="floor in optimizer steps (default: the recipe's; 0 with --epochs-scale 0.1 for a quick "
+                        'look)')
     d.add_argument('--subnets', type=int, default=DEFAULT_SUBNETS, help='random subnets evaluated for the predictor')
     d.add_argument('--precision', choices=('fp32', 'int8'), default='fp32',
                    help='int8: latency of INT8 graphs (onnxruntime), finalists scored and tested as INT8 graphs, and '
