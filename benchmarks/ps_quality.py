@@ -329,7 +329,6 @@ def _schedule_text(schedule: Schedule, steps: int, n_train: int) -> str:
            f"steps{weight})"
 
 
-
 def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: float) -> str:
     flags = ' --no-ablations' if args.no_ablations and part == 'scratch' else ''
     flags += floor_flags(args)

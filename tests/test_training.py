@@ -118,6 +118,8 @@ def test_floor_weights_share_the_floor_and_never_shorten_a_stage():
     # A floor that barely binds lengthens the heavy stages only: none runs below its own epochs.
     barely = replace(weighted, min_steps=19).fit(5)
     assert [barely.stage_steps(s, 5) for s in barely.stages] == [5, 7, 7]
+    with pytest.raises(ValueError, match='0 epochs cannot be lengthened to the floor of 5 steps'):
+        Schedule((Stage('empty', 0, 0.1),), min_steps=5).fit(3)
 
 
 def test_auto_picks_fast_for_a_pretrained_start_and_scratch_otherwise():

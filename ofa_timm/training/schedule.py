@@ -165,6 +165,8 @@ class Schedule:
         # Every stage stretched at c0 gives the floor up to rounding; the least c is found by bisection, as the
         # stages at their own epochs (factor 1) and rounding to whole steps make the total a step function of c.
         weighted = sum(self.stage_epochs(s) * s.floor_weight for s in self.stages) * steps_per_epoch
+        if weighted == 0:
+            raise ValueError(f'Stages of 0 epochs cannot be lengthened to the floor of {self.min_steps} steps')
         lo, hi = 0., self.min_steps / weighted
         while stretched(hi).total_steps(steps_per_epoch) < self.min_steps:
             hi *= 1.01
