@@ -159,7 +159,8 @@ class RunConfig:
             tips.append('`--scale 0.6 1` for small images')
         if not (self.pretrained or self.pretrained_file or self.checkpoint):
             tips.append('`--pretrained` (or `--pretrained-file`) where weights of this model exist')
-        tips.append('a longer run (`--epochs-scale 2`)')
+        # On a few hundred images per class a longer full stage ended lower (docs/results.md, the budget curve).
+        tips.append('a longer run (`--epochs-scale 2`) if there are thousands of images per class')
         return tips
 
 
