@@ -427,6 +427,14 @@ def test_resume_refuses_another_schedule(data, tmp_path):
     other = Trainer(tiny_supernet(), TINY.scaled(2.0), train, val, calib, config(tmp_path))
     with pytest.raises(ValueError, match='another schedule'):
         other.resume()
+    # Before Stage.floor_weight a floor raised the epoch scale; a run checkpointed so resumes under today's fit.
+    old = Trainer(tiny_supernet(), TINY.scaled(2.0), train, val, calib, config(tmp_path / 'old'))
+    old.run(stop_after=2)
+    floor = TINY.total_steps(old.steps_per_epoch) * 2
+    today = Trainer(tiny_supernet(), replace(TINY, min_steps=floor), train, val, calib, config(tmp_path / 'old'))
+    assert today.schedule.epochs_scale == 1.0 and today.schedule != old.schedule  # the floor lengthened the stages
+    today.resume()
+    assert today.position.global_step == 2
     with pytest.raises(ValueError, match='No checkpoint'):
         Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path / 'empty')).resume()
 

@@ -147,8 +147,20 @@ class Schedule:
         """Optimizer steps of ``stage`` (at least one)."""
         return max(1, round(self.stage_epochs(stage) * steps_per_epoch))
 
+    def warmup_steps(self, stage: Stage, steps_per_epoch: int) -> int:
+        """Optimizer steps of ``stage``'s warmup."""
+        return round(stage.warmup_epochs * self.epochs_scale * steps_per_epoch)
+
     def total_steps(self, steps_per_epoch: int) -> int:
         return sum(self.stage_steps(s, steps_per_epoch) for s in self.stages)
+
+    def as_run(self, steps_per_epoch: int) -> Tuple[Stage, ...]:
+        """The stages as they train at ``steps_per_epoch``, their length and warmup counted in optimizer steps: two
+        schedules that train alike compare equal, whether a floor lengthened their stages or their epoch scale (as
+        it did before ``Stage.floor_weight``)."""
+        return tuple(replace(s, epochs=self.stage_steps(s, steps_per_epoch),
+                             warmup_epochs=self.warmup_steps(s, steps_per_epoch), floor_weight=1.)
+                     for s in self.stages)
 
     def fit(self, steps_per_epoch: int) -> 'Schedule':
         """The schedule as it runs at ``steps_per_epoch``: where its epochs give fewer than ``min_steps`` optimizer

@@ -84,8 +84,8 @@ def stage_scheduler(
     peak = stage.lr if lr is None else lr
     for group in optimizer.param_groups:
         group['lr'] = group['initial_lr'] = peak
-    total = total_steps or max(1, round(schedule.stage_epochs(stage) * steps_per_epoch))
-    warmup = min(total - 1, round(stage.warmup_epochs * schedule.epochs_scale * steps_per_epoch))
+    total = total_steps or schedule.stage_steps(stage, steps_per_epoch)
+    warmup = min(total - 1, schedule.warmup_steps(stage, steps_per_epoch))
     scheduler, _ = create_scheduler_v2(
         optimizer, sched='cosine', num_epochs=total, warmup_epochs=max(0, warmup), warmup_lr=config.warmup_lr,
         min_lr=config.min_lr, updates_per_epoch=1, step_on_epochs=False)

@@ -370,7 +370,8 @@ class Trainer:
             raise ValueError(f'No checkpoint to resume from at {path}')
         state = load_checkpoint(path)
         # A checkpoint of 0.2.0 lists unlocks its family lacks (a ResNet's 'kernel'): they unlocked nothing
-        if known_unlocks(Schedule.from_dict(state['schedule']), self.supernet.space) != self.schedule:
+        written = known_unlocks(Schedule.from_dict(state['schedule']), self.supernet.space)
+        if written.as_run(self.steps_per_epoch) != self.schedule.as_run(self.steps_per_epoch):
             raise ValueError(f'{path} was written by a run with another schedule; resume with the same --schedule and '
                              f'--epochs-scale')
         self.supernet.load_state_dict(state['model'])
