@@ -50,8 +50,8 @@ def _stages(lr_scale: float = 1.0, only: str = '', length: float = 1.0, **change
     """Every stage (or those whose name starts with ``only``) with its lr scaled, its length (warmup included)
     multiplied by ``length`` and ``changes`` made."""
     return lambda s: replace(s, stages=tuple(
-        replace(st, lr=st.lr * lr_scale, epochs=st.epochs * length, warmup_epochs=st.warmup_epochs * length,
-                **changes) if st.name.startswith(only) else st for st in s.stages))
+        replace(st.lengthened(length), lr=st.lr * lr_scale, **changes) if st.name.startswith(only) else st
+        for st in s.stages))
 
 
 VARIANTS: Dict[str, Variant] = {

@@ -98,6 +98,10 @@ class Stage:
                     f"Stage '{self.name}': unlock[{dim!r}] must be 'all' or a positive int, got {level!r}")
         object.__setattr__(self, 'unlock', unlock)
 
+    def lengthened(self, factor: float) -> 'Stage':
+        """This stage ``factor`` times as long, its warmup too."""
+        return replace(self, epochs=self.epochs * factor, warmup_epochs=self.warmup_epochs * factor)
+
 
 def unlock_level(unlock: Mapping[str, Level], dimension: Dimension) -> Optional[Level]:
     """How far ``unlock`` opens ``dimension`` (named by its label or its name): ``'all'``, ``n`` or None."""
@@ -170,9 +174,7 @@ class Schedule:
             return self
 
         def stretched(c: float) -> 'Schedule':
-            return replace(self, stages=tuple(
-                replace(s, epochs=s.epochs * f, warmup_epochs=s.warmup_epochs * f)
-                for s, f in ((s, max(1., c * s.floor_weight)) for s in self.stages)))
+            return replace(self, stages=tuple(s.lengthened(max(1., c * s.floor_weight)) for s in self.stages))
 
         # Every stage stretched at c0 gives the floor up to rounding; the least c is found by bisection, as the
         # stages at their own epochs (factor 1) and rounding to whole steps make the total a step function of c.
