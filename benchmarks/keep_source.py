@@ -111,7 +111,8 @@ def run_variant(bench: Bench, supernet: torch.nn.Module, state: Dict[str, torch.
     return out
 
 
-def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any]], seconds: float) -> str:
+def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any]], seconds: float,
+           n_val: int) -> str:
     flags = ''
     if list(rows) != list(VARIANTS):
         flags += ' --variants ' + ' '.join(name if name.isidentifier() else f'"{name}"' for name in rows)
@@ -121,7 +122,7 @@ def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any
              f'{args.start}', '',
              f'`python benchmarks/keep_source.py --model {args.model} --image-size {args.image_size} --start '
              f'{args.start}{flags}` ({seconds / 60:.1f} minutes on the 2-core machine). "steps": optimizer steps '
-             f'after the start. **Validation** top-1 (%, 300 images); {what} scores {start:.1f}.', '',
+             f'after the start. **Validation** top-1 (%, {n_val:,} images); {what} scores {start:.1f}.', '',
              '| variant | steps | max at each stage end | lowest stage end − start | min | mid | max | random mean |',
              '|---|---:|---|---:|---:|---:|---:|---:|']
     for name, r in rows.items():
@@ -150,7 +151,7 @@ def main() -> None:
         r = rows[name]
         print(f"{name}: {_stage_line(r['stages'])}; min {r['min']:.1f} mid {r['mid']:.1f} max {r['max']:.1f} "
               f"mean {r['mean']:.1f} ({r['seconds']:.0f} s)", flush=True)
-    text = report(args, source, rows, time.time() - tick)
+    text = report(args, source, rows, time.time() - tick, len(bench.val))
     print(text, flush=True)
     if args.results:
         write_section(Path(args.results), f'{args.model}:{args.start}', text, script='keep_source')

@@ -69,11 +69,13 @@ class Bench:
         self.args = args
         size = args.image_size
         self.resolutions = (size * 3 // 4, size * 7 // 8, size)
-        # The smoke run checks the plumbing, not the figures: a tenth of the test images and 500 training images.
-        test_per_class = 10 if args.smoke else 100
+        # The smoke run checks the plumbing, not the figures: a tenth of the test images, a sixth of the validation
+        # images (validation at each stage end was most of its time) and 500 training images.
+        test_per_class, val_per_class = (10, 5) if args.smoke else (100, 30)
         train_per_class = train_per_class or (50 if args.smoke else None)
-        tag = f'{size}_{train_per_class or "all"}_{test_per_class}'
-        root = make_digits_dataset(Path(args.output) / f'digits_{tag}', val_per_class=30, test_per_class=test_per_class,
+        tag = f'{size}_{train_per_class or "all"}_{test_per_class}' + ('_smoke' if args.smoke else '')
+        root = make_digits_dataset(Path(args.output) / f'digits_{tag}', val_per_class=val_per_class,
+                                   test_per_class=test_per_class,
                                    train_per_class=train_per_class, image_size=size, seed=args.seed)
         cfg = DataConfig(str(root), image_size=size, scale=(0.6, 1.0), hflip=0.)  # digits are not mirror-symmetric
         self.train, self.val, self.calib, self.num_classes = build_datasets(cfg, seed=args.seed)
