@@ -16,7 +16,9 @@ later stages. Each variant starts from the same weights, with the same data, bat
   (``TrainConfig.ema_decay``, timm's ``ModelEmaV3``);
 - ``kernel lr x0.5``: only the kernel stage's learning rate halved (the stage that costs the max most from scratch);
 - ``shrinking x2``: every stage after the start twice as long (warmup included), the start unchanged: a floor that
-  lengthens only the stages whose steps the subnets share.
+  lengthens only the stages whose steps the subnets share;
+- ``min at min res``: the sandwich's min subnet trained at the smallest resolution at every step, where it is
+  deployed and where it is trained alone (``Stage.min_resolution``), instead of at the step's drawn resolution.
 
 Every figure is top-1 on the 300 validation images (30 per class, one image is 0.33 points), which is what a recipe
 may be chosen on; the chosen recipe is then measured on the test split by ``ps_quality.py --parts pretrained``. The
@@ -63,6 +65,7 @@ VARIANTS: Dict[str, Variant] = {
     'EMA': (lambda s: s, dict(ema_decay=0.998)),
     'kernel lr x0.5': (_stages(0.5, only='kernel'), {}),
     'shrinking x2': (_stages(length=2.0), {}),
+    'min at min res': (_stages(min_resolution=True), {}),
 }
 
 

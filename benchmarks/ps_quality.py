@@ -59,6 +59,7 @@ from ofa_timm.training.schedule import PRESETS
 from ofa_timm.training.sampling import applicable_stages
 
 PARTS = ('scratch', 'pretrained', 'small')
+SHARED = 'shared weights, EMA not deployed'  # the row of a run's own weights when --ema-decay deploys their average
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,7 +105,7 @@ def deployed(trainer: Trainer) -> torch.nn.Module:
 
 
 def _run_by_stage(bench: Bench, trainer: Trainer,
-                  measure: Optional[Callable[[Trainer], float]] = None) -> List[Tuple[str, float]]:
+                  measure: Optional[Callable[[Trainer], Any]] = None) -> List[Tuple[str, Any]]:
     """Run ``trainer`` stage by stage (stop at each stage end, resume exactly) and measure the max subnet after each
     stage: with ``measure(trainer)``, or by default the deployed weights on the test split."""
     measure = measure or (lambda t: bench.test_top1(deployed(t), t.supernet.space.max()))
@@ -118,6 +119,24 @@ def _run_by_stage(bench: Bench, trainer: Trainer,
         out.append((name, measure(trainer)))
         trainer.resume()  # continue from the checkpoint, bitwise as one run would
     return out
+
+
+def _train_ps(bench: Bench, trainer: Trainer, randoms: Sequence[Subnet]
+              ) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+    """Run PS stage by stage: the figures of the deployed weights and, when the run keeps an EMA, of its shared
+    weights too. The average never feeds back into training, so the second is the same run without the EMA."""
+    kept = trainer.ema is not None
+
+    def measure(t: Trainer) -> Tuple[float, Optional[float]]:
+        largest = t.supernet.space.max()
+        return bench.test_top1(deployed(t), largest), bench.test_top1(t.supernet, largest) if kept else None
+
+    ends = _run_by_stage(bench, trainer, measure)
+    steps = trainer.position.global_step
+    ps = dict(_evaluate(bench, deployed(trainer), randoms), steps=steps, stages=[(n, a) for n, (a, _) in ends])
+    if not kept:
+        return ps, None
+    return ps, dict(_evaluate(bench, trainer.supernet, randoms), steps=steps, stages=[(n, b) for n, (_, b) in ends])
 
 
 def _evaluate(bench: Bench, supernet: torch.nn.Module, randoms: Sequence[Subnet],
@@ -181,9 +200,9 @@ def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
         trainer = Trainer(initial, _smoke(schedule, args), bench.train, bench.val, bench.calib,
                           bench.config(re.sub(r'\W+', '_', label).lower(), ema_decay=args.ema_decay))
         tick = time.time()
-        stage_max = _run_by_stage(bench, trainer)
-        rows[label] = dict(_evaluate(bench, deployed(trainer), randoms), steps=trainer.position.global_step,
-                           stages=stage_max)
+        rows[label], shared = _train_ps(bench, trainer, randoms)
+        if shared is not None:
+            rows[f'{label}, {SHARED}'] = shared
         print(f'{label}: {_brief(rows[label])} ({time.time() - tick:.0f} s)', flush=True)
         steps = steps or trainer.position.global_step
         assert trainer.position.global_step == steps, 'every variant takes the same optimizer steps'
@@ -253,8 +272,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     trainer = Trainer(supernet, _smoke(schedule, args), bench.train, bench.val, bench.calib,
                       bench.config('ps_fast', ema_decay=args.ema_decay), pretrained=True)
     tick = time.time()
-    stage_max = _run_by_stage(bench, trainer)
-    ps = dict(_evaluate(bench, deployed(trainer), randoms), steps=trainer.position.global_step, stages=stage_max)
+    ps, shared = _train_ps(bench, trainer, randoms)
     print(f'PS from the source: {_brief(ps)} ({time.time() - tick:.0f} s)', flush=True)
     steps, first = ps['steps'], trainer.schedule.stages[0]
     bench.schedule_scale = trainer.schedule.epochs_scale
@@ -264,7 +282,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
         tick = time.time()
         alone[name] = _alone(bench, supernet, subnet, steps, first, f'finetune_{name}', from_weights=True)
         print(f'fine-tuned alone {name}: {alone[name]:.2f} ({time.time() - tick:.0f} s)', flush=True)
-    return 'pretrained', dict(source=source_top1, ps=ps, alone=alone, steps=steps, first=first,
+    return 'pretrained', dict(source=source_top1, ps=ps, shared=shared, alone=alone, steps=steps, first=first,
                               source_steps=args.source_steps, n_train=len(bench.train), schedule=trainer.schedule)
 
 
@@ -281,8 +299,7 @@ def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     trainer = Trainer(initial, _smoke(schedule, args), bench.train, bench.val, bench.calib,
                       bench.config('small_ps', ema_decay=args.ema_decay))
     tick = time.time()
-    stage_max = _run_by_stage(bench, trainer)
-    ps = dict(_evaluate(bench, deployed(trainer), randoms), steps=trainer.position.global_step, stages=stage_max)
+    ps, shared = _train_ps(bench, trainer, randoms)
     print(f'PS on {len(bench.train)} images: {_brief(ps)} ({time.time() - tick:.0f} s)', flush=True)
     steps, full = ps['steps'], trainer.schedule.stages[0]
     bench.schedule_scale = trainer.schedule.epochs_scale
@@ -291,7 +308,8 @@ def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
         initial.load_state_dict(state)
         alone[name] = _alone(bench, initial, subnet, steps, full, f'small_alone_{name}', from_weights=False)
         print(f'alone {name}: {alone[name]:.2f}', flush=True)
-    return 'small', dict(ps=ps, alone=alone, steps=steps, n_train=len(bench.train), schedule=trainer.schedule)
+    return 'small', dict(ps=ps, shared=shared, alone=alone, steps=steps, n_train=len(bench.train),
+                         schedule=trainer.schedule)
 
 
 def _randoms(space: Any, args: argparse.Namespace) -> List[Subnet]:
@@ -322,6 +340,21 @@ def _verdict(ok: bool, by: float) -> str:
 
 def _stage_line(stages: Sequence[Tuple[str, float]]) -> str:
     return ' → '.join(f'{name} {acc:.1f}' for name, acc in stages)
+
+
+def _cells(row: Dict[str, Any]) -> str:
+    return ' | '.join(f'{row[k]:.1f}' for k in ('min', 'mid', 'max', 'mean', 'worst'))
+
+
+def _shared_row(data: Dict[str, Any], label: str) -> List[str]:
+    """The table row of the run's own weights, when it deployed their EMA (none otherwise)."""
+    return [f"| {label}, {SHARED} | {_cells(data['shared'])} |"] if data.get('shared') else []
+
+
+def _stage_stages(data: Dict[str, Any]) -> str:
+    """The max subnet at each stage end of the deployed weights and, under an EMA, of the shared weights."""
+    line = _stage_line(data['ps']['stages'])
+    return f"{line}; {SHARED}: {_stage_line(data['shared']['stages'])}" if data.get('shared') else line
 
 
 def _schedule_text(schedule: Schedule, steps: int, n_train: int) -> str:
@@ -378,12 +411,11 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
         low_stage, low = min(ps['stages'], key=lambda stage: stage[1])
         lines += [f"Source `{args.model[4:]}` trained alone for {data['source_steps']:,} steps: {data['source']:.1f}.",
                   '', '| | min | mid | max | random mean | random worst |', '|---|---:|---:|---:|---:|---:|',
-                  f"| PS from the source (`fast`) | {ps['min']:.1f} | {ps['mid']:.1f} | {ps['max']:.1f} | "
-                  f"{ps['mean']:.1f} | {ps['worst']:.1f} |",
+                  f"| PS from the source (`fast`) | {_cells(ps)} |", *_shared_row(data, 'PS from the source'),
                   f"| extracted from the source, fine-tuned alone for {data['steps']:,} steps at lr "
                   f"{data['first'].lr:g} | {alone['min']:.1f} | {alone['mid']:.1f} | | | |",
                   f"| the source | | | {data['source']:.1f} | | |", '',
-                  f"Max subnet at the end of each stage: {_stage_line(ps['stages'])}.", '', 'Targets:', '',
+                  f"Max subnet at the end of each stage: {_stage_stages(data)}.", '', 'Targets:', '',
                   f"- Max within 0.5 point of the source: {ps['max']:.1f} vs {data['source']:.1f} "
                   f"({_verdict(ps['max'] >= data['source'] - 0.5, ps['max'] - data['source'] + 0.5)}).",
                   f"- Max within 0.5 point of the source at every stage end: lowest {low:.1f} ({low_stage}) vs "
@@ -394,10 +426,9 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
     else:
         ps, alone = data['ps'], data['alone']
         lines += ['| | min | mid | max | random mean | random worst |', '|---|---:|---:|---:|---:|---:|',
-                  f"| PS (`auto`) | {ps['min']:.1f} | {ps['mid']:.1f} | {ps['max']:.1f} | {ps['mean']:.1f} | "
-                  f"{ps['worst']:.1f} |",
+                  f"| PS (`auto`) | {_cells(ps)} |", *_shared_row(data, 'PS'),
                   f"| each alone, {data['steps']:,} steps | {alone['min']:.1f} | {alone['mid']:.1f} | "
-                  f"{alone['max']:.1f} | | |", '', f"Max subnet at the end of each stage: {_stage_line(ps['stages'])}.",
+                  f"{alone['max']:.1f} | | |", '', f"Max subnet at the end of each stage: {_stage_stages(data)}.",
                   '', '- Within 2 points of each subnet alone at equal steps: ' + ', '.join(
                       f"{k} {ps[k]:.1f} vs {alone[k]:.1f} ({_verdict(ps[k] >= alone[k] - 2, ps[k] - alone[k] + 2)})"
                       for k in ('min', 'mid', 'max')) + '.']

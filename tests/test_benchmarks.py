@@ -58,6 +58,10 @@ def test_quality_matrix_smoke(tmp_path):
     assert doc.count('--floor-scale 2 --ema-decay 0.9') == 3 and doc.count('EMA 0.9 deployed') == 3
     assert 'Max within 0.5 point of the source' in doc and 'Within 2 points of each subnet alone' in doc
     assert '| PS |' in doc and 'Alone,' in doc
+    # Each part also reports the run's own weights beside their EMA: a row and a stage-end line
+    shared = 'shared weights, EMA not deployed'
+    assert f'| PS, {shared} |' in doc and f'| PS from the source, {shared} |' in doc
+    assert doc.count(f'{shared}: ') == 3 and f'PS, {shared}: full ' in doc  # a line per part
 
 
 @pytest.mark.slow

@@ -140,6 +140,24 @@ def test_ofa_strategy_in_nas_experiment(data, tmp_path):
         other.load_state_dict(state)
 
 
+def test_strategy_trains_the_min_subnet_at_its_own_resolution(data, tmp_path):
+    """Stage.min_resolution under NNI: the evaluator's training step sees the min subnet's batch at the smallest
+    resolution, as ``ofa-timm train`` feeds it."""
+    net = supernet()
+    stage = Stage('kernel', 1, 1e-3, {'kernel': 'all', 'resolution': 'all'}, subnets_per_step=2,
+                  sampling='sandwich', min_resolution=True)
+    strategy = OFAProgressiveShrinking(Schedule((stage,)), calib_images=8)
+    sizes = []
+    net.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[-1])
+                                  if torch.is_grad_enabled() else None)
+    run_experiment(NasExperiment(SupernetSpace(net), classification(data, 1, tmp_path), strategy,
+                                 NasExperimentConfig('sequential', 'raw')), tmp_path / 'exp')
+    sampled = strategy.oneshot_module.sampled
+    assert len(sampled) == 2 * 3 and len(sizes) == len(sampled)  # 3 steps of 2 subnets
+    assert [s.resolution for _, s in sampled[1::2]] == [24] * 3 and sizes[1::2] == [24] * 3  # the min subnet
+    assert sizes[0::2] == [s.resolution for _, s in sampled[0::2]]  # the max subnet at each step's drawn resolution
+
+
 def test_strategy_checks_epochs(data, tmp_path):
     space = SupernetSpace(supernet())
     strategy = OFAProgressiveShrinking(SCHEDULE)

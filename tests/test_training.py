@@ -283,6 +283,43 @@ def test_sampling_is_seeded_by_step_and_sandwich_rule():
     assert subnets[1].replace(resolution=None) == restricted.min().replace(resolution=None)
 
 
+def test_sandwich_min_subnet_keeps_its_own_resolution():
+    """Stage.min_resolution: the min subnet of each sandwich step at the smallest resolution, the others at the step's
+    drawn one; without it every subnet of the step shares the drawn resolution."""
+    space = mbv3_space()
+    unlock = {'kernel': 'all', 'depth': 'all', 'expand': 'all', 'resolution': 'all'}
+    shared = Stage('s', 1, 0.1, unlock, subnets_per_step=4, sampling='sandwich')
+    smallest = min(space.resolutions)
+    drawn_larger = False
+    for step in range(12):
+        plain, own = StepSampler(space, shared).sample(step), StepSampler(
+            space, replace(shared, min_resolution=True)).sample(step)
+        assert len({s.resolution for s in plain}) == 1
+        assert own[1] == restrict_space(space, unlock).min() and own[1].resolution == smallest
+        assert [own[0], *own[2:]] == [plain[0], *plain[2:]]  # the others as before, at the drawn resolution
+        drawn_larger |= plain[0].resolution != smallest
+    assert drawn_larger  # so the min's own resolution was not the drawn one by chance
+    with pytest.raises(ValueError, match='min_resolution must be true or false'):
+        Stage('x', 1, 0.1, min_resolution='yes')
+
+
+def test_the_min_subnet_trains_on_images_at_its_own_resolution(data, tmp_path):
+    train, val, calib, _ = data
+    stage = Stage('kernel', 1, 1e-2, {'kernel': 'all', 'resolution': 'all'}, subnets_per_step=2, sampling='sandwich',
+                  min_resolution=True)
+    supernet = tiny_supernet()
+    seen = []
+    # Training forwards are the ones with gradients (BN calibration and evaluation run without).
+    supernet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1])
+                                       if torch.is_grad_enabled() else None)
+    cfg = config(tmp_path)
+    Trainer(supernet, Schedule((stage,)), train, val, calib, cfg, pretrained=True).run()
+    assert len(seen) == 8  # 4 steps of 2 subnets
+    assert seen[1::2] == [24] * 4  # the min subnet, every step at the smallest resolution
+    drawn = [StepSampler(supernet.space, stage, cfg.seed).sample(step)[0].resolution for step in range(4)]
+    assert seen[0::2] == drawn  # the max subnet at each step's drawn resolution
+
+
 def test_validation_grid_covers_corners():
     space = mbv3_space()
     grid = StepSampler(space, PRESETS['ofa'].schedule(space).stages[5]).validation_grid()

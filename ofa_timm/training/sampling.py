@@ -96,7 +96,8 @@ class StepSampler:
         return random.Random(f'{self.seed}/{self.stage.name}/{step}')
 
     def sample(self, step: int) -> List[Subnet]:
-        """The subnets of global step ``step``; all share one resolution, drawn for the batch."""
+        """The subnets of global step ``step``; all share one resolution, drawn for the batch, except a sandwich's min
+        subnet under ``Stage.min_resolution``, which keeps the smallest."""
         rng = self.rng(step)
         resolution = rng.choice(self.space.resolutions) if self.space.resolutions else None
         n = self.stage.subnets_per_step
@@ -105,7 +106,10 @@ class StepSampler:
             subnets += [self.space.sample(rng) for _ in range(n - len(subnets))]
         else:
             subnets = [self.space.sample(rng) for _ in range(n)]
-        return [s.replace(resolution=resolution) for s in subnets]
+        subnets = [s.replace(resolution=resolution) for s in subnets]
+        if self.stage.sampling == 'sandwich' and self.stage.min_resolution and n > 1:
+            subnets[1] = self.space.min()  # at its own (the smallest) resolution
+        return subnets
 
     def grid_names(self) -> Dict[str, str]:
         """What the short names of :meth:`validation_grid`'s labels stand for (``{'k': 'kernel', ...}``)."""

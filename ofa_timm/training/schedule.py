@@ -58,6 +58,9 @@ class Stage:
             the schedule, a stage of weight 2 gets twice the share of one of weight 1 with as many epochs. The
             ``scratch`` recipe weighs the stages after ``full`` 2, because their steps are shared among subnets,
             while a longer full stage overfits a small dataset (the budget curve in docs/results.md).
+        min_resolution: With sandwich sampling, train the min subnet at the stage's smallest resolution at every step,
+            where it is deployed, instead of at the resolution drawn for the step's other subnets (trained alone, a
+            subnet sees only its own resolution).
     """
     name: str
     epochs: float
@@ -71,6 +74,7 @@ class Stage:
     clip_grad: Optional[float] = None
     carry_optimizer: bool = False
     floor_weight: float = 1.0
+    min_resolution: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -87,6 +91,8 @@ class Stage:
             raise ValueError(f"Stage '{self.name}': kd_ratio must be >= 0, got {self.kd_ratio}")
         if not self.floor_weight > 0 or not math.isfinite(self.floor_weight):
             raise ValueError(f"Stage '{self.name}': floor_weight must be > 0, got {self.floor_weight}")
+        if not isinstance(self.min_resolution, bool):
+            raise ValueError(f"Stage '{self.name}': min_resolution must be true or false, got {self.min_resolution!r}")
         if self.sampling not in SAMPLING_RULES:
             raise ValueError(f"Stage '{self.name}': sampling {self.sampling!r} not in {list(SAMPLING_RULES)}")
         unlock = dict(self.unlock or {})

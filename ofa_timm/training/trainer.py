@@ -2,8 +2,8 @@
 
 One process, one GPU, a CPU, or many processes under ``torchrun`` (PyTorch DDP). Per optimizer step: the step's
 subnets are drawn from a RNG seeded by the step (identical on every rank), the batch is resized to the step's
-resolution, the frozen teacher runs once, and each subnet's loss (label-smoothed CE + KD) is back-propagated into
-the shared weights before a single optimizer step.
+resolution (and to the min subnet's own under ``Stage.min_resolution``), the frozen teacher runs once, and each
+subnet's loss (label-smoothed CE + KD) is back-propagated into the shared weights before a single optimizer step.
 
 Distributed choices: every rank trains on its shard of each batch order; rank 0 alone validates (BN calibration and
 evaluation of the validation grid), logs and writes checkpoints, and the other ranks wait at a barrier.
@@ -619,21 +619,25 @@ class Trainer:
         cfg = self.config
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        images = resize_to(images, subnets[0].resolution)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         mixed = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                           num_classes=self.supernet.num_classes)
             images, mixed = mixer(images, targets)
-        teacher = teacher_logits(self.teacher, images, stage, self._autocast)
+
+        def resized(resolution: Optional[int]) -> torch.Tensor:
+            out = resize_to(images, resolution)  # from the loader's images, as evaluation resizes
+            return out.contiguous(memory_format=torch.channels_last) if cfg.channels_last else out
+
+        step_images = resized(subnets[0].resolution)
+        teacher = teacher_logits(self.teacher, step_images, stage, self._autocast)
         self._optimizer.zero_grad(set_to_none=True)
         self.model.train()
 
         def forward(subnet: Subnet) -> Tuple[torch.Tensor, torch.Tensor]:
+            x = step_images if subnet.resolution == subnets[0].resolution else resized(subnet.resolution)
             with self._autocast():
-                logits = self.model(images)
+                logits = self.model(x)
                 return classification_loss(logits, targets, cfg.label_smoothing, mixed), logits
 
         loss = shrinking_step(

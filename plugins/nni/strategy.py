@@ -128,16 +128,17 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         stage = self.stage
         subnets = self._sampler.sample(self._step_in_stage)
-        batch = self._resize(batch, subnets[0].resolution)
+        step_batch = self._resize(batch, subnets[0].resolution)
         optimizer = self.optimizers()
         if self._scheduler is not None:
             self._scheduler.step_update(self._step_in_stage)
-        teacher = teacher_logits(self.teacher, batch[0], stage)
+        teacher = teacher_logits(self.teacher, step_batch[0], stage)
         captured: List[torch.Tensor] = []
 
         def forward(subnet: Subnet) -> Tuple[torch.Tensor, torch.Tensor]:
             captured.clear()
-            loss = self.training_module.training_step(batch, batch_idx)
+            own = step_batch if subnet.resolution == subnets[0].resolution else self._resize(batch, subnet.resolution)
+            loss = self.training_module.training_step(own, batch_idx)
             self.sampled.append((stage.name, subnet))
             return (loss['loss'] if isinstance(loss, Mapping) else loss), captured[-1]
 
