@@ -351,7 +351,7 @@ def _shared_row(data: Dict[str, Any], label: str) -> List[str]:
     return [f"| {label}, {SHARED} | {_cells(data['shared'])} |"] if data.get('shared') else []
 
 
-def _stage_stages(data: Dict[str, Any]) -> str:
+def _stage_ends(data: Dict[str, Any]) -> str:
     """The max subnet at each stage end of the deployed weights and, under an EMA, of the shared weights."""
     line = _stage_line(data['ps']['stages'])
     return f"{line}; {SHARED}: {_stage_line(data['shared']['stages'])}" if data.get('shared') else line
@@ -415,7 +415,7 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
                   f"| extracted from the source, fine-tuned alone for {data['steps']:,} steps at lr "
                   f"{data['first'].lr:g} | {alone['min']:.1f} | {alone['mid']:.1f} | | | |",
                   f"| the source | | | {data['source']:.1f} | | |", '',
-                  f"Max subnet at the end of each stage: {_stage_stages(data)}.", '', 'Targets:', '',
+                  f"Max subnet at the end of each stage: {_stage_ends(data)}.", '', 'Targets:', '',
                   f"- Max within 0.5 point of the source: {ps['max']:.1f} vs {data['source']:.1f} "
                   f"({_verdict(ps['max'] >= data['source'] - 0.5, ps['max'] - data['source'] + 0.5)}).",
                   f"- Max within 0.5 point of the source at every stage end: lowest {low:.1f} ({low_stage}) vs "
@@ -428,7 +428,7 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
         lines += ['| | min | mid | max | random mean | random worst |', '|---|---:|---:|---:|---:|---:|',
                   f"| PS (`auto`) | {_cells(ps)} |", *_shared_row(data, 'PS'),
                   f"| each alone, {data['steps']:,} steps | {alone['min']:.1f} | {alone['mid']:.1f} | "
-                  f"{alone['max']:.1f} | | |", '', f"Max subnet at the end of each stage: {_stage_stages(data)}.",
+                  f"{alone['max']:.1f} | | |", '', f"Max subnet at the end of each stage: {_stage_ends(data)}.",
                   '', '- Within 2 points of each subnet alone at equal steps: ' + ', '.join(
                       f"{k} {ps[k]:.1f} vs {alone[k]:.1f} ({_verdict(ps[k] >= alone[k] - 2, ps[k] - alone[k] + 2)})"
                       for k in ('min', 'mid', 'max')) + '.']
