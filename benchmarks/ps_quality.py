@@ -343,7 +343,8 @@ def _stage_line(stages: Sequence[Tuple[str, float]]) -> str:
 
 
 def _cells(row: Dict[str, Any]) -> str:
-    return ' | '.join(f'{row[k]:.1f}' for k in ('min', 'mid', 'max', 'mean', 'worst'))
+    """A row's min, mid, max, random mean and worst as table cells (empty where it has none)."""
+    return ' | '.join(f'{row[k]:.1f}' if k in row else '' for k in ('min', 'mid', 'max', 'mean', 'worst'))
 
 
 def _shared_row(data: Dict[str, Any], label: str) -> List[str]:
@@ -383,8 +384,7 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
         lines += ['| run | optimizer steps | min | mid | max | random mean | random worst |',
                   '|---|---:|---:|---:|---:|---:|---:|']
         for label, r in rows.items():
-            cells = ' | '.join(f'{r[k]:.1f}' if k in r else '' for k in ('min', 'mid', 'max', 'mean', 'worst'))
-            lines.append(f"| {label} | {r['steps']:,} | {cells} |")
+            lines.append(f"| {label} | {r['steps']:,} | {_cells(r)} |")
         lines += ['', 'Max subnet at the end of each stage: ' + '; '.join(
             f"{label}: {_stage_line(r['stages'])}" for label, r in rows.items() if 'stages' in r), '']
         ps = rows['PS']
