@@ -39,7 +39,7 @@ import torch
 
 from ps_quality import (
     Bench, _evaluate, _randoms, _run_by_stage, _smoke, _stage_line, bench_parser, bench_schedule, deployed,
-    floor_flags, model_kwargs_flag, parse_bench_args, pretrained_supernet, write_section)
+    floor_flags, floor_key, model_kwargs_flag, parse_bench_args, pretrained_supernet, write_section)
 
 from ofa_timm.training import Schedule, SubnetEvaluator, Trainer
 
@@ -157,7 +157,8 @@ def main() -> None:
     text = report(args, source, rows, time.time() - tick, len(bench.val))
     print(text, flush=True)
     if args.results:
-        write_section(Path(args.results), f'{args.model}:{args.start}', text, script='keep_source')
+        write_section(Path(args.results), f'{args.model}:{args.start}{floor_key(args)}', text,
+                      script='keep_source')
 
 
 if __name__ == '__main__':

@@ -69,7 +69,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, train_per_class: Optional[int] = None):
         self.args = args
         size = args.image_size
-        self.resolutions = (size * 3 // 4, size * 7 // 8, size)
+        self.resolutions = bench_resolutions(args)
         # The smoke run checks the plumbing, not the figures: a tenth of the test images, a sixth of the validation
         # images (validation at each stage end was most of its time) and 500 training images.
         test_per_class, val_per_class = (10, 5) if args.smoke else (100, 30)
@@ -373,8 +373,10 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
     flags += model_kwargs_flag(args)
     cmd = (f'`python benchmarks/ps_quality.py --model {args.model} --image-size {args.image_size} --parts {part}'
            f'{flags}` ({seconds / 60:.1f} minutes on the 2-core machine)')
-    res = f'{args.image_size * 3 // 4}/{args.image_size * 7 // 8}/{args.image_size} px'
+    res = '/'.join(map(str, bench_resolutions(args))) + ' px'
     title = f"### `{args.model}`, {part}, {data['steps']:,} steps"  # the budget curve's points differ in steps
+    if args.resolutions:
+        title += f', resolutions {res}'
     if args.ema_decay:
         title += f', EMA {args.ema_decay:g} deployed'
     lines = [title, '', f'{cmd}; resolutions {res}; '
@@ -446,10 +448,25 @@ def write_section(path: Path, key: str, text: str, script: str = 'ps_quality') -
     print(f'Wrote {path} ({key})')
 
 
+def bench_resolutions(args: argparse.Namespace) -> Tuple[int, ...]:
+    """The elastic resolutions: ``--resolutions``, else 3/4, 7/8 and 1 x the image size."""
+    size = args.image_size
+    return tuple(args.resolutions) if args.resolutions else (size * 3 // 4, size * 7 // 8, size)
+
+
 def floor_flags(args: argparse.Namespace) -> str:
-    """``--floor-scale`` and ``--floor-weight`` as a section's command line gives them (nothing at the defaults)."""
+    """``--floor-scale``, ``--floor-weight`` and ``--resolutions`` as a section's command line gives them (nothing
+    at the defaults)."""
     flags = f' --floor-scale {args.floor_scale:g}' if args.floor_scale != 1 else ''
-    return flags + (f' --floor-weight {args.floor_weight:g}' if args.floor_weight is not None else '')
+    flags += f' --floor-weight {args.floor_weight:g}' if args.floor_weight is not None else ''
+    return flags + (' --resolutions ' + ' '.join(map(str, args.resolutions)) if args.resolutions else '')
+
+
+def floor_key(args: argparse.Namespace) -> str:
+    """The results-section key's suffix for the same flags, so that each setting keeps its own section."""
+    key = f':floor{args.floor_scale:g}' if args.floor_scale != 1 else ''
+    key += f':weight{args.floor_weight:g}' if args.floor_weight is not None else ''
+    return key + (':res' + '-'.join(map(str, args.resolutions)) if args.resolutions else '')
 
 
 def bench_parser(doc: str, image_size: int) -> argparse.ArgumentParser:
@@ -465,6 +482,9 @@ def bench_parser(doc: str, image_size: int) -> argparse.ArgumentParser:
     parser.add_argument('--floor-weight', type=float, default=None,
                         help="floor weight of the stages after 'full' (default: the recipe's; 1 shares the floor "
                              'in proportion to epochs, as before the scratch recipe weighted it)')
+    parser.add_argument('--resolutions', type=int, nargs='+', default=None,
+                        help='elastic resolutions, ascending, the largest the image size (default: 3/4, 7/8 and 1 x '
+                             'the image size); e.g. the image size alone to keep the resolution fixed')
     parser.add_argument('--output', default='/tmp/ps_quality')
     parser.add_argument('--results', default=str(ROOT / 'docs' / 'results.md'),
                         help="Markdown file whose sections are replaced ('' to only print)")
@@ -480,6 +500,10 @@ def parse_bench_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
         parser.error(f'--floor-scale must be > 0, got {args.floor_scale}')
     if args.floor_weight is not None and not args.floor_weight > 0:
         parser.error(f'--floor-weight must be > 0, got {args.floor_weight}')
+    if args.resolutions and (sorted(set(args.resolutions)) != args.resolutions or min(args.resolutions) < 1
+                             or args.resolutions[-1] != args.image_size):
+        parser.error(f'--resolutions must be positive, ascending, without repeats, and end at the image size '
+                     f'({args.image_size}), got {args.resolutions}')
     (Path(args.output) / args.model).mkdir(parents=True, exist_ok=True)
     return args
 
@@ -502,10 +526,8 @@ def main() -> None:
         text = report(part, data, args, time.time() - start)
         print(text, flush=True)
         if args.results:
-            floor = f':floor{args.floor_scale:g}' if args.floor_scale != 1 else ''
-            floor += f':weight{args.floor_weight:g}' if args.floor_weight is not None else ''
             ema = f':ema{args.ema_decay:g}' if args.ema_decay else ''
-            write_section(Path(args.results), f'{args.model}:{part}{floor}{ema}', text)
+            write_section(Path(args.results), f'{args.model}:{part}{floor_key(args)}{ema}', text)
 
 
 if __name__ == '__main__':

@@ -80,18 +80,28 @@ def test_keep_source_smoke(tmp_path):
     rows = [line for line in doc.splitlines() if line.startswith('| recipe |') or line.startswith('| frozen KD |')]
     assert len(rows) == 2 and all(line.count(' → ') == 3 for line in rows)  # the max at each of the four stage ends
     assert 'source trained alone' in result.stdout
+    assert 'Source (the max subnet before training), validation top-1: ' in result.stdout  # the trainer's check
     again = subprocess.run(cmd[:-2] + ['--results', str(results), '--variants', 'kernel lr x0.5', '--start', 'scratch',
-                                       '--floor-scale', '0.5'],
+                                       '--floor-scale', '0.5', '--resolutions', '12', '16'],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'source trained alone' not in again.stdout  # the scratch start trains the full stage instead
     assert 'full stage:' in again.stdout
     doc = results.read_text()
-    assert '<!-- keep_source:ofa_mobilenetv3_small_100:scratch:begin -->' in doc
+    # Another floor or resolutions: a section of its own, beside the default one's
+    assert '<!-- keep_source:ofa_mobilenetv3_small_100:scratch:floor0.5:res12-16:begin -->' in doc
     assert "the full stage's max subnet scores" in doc and '| kernel lr x0.5 |' in doc
-    assert '--start scratch --variants "kernel lr x0.5" --floor-scale 0.5`' in doc
+    assert '--start scratch --variants "kernel lr x0.5" --floor-scale 0.5 --resolutions 12 16`' in doc
     # The source is trained once, and a later run with the same settings reuses it.
     reuse = subprocess.run(cmd[:-2] + ['--results', '', '--variants', 'recipe'], capture_output=True, text=True,
                            timeout=600)
     assert reuse.returncode == 0, reuse.stderr[-3000:]
     assert 'source trained alone' not in reuse.stdout and 'pretrained start:' in reuse.stdout
+
+
+def test_bench_resolutions_must_end_at_the_image_size(tmp_path):
+    cmd = [sys.executable, str(BENCHMARKS / 'ps_quality.py'), '--image-size', '16', '--resolutions', '12', '20',
+           '--output', str(tmp_path), '--results', '']
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert '--resolutions must be positive, ascending, without repeats, and end at the image size (16)' in result.stderr

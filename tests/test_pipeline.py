@@ -252,6 +252,10 @@ def test_pretrained_start_end_to_end(data, tmp_path):
         dict(s, lr=s['lr'] * 0.5, sampling='uniform') for s in fast.to_dict()['stages']]
     assert 'full' not in [s['stage'] for s in train['summary']['stages']]  # a pretrained start skips the full stage
     assert len(result.budgets) == 2
+    # The source, checked before training, stands beside the max subnet at the end in the report.
+    assert set(train['summary']['source']) == {'24', '32'}
+    report = (tmp_path / 'run' / 'report.md').read_text()
+    assert 'Source: before training, the max subnet (the source model) had validation top-1 ' in report
 
 
 @pytest.mark.slow

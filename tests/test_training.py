@@ -16,6 +16,7 @@ from ofa_timm.training import (
     PRESETS, DataConfig, NonFiniteLossError, Schedule, Stage, StepSampler, TrainConfig, Trainer, band_permutation,
     build_datasets, build_schedule, calibrate_bn, distillation_loss, distills_from_teacher, load_checkpoint,
     load_schedule, restrict_space)
+from ofa_timm.training.report import source_check_lines
 from ofa_timm.training.sampling import applicable_stages, unknown_unlocks
 from ofa_timm.training.trainer import _Position
 
@@ -318,6 +319,43 @@ def test_the_min_subnet_trains_on_images_at_its_own_resolution(data, tmp_path):
     assert seen[1::2] == [24] * 4  # the min subnet, every step at the smallest resolution
     drawn = [StepSampler(supernet.space, stage, cfg.seed).sample(step)[0].resolution for step in range(4)]
     assert seen[0::2] == drawn  # the max subnet at each step's drawn resolution
+
+
+def test_the_source_check_warns_of_resolutions_the_source_does_not_know():
+    lines = source_check_lines({48: 11.2, 56: 13.7, 64: 94.9}, num_classes=10)  # ConvNeXt-atto's, on test
+    assert lines[0] == ('Source (the max subnet before training), validation top-1: 11.2% at 48 px, 13.7% at 56 px, '
+                        '94.9% at 64 px')
+    assert 'at 48 px and 56 px the source is more than 10 points below its 94.9% at 64 px' in lines[1]
+    assert '--resolutions 64' in lines[1]
+    assert len(source_check_lines({160: 80.1, 192: 81.3, 224: 82.0}, num_classes=1000)) == 1  # nothing to warn of
+    assert 'near chance' in source_check_lines({24: 30.0, 32: 34.0}, num_classes=3)[1]  # a new classifier
+
+
+def test_a_pretrained_start_checks_its_source_once_and_trains_as_without_it(data, tmp_path):
+    train, val, calib, _ = data
+    schedule = Schedule((Stage('kernel', 1, 1e-2, {'kernel': 'all', 'resolution': 'all'}, subnets_per_step=2,
+                               sampling='sandwich'),))
+    checked = Trainer(tiny_supernet(), schedule, train, val, calib, config(tmp_path / 'checked'), pretrained=True)
+    checked.run(stop_after=2)
+    checked.resume()
+    checked.run()
+    records = [json.loads(line) for line in (tmp_path / 'checked' / 'metrics.jsonl').read_text().splitlines()]
+    source = [r for r in records if r['type'] == 'source']
+    assert len(source) == 1 and source[0] == checked.source_check  # once, though the run was resumed
+    fresh = Trainer(tiny_supernet(), schedule, train, val, calib, config(tmp_path / 'fresh'), pretrained=True)
+    assert source[0]['top1'] == {  # the max subnet before any step, measured as every validation measures it
+        str(r): fresh.evaluate_subnet(fresh.supernet.space.max().replace(resolution=r))['top1'] for r in (24, 32)}
+    # The same run without the check (its record already there) draws the same numbers: the same weights.
+    unchecked = Trainer(tiny_supernet(), schedule, train, val, calib, config(tmp_path / 'unchecked'), pretrained=True)
+    unchecked.history.append(dict(source[0]))
+    unchecked.run()
+    for (name, a), b in zip(checked.supernet.state_dict().items(), unchecked.supernet.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [(s['stage'], s['top1']) for s in checked.summaries()] == [  # the check is no stage
+        (s['stage'], s['top1']) for s in unchecked.summaries()] and len(checked.summaries()) == 1
+    scratch = Trainer(tiny_supernet(), schedule, train, val, calib, config(tmp_path / 'scratch'))
+    scratch.run()
+    assert scratch.source_check is None  # nothing to keep from scratch
 
 
 def test_validation_grid_covers_corners():

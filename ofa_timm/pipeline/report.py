@@ -104,17 +104,28 @@ def _int8_lines(info: Mapping[str, Any]) -> List[str]:
 
 def _teacher_lines(info: Mapping[str, Any]) -> List[str]:
     """The max subnet at the end of the first stage (the teacher the others distil from) beside the winners, both on
-    the validation split, so that a weak teacher, which caps every subnet, shows at a glance."""
+    the validation split, so that a weak teacher, which caps every subnet, shows at a glance; from a pretrained
+    start, also the source before training beside the max at the end, so that a lost source shows too."""
     stages = (info.get('train') or {}).get('stages')
     if not stages or stages[0].get('max_top1') is None or not info['budgets']:
         return []
     first = stages[0]
     winners = [b['val_top1'] for b in info['budgets']]
     tips = info.get('what_to_try') or []
-    return [f"Teacher: at the end of the {first['stage']} stage the best validated subnet (as a rule the max subnet, "
-            f"which the others learn from) had {first['max_top1']:.1f}% validation top-1; the winners have "
-            f"{min(winners):.1f}-{max(winners):.1f}%. If the first is lower than this model should reach on these "
-            f"images, every subnet inherits it, so fix it first" + (f": try {'; '.join(tips)}." if tips else '.'), '']
+    lines = [f"Teacher: at the end of the {first['stage']} stage the best validated subnet (as a rule the max subnet, "
+             f"which the others learn from) had {first['max_top1']:.1f}% validation top-1; the winners have "
+             f"{min(winners):.1f}-{max(winners):.1f}%. If the first is lower than this model should reach on these "
+             f"images, every subnet inherits it, so fix it first" + (f": try {'; '.join(tips)}." if tips else '.'), '']
+    source = info['train'].get('source')
+    if source:  # a pretrained start: what the source scored before training, beside what the max became
+        from ..training.report import source_check_lines
+        top1 = {int(r) if r != 'None' else None: acc for r, acc in source.items()}
+        check = source_check_lines(top1, info['data']['classes'])
+        lines += [f"Source: before training, the max subnet (the source model) had validation top-1 "
+                  f"{check[0].partition(': ')[2]}; at "
+                  f"the end of the last stage ({stages[-1]['stage']}) the best validated subnet had "
+                  f"{stages[-1]['max_top1']:.1f}%." + ''.join(' ' + line.strip() for line in check[1:]), '']
+    return lines
 
 
 def report_markdown(info: Mapping[str, Any], plot: str = 'pareto.png') -> str:

@@ -47,8 +47,10 @@ def train_supernet(cfg: RunConfig, splits: Splits, schedule: Any, pretrained: bo
     if is_main:
         save_supernet(trainer.supernet, supernet_path)
         write_run_report(summaries, run_dir)
+    source = trainer.source_check
     return dict(steps=trainer.position.global_step, stages=[
-        dict(stage=s['stage'], top1=s['top1'], min_top1=s['min_top1'], max_top1=s['max_top1']) for s in summaries])
+        dict(stage=s['stage'], top1=s['top1'], min_top1=s['min_top1'], max_top1=s['max_top1']) for s in summaries],
+        source=source['top1'] if source else None)
 
 
 def latency_table(spec: str, supernet: torch.nn.Module, path: Path, cfg: RunConfig, resumable: bool) -> Any:

@@ -1,9 +1,10 @@
 """Run reports: the per-stage summary table and the validation-accuracy plot, from metrics.jsonl."""
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-__all__ = ['read_metrics', 'summary_table', 'write_run_report', 'plot_validation', 'validation_figure']
+__all__ = ['read_metrics', 'summary_table', 'write_run_report', 'plot_validation', 'validation_figure',
+           'source_check_lines']
 
 
 def read_metrics(path: Union[str, Path]) -> List[Dict[str, Any]]:
@@ -31,6 +32,38 @@ def write_run_report(summaries: Sequence[Dict[str, Any]], output: Union[str, Pat
     if metrics.is_file():
         plot_validation(read_metrics(metrics), output / 'val_accuracy.png')
     return table
+
+
+def _listed(items: Sequence[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return ' and '.join([', '.join(items[:-1]), items[-1]]) if len(items) > 1 else items[0]
+
+
+def source_check_lines(top1: Mapping[Optional[int], float], num_classes: int, gap: float = 10.) -> List[str]:
+    """What a pretrained start's source check says: the source's validation top-1 at each checked resolution, and a
+    warning naming the resolutions where it is more than ``gap`` points below its top-1 at the largest (unless it is
+    near chance there, as with a new classifier, where there is nothing to keep yet)."""
+    def px(res: Optional[int]) -> str:
+        return f'{res} px' if res is not None else 'its own resolution'
+    largest = list(top1)[-1]
+    best = top1[largest]
+    lines = ['Source (the max subnet before training), validation top-1: ' + ', '.join(
+        f'{acc:.1f}% at {px(res)}' for res, acc in top1.items())]
+    chance = 100. / num_classes
+    if best < min(2 * chance, chance + 20):
+        lines.append(f'  The source is near chance on these classes (chance is {chance:.1f}%), as with a new '
+                     f'classifier: there is no accuracy to keep yet')
+        return lines
+    far = [res for res, acc in top1.items() if acc < best - gap]
+    if far:
+        known = [res for res, acc in top1.items() if acc >= best - gap]
+        lines.append(
+            f"  Warning: at {_listed([px(r) for r in far])} the source is more than {gap:g} points below its "
+            f"{best:.1f}% at {px(largest)}. Shrinking will have to learn {'it' if len(far) == 1 else 'them'} too, in "
+            f"weights the max subnet shares, so the max subnet may end below the source. To keep the source, train "
+            f"only resolutions it knows (of those checked: --resolutions {' '.join(map(str, known))}); "
+            f"docs/families.md shows what the others cost a ConvNeXt.")
+    return lines
 
 
 def _corner_name(label: str, dims: Sequence[str]) -> str:

@@ -42,6 +42,7 @@ from .data import EpochSampler, SeededDataset, default_workers, resize_to, train
 from .distill import classification_loss
 from .evaluate import SubnetEvaluator
 from .init import zero_init_residual
+from .report import source_check_lines
 from .sampling import StepSampler, applicable_stages, known_unlocks, space_dimensions, unknown_unlocks
 from .schedule import Schedule, Stage, short_schedule_warning
 from .sorting import rank_before_stage
@@ -398,6 +399,13 @@ class Trainer:
         self._last_save = time.monotonic()
         stages = self.schedule.stages
         with self._stop_on_signals():
+            if self.pretrained and self.position.global_step == 0 and self.source_check is None:
+                try:
+                    with self._abortable():
+                        self._check_source()
+                except _PhaseAborted:
+                    raise TrainingInterrupted(self._signal, self.where(), self.output / CHECKPOINT, detail=(
+                        'no step had run: there is no checkpoint, and the run starts afresh')) from None
             while self.position.stage < len(stages):
                 stage = stages[self.position.stage]
                 try:
@@ -417,6 +425,35 @@ class Trainer:
                 self._scheduler = None  # the optimizer (and its checkpointed state) stays for a stage that carries it
                 self.save()
         return self.summaries()
+
+    @property
+    def source_check(self) -> Optional[Dict[str, Any]]:
+        """What a pretrained start measured before its first step (see :meth:`_check_source`), else None."""
+        return next((r for r in self.history if r.get('type') == 'source'), None)
+
+    def _check_source(self) -> None:
+        """Validate the source (the max subnet before any step) at up to five of the space's resolutions, log it, and
+        warn of resolutions where it scores far below its own: progressive shrinking learns those almost from
+        nothing, in weights the max subnet shares, which cost a converted ConvNeXt's max subnet its source's accuracy
+        (docs/families.md). Training draws the same numbers with or without this check."""
+        space = self.supernet.space
+        resolutions: List[Optional[int]] = list(space.resolutions) or [None]
+        if len(resolutions) > 5:  # OFA's space has 25: the ends and three between them tell the trend
+            resolutions = [resolutions[round(i * (len(resolutions) - 1) / 4)] for i in range(5)]
+        if self.is_main:
+            rng = _rng_state()  # extraction draws init weights: keep the run's numbers as they would be without it
+            try:
+                top1 = {res: self.evaluate_subnet(space.max().replace(resolution=res) if res else space.max())['top1']
+                        for res in resolutions}
+            finally:
+                _set_rng_state(rng)
+            record = {'type': 'source', 'global_step': 0, 'subnet': 'max',
+                      'top1': {str(res): acc for res, acc in top1.items()}}
+            self._log(record)
+            self.history.append(record)
+            for line in source_check_lines(top1, self.supernet.num_classes):
+                print(line, flush=True)
+        _barrier()
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -706,5 +743,6 @@ class Trainer:
         """Last validation record of each stage."""
         last: Dict[str, Dict[str, Any]] = {}
         for record in self.history:
-            last[record['stage']] = record
+            if record.get('type', 'val_mean') == 'val_mean':  # not the source check
+                last[record['stage']] = record
         return [last[s.name] for s in self.schedule.stages if s.name in last]
