@@ -8,6 +8,7 @@ import numpy as np
 from .._io import atomic_path
 from ..search.cost import format_cost
 from ..search.report import pareto_front
+from ..training.report import source_check_lines
 
 __all__ = ['report_markdown', 'plot_report']
 
@@ -118,13 +119,12 @@ def _teacher_lines(info: Mapping[str, Any]) -> List[str]:
              f"images, every subnet inherits it, so fix it first" + (f": try {'; '.join(tips)}." if tips else '.'), '']
     source = info['train'].get('source')
     if source:  # a pretrained start: what the source scored before training, beside what the max became
-        from ..training.report import source_check_lines
-        top1 = {int(r) if r != 'None' else None: acc for r, acc in source.items()}
-        check = source_check_lines(top1, info['data']['classes'])
+        top1 = {int(r) if r != 'None' else None: acc for r, acc in source.items()}  # JSON keys are strings
+        measured, *warnings = source_check_lines(top1, info['data']['classes'])
         lines += [f"Source: before training, the max subnet (the source model) had validation top-1 "
-                  f"{check[0].partition(': ')[2]}; at "
-                  f"the end of the last stage ({stages[-1]['stage']}) the best validated subnet had "
-                  f"{stages[-1]['max_top1']:.1f}%." + ''.join(' ' + line.strip() for line in check[1:]), '']
+                  f"{measured.partition(': ')[2]}; at the end of the last stage ({stages[-1]['stage']}) the best "
+                  f"validated subnet had {stages[-1]['max_top1']:.1f}%." + ''.join(' ' + w.strip() for w in warnings),
+                  '']
     return lines
 
 
