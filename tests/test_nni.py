@@ -158,6 +158,22 @@ def test_strategy_trains_the_min_subnet_at_its_own_resolution(data, tmp_path):
     assert sizes[0::2] == [s.resolution for _, s in sampled[0::2]]  # the max subnet at each step's drawn resolution
 
 
+def test_a_pretrained_start_checks_its_source_under_nni_as_ofa_timm_train_does(data, tmp_path, capsys):
+    stage = Stage('kernel', 1, 1e-3, {'kernel': 'all', 'resolution': 'all'}, subnets_per_step=2, sampling='sandwich')
+    strategy = OFAProgressiveShrinking(Schedule((stage,)), pretrained=True, calib_images=8)
+    run_experiment(NasExperiment(SupernetSpace(supernet()), classification(data, 1, tmp_path), strategy,
+                                 NasExperimentConfig('sequential', 'raw')), tmp_path / 'exp')
+    checked = strategy.oneshot_module.source_check
+    assert set(checked) == {24, 32} and all(0 <= top1 <= 100 for top1 in checked.values())
+    out = capsys.readouterr().out
+    assert (f'Source (the max subnet before training), validation top-1: {checked[24]:.1f}% at 24 px, '
+            f'{checked[32]:.1f}% at 32 px') in out
+    scratch = OFAProgressiveShrinking(Schedule((stage,)), calib_images=8)
+    run_experiment(NasExperiment(SupernetSpace(supernet()), classification(data, 1, tmp_path), scratch,
+                                 NasExperimentConfig('sequential', 'raw')), tmp_path / 'exp2')
+    assert scratch.oneshot_module.source_check is None  # nothing to keep from scratch
+
+
 def test_strategy_checks_epochs(data, tmp_path):
     space = SupernetSpace(supernet())
     strategy = OFAProgressiveShrinking(SCHEDULE)

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = ['read_metrics', 'summary_table', 'write_run_report', 'plot_validation', 'validation_figure',
-           'source_check_lines']
+           'source_check_lines', 'source_check_resolutions']
 
 
 def read_metrics(path: Union[str, Path]) -> List[Dict[str, Any]]:
@@ -37,6 +37,15 @@ def write_run_report(summaries: Sequence[Dict[str, Any]], output: Union[str, Pat
 def _listed(items: Sequence[str]) -> str:
     """'a', 'a and b', 'a, b and c'."""
     return ' and '.join([', '.join(items[:-1]), items[-1]]) if len(items) > 1 else items[0]
+
+
+def source_check_resolutions(resolutions: Sequence[int]) -> List[Optional[int]]:
+    """The resolutions a source check measures: all of them up to five, else the ends and three between them (OFA's
+    space has 25); ``[None]`` for a space without resolutions."""
+    resolutions = list(resolutions)
+    if len(resolutions) <= 5:
+        return resolutions or [None]
+    return [resolutions[round(i * (len(resolutions) - 1) / 4)] for i in range(5)]
 
 
 def source_check_lines(top1: Mapping[Optional[int], float], num_classes: int, gap: float = 10.) -> List[str]:

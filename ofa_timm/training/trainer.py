@@ -42,7 +42,7 @@ from .data import EpochSampler, SeededDataset, default_workers, resize_to, train
 from .distill import classification_loss
 from .evaluate import SubnetEvaluator
 from .init import zero_init_residual
-from .report import source_check_lines
+from .report import source_check_lines, source_check_resolutions
 from .sampling import StepSampler, applicable_stages, known_unlocks, space_dimensions, unknown_unlocks
 from .schedule import Schedule, Stage, short_schedule_warning
 from .sorting import rank_before_stage
@@ -437,9 +437,7 @@ class Trainer:
         nothing, in weights the max subnet shares, which cost a converted ConvNeXt's max subnet its source's accuracy
         (docs/families.md). Training draws the same numbers with or without this check."""
         space = self.supernet.space
-        resolutions: List[Optional[int]] = list(space.resolutions) or [None]
-        if len(resolutions) > 5:  # OFA's space has 25: the ends and three between them tell the trend
-            resolutions = [resolutions[round(i * (len(resolutions) - 1) / 4)] for i in range(5)]
+        resolutions = source_check_resolutions(space.resolutions)
         if self.is_main:
             rng = _rng_state()  # extraction draws init weights: keep the run's numbers as they would be without it
             try:

@@ -22,6 +22,7 @@ with quiet_nni_import():
 from ofa_timm.space import Subnet
 from ofa_timm.training.data import resize_to
 from ofa_timm.training.evaluate import evaluate_subnet
+from ofa_timm.training.report import source_check_lines, source_check_resolutions
 from ofa_timm.training.sampling import StepSampler, applicable_stages
 from ofa_timm.training.schedule import Schedule, ScheduleLike, Stage, build_schedule
 from ofa_timm.training.sorting import rank_before_stage
@@ -48,6 +49,9 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         config: Seed, distillation, BN-recalibration and learning-rate settings.
         manage_lr: Drive the evaluator's optimizer with each stage's learning-rate schedule.
         grid_every_epoch: Evaluate the BN-recalibrated subnet grid after every epoch, not only at stage ends.
+        check_source: Before the first step, validate the max subnet (a pretrained start's source) at the space's
+            resolutions and warn where it scores far below its own, as ``ofa-timm train`` does
+            (``source_check``).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
             config: ShrinkingConfig,
             manage_lr: bool = True,
             grid_every_epoch: bool = False,
+            check_source: bool = False,
     ):
         super().__init__(training_module)
         self.schedule = schedule
@@ -65,6 +70,8 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
         self.config = config
         self.manage_lr = manage_lr
         self.grid_every_epoch = grid_every_epoch
+        self.check_source = check_source
+        self.source_check: Optional[Dict[Optional[int], float]] = None  # top-1 by resolution, once checked
         # Always present, so that Lightning checkpoints restore it; refreshed from the supernet when the first
         # distillation stage starts.
         self.teacher = space.supernet.extract('max').eval().requires_grad_(False)
@@ -97,6 +104,20 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
     @property
     def stage(self) -> Stage:
         return self.schedule.stages[self._stage_index]
+
+    def on_train_start(self) -> None:
+        if (self.check_source and self.trainer.global_step == 0 and self.source_check is None
+                and self.trainer.val_dataloaders is not None):  # an evaluator without validation data has none
+            space = self.supernet.space
+            cuda = [self.device.index or 0] if self.device.type == 'cuda' else []
+            with torch.random.fork_rng(devices=cuda):  # extraction draws init weights: keep training's numbers
+                self.source_check = {res: self.evaluate_subnet(space.max().replace(resolution=res) if res else
+                                                                space.max())
+                                     for res in source_check_resolutions(space.resolutions)}
+            if self.trainer.is_global_zero:
+                for line in source_check_lines(self.source_check, self.supernet.num_classes):
+                    print(line, flush=True)
+        return self.training_module.on_train_start()
 
     def on_train_epoch_start(self) -> None:
         index = self.stage_at(self.current_epoch)
@@ -247,7 +268,7 @@ class OFAProgressiveShrinking(OneShotStrategy):
                                      min_steps=min_steps, lr_scale=lr_scale, sampling=sampling)
         self.pretrained = pretrained
         self.config = replace(config or ShrinkingConfig(), **settings)
-        self.module_kwargs = dict(manage_lr=manage_lr, grid_every_epoch=grid_every_epoch)
+        self.module_kwargs = dict(manage_lr=manage_lr, grid_every_epoch=grid_every_epoch, check_source=pretrained)
         self.schedule: Optional[Schedule] = None  # the schedule the experiment runs, once the evaluator is known
 
     def stages_for(self, space: SupernetSpace, steps_per_epoch: Optional[int] = None) -> Schedule:
