@@ -39,7 +39,7 @@ import torch
 
 from ps_quality import (
     Bench, _evaluate, _randoms, _run_by_stage, _smoke, _stage_line, bench_parser, bench_schedule, deployed,
-    floor_flags, floor_key, model_kwargs_flag, parse_bench_args, pretrained_supernet, write_section)
+    setting_flags, setting_key, model_kwargs_flag, parse_bench_args, pretrained_supernet, write_section)
 
 from ofa_timm.training import Schedule, SubnetEvaluator, Trainer
 
@@ -119,7 +119,7 @@ def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any
     flags = ''
     if list(rows) != list(VARIANTS):
         flags += ' --variants ' + ' '.join(name if name.isidentifier() else f'"{name}"' for name in rows)
-    flags += floor_flags(args) + model_kwargs_flag(args)
+    flags += setting_flags(args) + model_kwargs_flag(args)
     what = 'the source' if args.start == 'pretrained' else "the full stage's max subnet"
     lines = [f'### Keeping the {"source" if args.start == "pretrained" else "full stage"}: `{args.model}`, '
              f'{args.start}', '',
@@ -157,7 +157,7 @@ def main() -> None:
     text = report(args, source, rows, time.time() - tick, len(bench.val))
     print(text, flush=True)
     if args.results:
-        write_section(Path(args.results), f'{args.model}:{args.start}{floor_key(args)}', text,
+        write_section(Path(args.results), f'{args.model}:{args.start}{setting_key(args)}', text,
                       script='keep_source')
 
 

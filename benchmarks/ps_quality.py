@@ -367,7 +367,7 @@ def _schedule_text(schedule: Schedule, steps: int, n_train: int) -> str:
 
 def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: float) -> str:
     flags = ' --no-ablations' if args.no_ablations and part == 'scratch' else ''
-    flags += floor_flags(args)
+    flags += setting_flags(args)
     if args.ema_decay:
         flags += f' --ema-decay {args.ema_decay:g}'
     flags += model_kwargs_flag(args)
@@ -454,7 +454,7 @@ def bench_resolutions(args: argparse.Namespace) -> Tuple[int, ...]:
     return tuple(args.resolutions) if args.resolutions else (size * 3 // 4, size * 7 // 8, size)
 
 
-def floor_flags(args: argparse.Namespace) -> str:
+def setting_flags(args: argparse.Namespace) -> str:
     """``--floor-scale``, ``--floor-weight`` and ``--resolutions`` as a section's command line gives them (nothing
     at the defaults)."""
     flags = f' --floor-scale {args.floor_scale:g}' if args.floor_scale != 1 else ''
@@ -462,7 +462,7 @@ def floor_flags(args: argparse.Namespace) -> str:
     return flags + (' --resolutions ' + ' '.join(map(str, args.resolutions)) if args.resolutions else '')
 
 
-def floor_key(args: argparse.Namespace) -> str:
+def setting_key(args: argparse.Namespace) -> str:
     """The results-section key's suffix for the same flags, so that each setting keeps its own section."""
     key = f':floor{args.floor_scale:g}' if args.floor_scale != 1 else ''
     key += f':weight{args.floor_weight:g}' if args.floor_weight is not None else ''
@@ -527,7 +527,7 @@ def main() -> None:
         print(text, flush=True)
         if args.results:
             ema = f':ema{args.ema_decay:g}' if args.ema_decay else ''
-            write_section(Path(args.results), f'{args.model}:{part}{floor_key(args)}{ema}', text)
+            write_section(Path(args.results), f'{args.model}:{part}{setting_key(args)}{ema}', text)
 
 
 if __name__ == '__main__':

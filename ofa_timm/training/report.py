@@ -1,10 +1,13 @@
 """Run reports: the per-stage summary table and the validation-accuracy plot, from metrics.jsonl."""
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    from ..space import SearchSpace, Subnet
 
 __all__ = ['read_metrics', 'summary_table', 'write_run_report', 'plot_validation', 'validation_figure',
-           'source_check_lines', 'source_check_resolutions']
+           'source_check_lines', 'source_check_subnets']
 
 
 def read_metrics(path: Union[str, Path]) -> List[Dict[str, Any]]:
@@ -39,13 +42,13 @@ def _listed(items: Sequence[str]) -> str:
     return ' and '.join([', '.join(items[:-1]), items[-1]]) if len(items) > 1 else items[0]
 
 
-def source_check_resolutions(resolutions: Sequence[int]) -> List[Optional[int]]:
-    """The resolutions a source check measures: all of them up to five, else the ends and three between them (OFA's
-    space has 25); ``[None]`` for a space without resolutions."""
-    resolutions = list(resolutions)
-    if len(resolutions) <= 5:
-        return resolutions or [None]
-    return [resolutions[round(i * (len(resolutions) - 1) / 4)] for i in range(5)]
+def source_check_subnets(space: 'SearchSpace') -> List['Subnet']:
+    """What a source check measures: the max subnet at each of the space's resolutions up to five, else at the ends
+    and three between them (OFA's space has 25); at its own resolution in a space without resolutions."""
+    resolutions = list(space.resolutions)
+    if len(resolutions) > 5:
+        resolutions = [resolutions[round(i * (len(resolutions) - 1) / 4)] for i in range(5)]
+    return [space.max().replace(resolution=r) for r in resolutions] or [space.max()]
 
 
 def source_check_lines(top1: Mapping[Optional[int], float], num_classes: int, gap: float = 10.) -> List[str]:

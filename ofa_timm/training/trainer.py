@@ -42,7 +42,7 @@ from .data import EpochSampler, SeededDataset, default_workers, resize_to, train
 from .distill import classification_loss
 from .evaluate import SubnetEvaluator
 from .init import zero_init_residual
-from .report import source_check_lines, source_check_resolutions
+from .report import source_check_lines, source_check_subnets
 from .sampling import StepSampler, applicable_stages, known_unlocks, space_dimensions, unknown_unlocks
 from .schedule import Schedule, Stage, short_schedule_warning
 from .sorting import rank_before_stage
@@ -436,13 +436,11 @@ class Trainer:
         warn of resolutions where it scores far below its own: progressive shrinking has to learn those too, in
         weights the max subnet shares, which cost a converted ConvNeXt's max subnet 4.3 points (docs/families.md).
         Training draws the same numbers with or without this check."""
-        space = self.supernet.space
-        resolutions = source_check_resolutions(space.resolutions)
         if self.is_main:
             rng = _rng_state()  # extraction draws init weights: keep the run's numbers as they would be without it
             try:
-                top1 = {res: self.evaluate_subnet(space.max().replace(resolution=res) if res else space.max())['top1']
-                        for res in resolutions}
+                top1 = {subnet.resolution: self.evaluate_subnet(subnet)['top1']
+                        for subnet in source_check_subnets(self.supernet.space)}
             finally:
                 _set_rng_state(rng)
             record = {'type': 'source', 'global_step': 0, 'subnet': 'max',

@@ -22,7 +22,7 @@ with quiet_nni_import():
 from ofa_timm.space import Subnet
 from ofa_timm.training.data import resize_to
 from ofa_timm.training.evaluate import evaluate_subnet
-from ofa_timm.training.report import source_check_lines, source_check_resolutions
+from ofa_timm.training.report import source_check_lines, source_check_subnets
 from ofa_timm.training.sampling import StepSampler, applicable_stages
 from ofa_timm.training.schedule import Schedule, ScheduleLike, Stage, build_schedule
 from ofa_timm.training.sorting import rank_before_stage
@@ -108,12 +108,10 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
     def on_train_start(self) -> None:
         if (self.check_source and self.trainer.global_step == 0 and self.source_check is None
                 and self.trainer.val_dataloaders is not None):  # an evaluator without validation data has none
-            space = self.supernet.space
             cuda = [self.device.index or 0] if self.device.type == 'cuda' else []
             with torch.random.fork_rng(devices=cuda):  # extraction draws init weights: keep training's numbers
-                self.source_check = {res: self.evaluate_subnet(space.max().replace(resolution=res) if res else
-                                                                space.max())
-                                     for res in source_check_resolutions(space.resolutions)}
+                self.source_check = {subnet.resolution: self.evaluate_subnet(subnet)
+                                     for subnet in source_check_subnets(self.supernet.space)}
             if self.trainer.is_global_zero:
                 for line in source_check_lines(self.source_check, self.supernet.num_classes):
                     print(line, flush=True)
