@@ -18,7 +18,9 @@ later stages. Each variant starts from the same weights, with the same data, bat
 - ``shrinking x2``: every stage after the start twice as long (warmup included), the start unchanged: a floor that
   lengthens only the stages whose steps the subnets share;
 - ``min at min res``: the sandwich's min subnet trained at the smallest resolution at every step, where it is
-  deployed and where it is trained alone (``Stage.min_resolution``), instead of at the step's drawn resolution.
+  deployed and where it is trained alone (``Stage.min_resolution``), instead of at the step's drawn resolution;
+- ``alpha KD``: the smaller subnets distil from the max subnet with AlphaNet's adaptive alpha-divergence
+  (``--kd alpha``) instead of soft-target cross entropy.
 
 Every figure is top-1 on the 300 validation images (30 per class, one image is 0.33 points), which is what a recipe
 may be chosen on; the chosen recipe is then measured on the test split by ``ps_quality.py --parts pretrained``. The
@@ -66,6 +68,7 @@ VARIANTS: Dict[str, Variant] = {
     'kernel lr x0.5': (_stages(0.5, only='kernel'), {}),
     'shrinking x2': (_stages(length=2.0), {}),
     'min at min res': (_stages(min_resolution=True), {}),
+    'alpha KD': (lambda s: s, dict(kd_kind='alpha')),
 }
 
 
@@ -121,8 +124,9 @@ def report(args: argparse.Namespace, start: float, rows: Dict[str, Dict[str, Any
         flags += ' --variants ' + ' '.join(name if name.isidentifier() else f'"{name}"' for name in rows)
     flags += setting_flags(args) + model_kwargs_flag(args)
     what = 'the source' if args.start == 'pretrained' else "the full stage's max subnet"
+    setting = setting_flags(args).strip()  # in the title too, so that each setting's section has its own anchor
     lines = [f'### Keeping the {"source" if args.start == "pretrained" else "full stage"}: `{args.model}`, '
-             f'{args.start}', '',
+             f'{args.start}' + (f', `{setting}`' if setting else ''), '',
              f'`python benchmarks/keep_source.py --model {args.model} --image-size {args.image_size} --start '
              f'{args.start}{flags}` ({seconds / 60:.1f} minutes on the 2-core machine). "steps": optimizer steps '
              f'after the start. **Validation** top-1 (%, {n_val:,} images); {what} scores {start:.1f}.', '',

@@ -92,6 +92,10 @@ def test_keep_source_smoke(tmp_path):
     assert '<!-- keep_source:ofa_mobilenetv3_small_100:scratch:floor0.5:res12-16:begin -->' in doc
     assert "the full stage's max subnet scores" in doc and '| kernel lr x0.5 |' in doc
     assert '--start scratch --variants "kernel lr x0.5" --floor-scale 0.5 --resolutions 12 16`' in doc
+    # and a title of its own, so that each section has its own anchor
+    assert ('### Keeping the full stage: `ofa_mobilenetv3_small_100`, scratch, `--floor-scale 0.5 --resolutions 12 16`'
+            in doc)
+    assert '### Keeping the source: `ofa_mobilenetv3_small_100`, pretrained\n' in doc
     # The source is trained once, and a later run with the same settings reuses it.
     reuse = subprocess.run(cmd[:-2] + ['--results', '', '--variants', 'recipe'], capture_output=True, text=True,
                            timeout=600)

@@ -13,9 +13,9 @@ import torch.nn as nn
 import ofa_timm
 from ofa_timm.example_data import make_shapes_dataset
 from ofa_timm.training import (
-    PRESETS, DataConfig, NonFiniteLossError, Schedule, Stage, StepSampler, TrainConfig, Trainer, band_permutation,
-    build_datasets, build_schedule, calibrate_bn, distillation_loss, distills_from_teacher, load_checkpoint,
-    load_schedule, restrict_space)
+    PRESETS, DataConfig, NonFiniteLossError, Schedule, ShrinkingConfig, Stage, StepSampler, TrainConfig, Trainer,
+    alpha_divergence, band_permutation, build_datasets, build_schedule, calibrate_bn, distillation_loss,
+    distills_from_teacher, load_checkpoint, load_schedule, restrict_space)
 from ofa_timm.training.report import source_check_lines
 from ofa_timm.training.sampling import applicable_stages, unknown_unlocks
 from ofa_timm.training.trainer import _Position
@@ -201,7 +201,7 @@ def test_a_stage_that_trains_only_the_full_network_does_not_distill(data, tmp_pa
 def test_sandwich_with_a_frozen_teacher_distils_the_max_subnet_too():
     """inplace_kd=False: every subnet of a sandwich step, the max included, is distilled from the frozen teacher (which
     holds a converged max where it started); the default distils the others from the step's max subnet."""
-    from ofa_timm.training import ShrinkingConfig, shrinking_step
+    from ofa_timm.training import shrinking_step
 
     class Net:
         def set_active(self, subnet):
@@ -216,6 +216,10 @@ def test_sandwich_with_a_frozen_teacher_distils_the_max_subnet_too():
                        ShrinkingConfig(), teacher if distills_from_teacher(stage) else None)
         assert (losses[0].item() > 1.0) == expected_first  # KD added to the max subnet's loss
         assert losses[1].item() > 1.0  # the min subnet is distilled either way
+    losses = []
+    shrinking_step(Net(), ['max', 'min'], inplace, lambda s: (torch.tensor(1.0), logits if s == 'max' else teacher),
+                   losses.append, ShrinkingConfig(kd_kind='alpha'))  # the min subnet distils from the max with --kd
+    assert torch.allclose(losses[1], 1.0 + alpha_divergence(teacher, logits))
 
 
 def test_a_stage_clips_its_gradients_unless_the_run_overrides_it(data, tmp_path, monkeypatch):
@@ -326,7 +330,7 @@ def test_the_source_check_warns_of_resolutions_the_source_does_not_know():
     assert lines[0] == ('Source (the max subnet before training), validation top-1: 11.2% at 48 px, 13.7% at 56 px, '
                         '94.9% at 64 px')
     assert 'at 48 px and 56 px the source is more than 10 points below its 94.9% at 64 px' in lines[1]
-    assert '--resolutions 64' in lines[1]
+    assert '--resolutions 64' in lines[1] and '--min-steps' in lines[1]  # the two ways to keep the source
     assert len(source_check_lines({160: 80.1, 192: 81.3, 224: 82.0}, num_classes=1000)) == 1  # nothing to warn of
     assert 'near chance' in source_check_lines({24: 30.0, 32: 34.0}, num_classes=3)[1]  # a new classifier
 
@@ -379,6 +383,58 @@ def test_distillation_loss_values():
     t.requires_grad_(True)
     distillation_loss(s, t).backward()
     assert t.grad is None  # the teacher is never trained through the loss
+    with pytest.raises(ValueError, match="one of .*'alpha'.*got 'js'"):
+        distillation_loss(s, t, 'js')
+    with pytest.raises(ValueError, match="kd_kind must be one of"):
+        ShrinkingConfig(kd_kind='js')
+
+
+def _alpha_divergence_by_definition(student: torch.Tensor, teacher: torch.Tensor, alpha: float) -> torch.Tensor:
+    q, p = torch.softmax(student, -1), torch.softmax(teacher, -1)
+    if alpha == 1.:
+        return (p * (p.log() - q.log())).sum(-1)  # the limit: KL(p||q)
+    return (q * ((p / q) ** alpha - 1)).sum(-1) / (alpha * (alpha - 1))
+
+
+def test_alpha_divergence_is_the_larger_divergence_per_sample_with_its_gradient():
+    """AlphaNet's loss: per sample, max(D_-1, D_1) of teacher p and student q; where no importance weight reaches the
+    clip, its gradient is exactly that of the definition."""
+    torch.manual_seed(0)
+    s, t = 0.3 * torch.randn(16, 10), 0.3 * torch.randn(16, 10)
+    ratio = torch.softmax(t, -1) / torch.softmax(s, -1)
+    assert ratio.max() < 5 and (1 / ratio).max() < 5  # close: no importance weight (p/q)^alpha reaches the clip
+    low, high = _alpha_divergence_by_definition(s, t, -1.), _alpha_divergence_by_definition(s, t, 1.)
+    assert (low > high).any() and (high > low).any()  # both branches are taken somewhere in the batch
+    reference = s.clone().requires_grad_(True)
+    expected = torch.maximum(_alpha_divergence_by_definition(reference, t, -1.),
+                             _alpha_divergence_by_definition(reference, t, 1.)).mean()
+    expected.backward()
+    student = s.clone().requires_grad_(True)
+    loss = alpha_divergence(student, t)
+    loss.backward()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(student.grad, reference.grad, atol=1e-6)
+    # The temperature and its T^2 scale, as for the other kinds.
+    assert torch.allclose(distillation_loss(s, t, 'alpha', temperature=2.), 4 * alpha_divergence(s / 2, t / 2))
+    # A student that matches its teacher has nothing left to learn.
+    same = torch.randn(4, 10, requires_grad=True)
+    loss = alpha_divergence(same, same.detach())
+    loss.backward()
+    assert loss.abs() < 1e-6 and same.grad.abs().max() < 1e-6
+    with pytest.raises(ValueError, match='alpha_min < 0 < alpha_max <= 1'):
+        alpha_divergence(s, t, alpha_min=0.5)
+
+
+def test_alpha_divergence_clips_the_importance_weights_of_a_confident_teacher():
+    """A teacher sure of a class the student gives ~0: unclipped, D_-1's weights q^2/p would be astronomically large;
+    clipped at 5 the gradient stays finite and bounded by the clip."""
+    student = torch.tensor([[-30., 30., 0.]], requires_grad=True)
+    teacher = torch.tensor([[30., -30., 0.]])
+    loss = alpha_divergence(student, teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    assert student.grad.abs().max() <= 2 * 5.  # |c_j - q_j * sum(c)| with every |c| <= q * clip / |alpha|
+    assert student.grad[0, 1] > 0 and student.grad[0, 0] < 0  # still toward the teacher's class
 
 
 def test_calibrate_bn_gives_exact_statistics():

@@ -25,7 +25,7 @@ def add_model_arguments(g: Any) -> None:
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """The schedule, optimisation and run settings of progressive shrinking (``TrainConfig``'s fields)."""
-    from ..training import TrainConfig
+    from ..training import KD_KINDS, TrainConfig
     default = TrainConfig()
     g = p.add_argument_group('schedule')
     g.add_argument('--schedule', default='auto',
@@ -48,7 +48,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep an EMA of the supernet in last.pth (under 'ema'); search and export load the "
                         'trained weights, not the EMA')
     g.add_argument('--smoothing', dest='label_smoothing', type=float, default=default.label_smoothing)
-    g.add_argument('--kd', dest='kd_kind', choices=('ce', 'kl'), default=default.kd_kind)
+    g.add_argument('--kd', dest='kd_kind', choices=KD_KINDS, default=default.kd_kind,
+                   help="distillation loss: soft-target cross entropy (OFA), KL divergence, or AlphaNet's adaptive "
+                        'alpha-divergence')
     g.add_argument('--kd-temperature', type=float, default=default.kd_temperature)
     g.add_argument('--warmup-lr', type=float, default=default.warmup_lr, help='lr at the start of a warmup')
     g.add_argument('--min-lr', type=float, default=default.min_lr, help="lr at the end of each stage's cosine")

@@ -73,8 +73,9 @@ def source_check_lines(top1: Mapping[Optional[int], float], num_classes: int, ga
             f"  Warning: at {_listed([px(r) for r in far])} the source is more than {gap:g} points below its "
             f"{best:.1f}% at {px(largest)}. Shrinking will have to learn {'it' if len(far) == 1 else 'them'} too, in "
             f"weights the max subnet shares, so the max subnet may end below the source. To keep the source, train "
-            f"only resolutions it knows (of those checked: --resolutions {' '.join(map(str, known))}); "
-            f"docs/families.md shows what the others cost a ConvNeXt.")
+            f"only resolutions it knows (of those checked: --resolutions {' '.join(map(str, known))}), or give "
+            f"shrinking more steps (--min-steps; a MobileNetV3 needed twice the recipe's floor); "
+            f"docs/results.md#budget-or-method has the figures.")
     return lines
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.scheduler import create_scheduler_v2
 
 from ..space import Subnet
-from .distill import distillation_loss
+from .distill import KD_KINDS, distillation_loss
 from .schedule import Schedule, Stage
 
 __all__ = ['ShrinkingConfig', 'NonFiniteLossError', 'stage_scheduler', 'distills_from_teacher', 'teacher_logits',
@@ -31,7 +31,8 @@ class ShrinkingConfig:
 
     Args:
         seed: Run seed (subnet sampling; for ``Trainer`` also data order and augmentation).
-        kd_kind: Distillation loss: 'ce' (soft-target cross entropy, OFA) or 'kl'.
+        kd_kind: Distillation loss: 'ce' (soft-target cross entropy, OFA), 'kl' or 'alpha' (AlphaNet's adaptive
+            α-divergence).
         kd_temperature: Distillation temperature.
         calib_images: Training images used to recalibrate BN statistics of each validated subnet (OFA: 2000).
         warmup_lr: Learning rate at the start of a stage's warmup.
@@ -47,8 +48,8 @@ class ShrinkingConfig:
     val_resolutions: Optional[Sequence[int]] = None
 
     def __post_init__(self) -> None:
-        if self.kd_kind not in ('ce', 'kl'):
-            raise ValueError(f"kd_kind must be 'ce' or 'kl', got {self.kd_kind!r}")
+        if self.kd_kind not in KD_KINDS:
+            raise ValueError(f'kd_kind must be one of {KD_KINDS}, got {self.kd_kind!r}')
         if not self.kd_temperature > 0:
             raise ValueError(f'kd_temperature must be > 0, got {self.kd_temperature}')
         if self.calib_images < 1:
