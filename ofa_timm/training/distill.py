@@ -24,14 +24,12 @@ def distillation_loss(
     if kind not in KD_KINDS:
         raise ValueError(f'kind must be one of {KD_KINDS}, got {kind!r}')
     t = temperature
+    student, teacher = student_logits.float() / t, teacher_logits.detach().float() / t
     if kind == 'alpha':
-        return alpha_divergence(student_logits.float() / t, teacher_logits.detach().float() / t) * (t * t)
-    target = F.softmax(teacher_logits.detach().float() / t, dim=-1)
-    log_p = F.log_softmax(student_logits.float() / t, dim=-1)
-    if kind == 'ce':
-        loss = -(target * log_p).sum(-1).mean()
+        loss = alpha_divergence(student, teacher)
     else:
-        loss = F.kl_div(log_p, target, reduction='batchmean')
+        target, log_p = F.softmax(teacher, dim=-1), F.log_softmax(student, dim=-1)
+        loss = -(target * log_p).sum(-1).mean() if kind == 'ce' else F.kl_div(log_p, target, reduction='batchmean')
     return loss * (t * t)
 
 
@@ -39,11 +37,11 @@ def _alpha_terms(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float, clip: f
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per sample, D_α(p‖q) = Σ q (w^α − 1) / (α(α − 1)) with w = p / q, and the weights c such that
     −Σ c·log q has D_α's gradient in the student's logits (c = q·w^α / α), w^α clipped at ``clip``."""
-    q = log_q.detach().exp()
     log_w = log_p - log_q.detach()
     if abs(alpha - 1.) < 1e-6:  # the limit: KL(p‖q), whose weights are p itself (nothing to clip)
         p = log_p.exp()
         return (p * log_w).sum(-1), p
+    q = log_q.detach().exp()
     w_alpha = torch.exp(alpha * log_w).clamp(max=clip)
     return (q * (w_alpha - 1.)).sum(-1) / (alpha * (alpha - 1.)), q * w_alpha / alpha
 
