@@ -26,6 +26,7 @@ from timm.models import (
     load_state_dict_from_hf, register_model, resolve_pretrained_cfg)
 
 from ofa_timm._io import load_weights, model_args_from_metadata
+from ofa_timm._rng import preserved_rng
 from ofa_timm._timm import (
     FeatureGetterNet, download_cached_file, pretrained_cfg_for_features, resolve_pretrained_source)
 from ofa_timm.elastic import FAMILIES, elasticize
@@ -202,7 +203,7 @@ class _LoadSupernetState:
                for name, key in local.items()):
             return
         try:
-            with torch.random.fork_rng(devices=[]):  # loading weights leaves the caller's random state alone
+            with preserved_rng():  # loading weights leaves the caller's random state alone
                 supernet = self.build_supernet()
                 supernet.load_state_dict(checkpoint_filter_fn({n: state_dict[k] for n, k in local.items()}, supernet))
                 converted = supernet.extract(self.subnet).state_dict()

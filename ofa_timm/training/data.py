@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from timm.data import create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .._rng import preserved_rng
+
 __all__ = ['IMAGENET_SCALE', 'DataConfig', 'SeededDataset', 'EpochSampler', 'build_datasets', 'train_loader',
            'eval_loader', 'resize_to', 'num_classes_of', 'default_workers']
 
@@ -73,16 +75,11 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: Tuple[int, int]) -> Any:
         epoch, index = key
         sample_seed = (self.seed * 1_000_003 + epoch) * 1_000_000_007 + index
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed % 2 ** 63)
-                random.seed(sample_seed)
-                np.random.seed(sample_seed % 2 ** 32)
-                return self.dataset[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        with preserved_rng():
+            torch.manual_seed(sample_seed % 2 ** 63)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2 ** 32)
+            return self.dataset[index]
 
 
 class EpochSampler(Sampler):

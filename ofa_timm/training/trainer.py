@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import signal
 import threading
 import time
@@ -27,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -37,6 +35,7 @@ from timm.utils import ModelEmaV3
 
 from .._dist import barrier as _barrier, rank_and_world as _dist
 from .._io import atomic_path, checkpoint_metadata, load_weights
+from .._rng import preserved_rng, rng_state, set_rng_state
 from ..space import Subnet
 from .data import EpochSampler, SeededDataset, default_workers, resize_to, train_loader
 from .distill import classification_loss
@@ -159,34 +158,6 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         ValueError: Naming the file and what is wrong with it (see ``ofa_timm._io.load_weights``).
     """
     return load_weights(path)[0]
-
-
-def _rng_state() -> Dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        'torch': torch.get_rng_state(),
-        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
-                  'has_gauss': int(np_state[3]), 'gauss': float(np_state[4])},
-        'python': _python_state_to_tensor(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _python_state_to_tensor(state: Tuple) -> Dict[str, Any]:
-    version, internal, gauss = state
-    return {'version': version, 'internal': torch.tensor(internal, dtype=torch.int64), 'gauss': gauss}
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state['torch'])
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
-    p = state['python']
-    random.setstate((p['version'], tuple(int(v) for v in p['internal'].tolist()), p['gauss']))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def _carry_optimizer_state(previous: Dict[str, Any], optimizer: torch.optim.Optimizer,
@@ -351,7 +322,7 @@ class Trainer:
             'scheduler': self._scheduler.state_dict() if self._scheduler is not None else None,
             'scaler': self._scaler.state_dict(),
             'position': asdict(self.position),
-            'rng': _rng_state(),
+            'rng': rng_state(),
             'schedule': self.schedule.to_dict(),
             'subnet_space': self.supernet.space.to_dict(),
             'history': json.dumps(self.history),
@@ -437,12 +408,9 @@ class Trainer:
         weights the max subnet shares, which cost a converted ConvNeXt's max subnet 4.3 points (docs/families.md).
         Training draws the same numbers with or without this check."""
         if self.is_main:
-            rng = _rng_state()  # extraction draws init weights: keep the run's numbers as they would be without it
-            try:
+            with preserved_rng(self.device):  # extraction draws init weights: keep the run's numbers as without it
                 top1 = {subnet.resolution: self.evaluate_subnet(subnet)['top1']
                         for subnet in source_check_subnets(self.supernet.space)}
-            finally:
-                _set_rng_state(rng)
             record = {'type': 'source', 'global_step': 0, 'subnet': 'max',
                       'top1': {str(res): acc for res, acc in top1.items()}}
             self._log(record)
@@ -507,8 +475,7 @@ class Trainer:
     def _make_teacher(self) -> nn.Module:
         # Building the copy draws random init weights: keep the run's RNG out of it, so that a run resumed at the
         # boundary of the stage that builds the teacher draws the same numbers as the uninterrupted run.
-        cuda = [self.device.index or 0] if self.device.type == 'cuda' else []
-        with torch.random.fork_rng(devices=cuda):
+        with preserved_rng(self.device):
             teacher = self.supernet.extract('max').to(self.device).eval().requires_grad_(False)
         if self.config.channels_last:
             teacher.to(memory_format=torch.channels_last)
@@ -555,7 +522,7 @@ class Trainer:
                 self._optimizer.load_state_dict(state['optimizer'])
                 self._scheduler.load_state_dict(state['scheduler'])
             self._scaler.load_state_dict(state['scaler'])
-            _set_rng_state(state['rng'])
+            set_rng_state(state['rng'])
             self._resume_state = None
         self._scheduler.step_update(self.position.step)
 
@@ -633,12 +600,12 @@ class Trainer:
         """Run the validation owed at this position; False when a stop signal came during it (then every rank stops,
         and the validation, which a signal ends at once, is owed again on resume)."""
         epoch = math.ceil(self.position.step / self.steps_per_epoch)
-        rng = _rng_state()  # validation draws from the global RNG (data-loader seeds): a redo must start from here
+        rng = rng_state()  # validation draws from the global RNG (data-loader seeds): a redo must start from here
         completed = self._validate(stage, sampler, epoch, time.time() - stage_start, show)
         if completed:
             self.position.validate = False
         else:
-            _set_rng_state(rng)
+            set_rng_state(rng)
         stop_signal, _ = self._poll()  # a signal that came during the validation, on any rank
         if stop_signal is not None:
             self._stopped_by = stop_signal

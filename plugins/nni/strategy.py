@@ -19,6 +19,7 @@ with quiet_nni_import():
     from nni.nas.oneshot.pytorch.base_lightning import BaseOneShotLightningModule
     from nni.nas.oneshot.pytorch.strategy import OneShotStrategy
 
+from ofa_timm._rng import preserved_rng
 from ofa_timm.space import Subnet
 from ofa_timm.training.data import resize_to
 from ofa_timm.training.evaluate import evaluate_subnet
@@ -108,8 +109,7 @@ class ProgressiveShrinkingModule(BaseOneShotLightningModule):
     def on_train_start(self) -> None:
         if (self.check_source and self.trainer.global_step == 0 and self.source_check is None
                 and self.trainer.val_dataloaders is not None):  # an evaluator without validation data has none
-            cuda = [self.device.index or 0] if self.device.type == 'cuda' else []
-            with torch.random.fork_rng(devices=cuda):  # extraction draws init weights: keep training's numbers
+            with preserved_rng(self.device):  # extraction draws init weights: keep training's numbers
                 self.source_check = {subnet.resolution: self.evaluate_subnet(subnet)
                                      for subnet in source_check_subnets(self.supernet.space)}
             if self.trainer.is_global_zero:
