@@ -306,12 +306,13 @@ PRESETS: Dict[str, Recipe] = {
     # A short recipe for supernets converted from pretrained timm weights (the full stage is skipped), the default
     # for a pretrained start ('auto'). Sandwich sampling trains the min subnet at every step (with uniform sampling
     # it was drawn too rarely in so few steps and ended 12 points below fine-tuning it alone, docs/results.md), the
-    # optimizer's momentum carries over between stages, gradient norms are clipped at 10, and a floor of 2,000
-    # optimizer steps keeps a small dataset from starving it (on the digits, 1,000 let the max subnet dip 1.8 points
-    # below its source on the way; 2,000 held it within 0.5 at every stage end: the budget curve in docs/results.md).
+    # optimizer's momentum carries over between stages, gradient norms are clipped at 10, and a floor of 4,000
+    # optimizer steps keeps a small dataset from starving it (the budget curve in docs/results.md: on the digits every
+    # gap shrank from 1,000 to 2,000 to 4,000 steps and none grew; at 4,000 MobileNetV3's min and mid came within 0.5
+    # of fine-tuning each alone, and the small ViT at its own resolution held its max within 0.5 at every stage end).
     'fast': Recipe(full_lr=1e-2, full_epochs=10, single_lr=1e-2, single_epochs=10, phase1_lr=2.5e-3, phase1_epochs=2,
                    phase2_lr=5e-3, phase2_epochs=10, warmup=1, sampling='sandwich', carry_optimizer=True,
-                   clip_grad=10., min_steps=2000),
+                   clip_grad=10., min_steps=4000),
     # A short recipe for small datasets trained from scratch (the demo and benchmarks/ps_quality.py), for SGD with
     # Nesterov momentum (--opt sgd). Measured on digits (docs/results.md): every stage after 'full' runs at 0.1-0.3x
     # the full stage's peak lr (at 1x the kernel stage undoes the full stage), warms up, keeps the optimizer's
