@@ -74,7 +74,7 @@ def source_check_lines(top1: Mapping[Optional[int], float], num_classes: int, ga
             f"{best:.1f}% at {px(largest)}. Shrinking will have to learn {'it' if len(far) == 1 else 'them'} too, in "
             f"weights the max subnet shares, so the max subnet may end below the source. To keep the source, train "
             f"only resolutions it knows (of those checked: --resolutions {' '.join(map(str, known))}), or give "
-            f"shrinking more steps (--min-steps; on 497 digits a MobileNetV3 needed 4,000); "
+            f"shrinking more steps (--min-steps; on 497 digits a MobileNetV3 needed 4,000, the recipe's floor); "
             f"docs/results.md#budget-or-method has the figures.")
     return lines
 
