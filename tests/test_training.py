@@ -439,6 +439,7 @@ def test_alpha_divergence_clips_the_importance_weights_of_a_confident_teacher():
     assert torch.isfinite(student.grad).all() and student.grad.abs().max() <= 5.
     assert student.grad[0, 1] > 0 and student.grad[0, 0] < 0  # off the ruled-out class, onto the teacher's
 
+
 def test_calibrate_bn_gives_exact_statistics():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Dropout(0.5))
