@@ -18,7 +18,8 @@ later stages. Each variant starts from the same weights, with the same data, bat
 - ``shrinking x2``: every stage after the start twice as long (warmup included), the start unchanged: a floor that
   lengthens only the stages whose steps the subnets share;
 - ``min at min res``: the sandwich's min subnet trained at the smallest resolution at every step, where it is
-  deployed and where it is trained alone (``Stage.min_resolution``), instead of at the step's drawn resolution;
+  deployed and where it is trained alone (``Stage.min_resolution``), instead of at the step's drawn resolution
+  (``fast`` already does: from a pretrained start it is the recipe);
 - ``alpha KD``: the smaller subnets distil from the max subnet with AlphaNet's adaptive alpha-divergence
   (``--kd alpha``) instead of soft-target cross entropy.
 

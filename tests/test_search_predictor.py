@@ -14,6 +14,7 @@ from ofa_timm.search import (
     AccuracyPredictor, ArchEncoder, FitConfig, build_accuracy_dataset, dataset_space, fit_predictor,
     read_accuracy_dataset, spearman)
 
+
 @pytest.fixture(scope='module')
 def w12():
     return timm.create_model('ofa_mbv3_w12', num_classes=10)

@@ -132,6 +132,9 @@ def test_auto_picks_fast_for_a_pretrained_start_and_scratch_otherwise():
     assert PRESETS['fast'].min_steps > 0 and PRESETS['scratch'].min_steps > 0
     assert PRESETS['ofa'].min_steps == 0  # the reference recipe is left as it is
     assert all(s.sampling == 'uniform' and not s.carry_optimizer for s in PRESETS['ofa'].schedule(space).stages)
+    # from pretrained weights the min subnet trains where it is deployed (docs/results.md); from scratch it did not gain
+    assert all(s.min_resolution for s in PRESETS['fast'].schedule(space).stages[1:])
+    assert not any(s.min_resolution for s in PRESETS['scratch'].schedule(space).stages)
 
 
 def test_build_schedule_applies_every_override():
@@ -477,6 +480,22 @@ def test_trainer_runs_logs_and_reports(data, tmp_path):
     state = load_checkpoint(tmp_path / 'last.pth')  # weights_only=True
     assert state['position'] == {'stage': 3, 'step': 0, 'global_step': 12, 'validate': False}
     assert state['teacher'] is not None
+
+
+def test_a_run_validates_at_most_five_times_a_stage_unless_told(data, tmp_path):
+    """Each validation recalibrates and evaluates every subnet of the grid: on small data, whose epochs are a few
+    steps, validating after every epoch costs more than the training."""
+    train, val, calib, _ = data
+    twelve_epochs = Schedule((Stage('full', 12, 1e-2, {}, kd_ratio=0.),))
+    epochs = {}
+    for every in (None, 5):
+        out = tmp_path / str(every)
+        Trainer(tiny_supernet(), twelve_epochs, train, val, calib, config(out, val_every=every)).run()
+        records = map(json.loads, (out / 'metrics.jsonl').read_text().splitlines())
+        epochs[every] = [r['epoch'] for r in records if r['type'] == 'val_mean']
+    assert epochs == {None: [3, 6, 9, 12], 5: [5, 10, 12]}  # the stage's end always
+    with pytest.raises(ValueError, match='val_every must be >= 1 epoch, or None'):
+        config(tmp_path, val_every=0)
 
 
 def test_resume_is_bitwise_exact(data, tmp_path):

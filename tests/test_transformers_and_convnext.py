@@ -4,6 +4,7 @@ their dimensions, training, and a latency kit of token-shaped blocks. The contra
 import pytest
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 
 import ofa_timm
 from ofa_timm.search import count_params, flops_model, params_model
@@ -57,6 +58,34 @@ def test_vit_resolutions_are_multiples_of_the_patch():
     assert ofa_timm.elasticize(source).space.resolutions == (24, 32)  # from 4/7 of 32 up, in patches of 8
     with pytest.raises(ValueError, match=r'Resolutions \[30\] are not multiples of the patch size 8'):
         ofa_timm.elasticize(source, resolutions=(24, 30, 32))
+
+
+def test_each_resolution_but_the_sources_has_a_position_embedding_of_its_own():
+    """Trained alone, a subnet learns the position embedding of its own grid; sharing the source's, resampled, each
+    resolution would pull it its own way."""
+    source = vit()
+    supernet = ofa_timm.elasticize(source).eval()
+    assert list(supernet.pos_embed_delta) == ['24']  # 32 px is the source's own
+    delta = supernet.pos_embed_delta['24']
+    assert delta.shape == (1, 1 + 3 * 3, 192) and not delta.any()  # zero at conversion: the source is unchanged
+    supernet.load_state_dict(supernet.complete_state(source.state_dict()))  # strict: the source's weights load
+    with torch.no_grad():
+        delta.normal_()
+    x = torch.randn(2, 3, 24, 24)
+    for subnet in (supernet.space.min(), supernet.space.max().replace(resolution=24)):
+        supernet.set_active(subnet)
+        model = supernet.extract(subnet).eval()
+        c = subnet.embed_dim
+        resampled = resample_abs_pos_embed(supernet.pos_embed[..., :c], new_size=[3, 3], old_size=[4, 4],
+                                           num_prefix_tokens=1)
+        assert torch.equal(model.pos_embed, resampled + delta[..., :c])
+        with torch.no_grad():
+            assert_close(model(x), supernet(x), what=str(subnet))
+    assert torch.equal(supernet.extract(supernet.space.max()).pos_embed, supernet.pos_embed)
+    with torch.no_grad():  # ranking the embedding's channels moves this embedding's with them
+        before = supernet(x)
+        supernet.rank('embed_dim', len(supernet.space['embed_dim'].choices[0]))
+        assert_close(supernet(x), before, what='the max subnet at 24 px after ranking')
 
 
 def test_convnext_channels_last_mlp_and_its_limits():

@@ -26,6 +26,7 @@ def add_model_arguments(g: Any) -> None:
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """The schedule, optimisation and run settings of progressive shrinking (``TrainConfig``'s fields)."""
     from ..training import KD_KINDS, TrainConfig
+    from ..training.trainer import VALIDATIONS_PER_STAGE
     default = TrainConfig()
     g = p.add_argument_group('schedule')
     g.add_argument('--schedule', default='auto',
@@ -62,7 +63,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument('--calib-images', type=int, default=default.calib_images, help='images for BN recalibration')
     g.add_argument('--val-resolutions', type=int, nargs='+', default=default.val_resolutions,
                    help="validation grid resolutions (default: the stage's min and max)")
-    g.add_argument('--val-every', type=int, default=default.val_every, help='epochs between validations')
+    g.add_argument('--val-every', type=int, default=default.val_every,
+                   help=f'epochs between validations (default: at most {VALIDATIONS_PER_STAGE} per stage, evenly, the '
+                        'last at its end)')
     g.add_argument('--checkpoint-every', type=int, default=default.checkpoint_every,
                    help='steps between extra checkpoints (0: epoch ends only)')
     g.add_argument('--checkpoint-minutes', type=float, default=default.checkpoint_minutes,

@@ -1,8 +1,8 @@
 """Elastic vision transformer: a timm ``VisionTransformer`` (ViT, DeiT) turned into an OFA supernet, and back into
 stock timm models.
 
-The supernet keeps the source model's modules and state-dict keys; the layers that shrink become elastic ones. Its
-elastic dimensions:
+The supernet keeps the source model's modules and state-dict keys (and adds ``pos_embed_delta``, below); the layers
+that shrink become elastic ones. Its elastic dimensions:
 
   * ``depths``: the first ``d`` blocks run;
   * ``heads`` per block: the leading heads of q, k and v (the head width is fixed, as in AutoFormer);
@@ -12,7 +12,9 @@ elastic dimensions:
     position embedding, every norm, residual branch and layer scale, and the head), each layer norm normalising
     the channels it has (AutoFormer's ``LayerNormSuper``);
   * ``resolution``: multiples of the patch size; the position embedding is resampled to the subnet's grid as timm
-    resamples it for another image size (``resample_abs_pos_embed``).
+    resamples it for another image size (``resample_abs_pos_embed``), plus one of that resolution's own
+    (``pos_embed_delta``, zero at conversion; the source's own resolution has none), which the extracted subnet
+    folds into its position embedding.
 
 Heads, MLP channels and embedding channels are ranked (OFA's channel sorting) before the stage that first shrinks
 them. Subnets come out as stock ``VisionTransformer`` models whose blocks may differ in heads and MLP width (timm's
@@ -129,6 +131,12 @@ class ElasticVisionTransformer(ElasticSupernet):
         self._adopt_modules(model)
         dimensions = self._declare(depth_reductions, head_reductions, mlp_ratios, embed_ratios)
         self._finish_init([self.blocks], [*dimensions, self._resolution_dimension(resolutions)])
+        # Every resolution but the source's own adds a position embedding of its own to the source's, resampled (zero
+        # at conversion, so the source is unchanged): a subnet at that resolution deploys one embedding of its own
+        # grid, and one resampled grid shared by every resolution cannot be what each needs.
+        self.pos_embed_delta = nn.ParameterDict({
+            str(r): nn.Parameter(torch.zeros_like(self._pos_embed_at(self.embed_dim, self._grid(r))))
+            for r in self.space.resolutions if self._grid(r) != self.grid_size})
 
     # --- construction -------------------------------------------------------------------------------------------
     def _adopt_modules(self, model: VisionTransformer) -> None:
@@ -209,12 +217,15 @@ class ElasticVisionTransformer(ElasticSupernet):
         return resolution // self.patch_size, resolution // self.patch_size
 
     def _pos_embed_at(self, channels: int, grid: Tuple[int, int]) -> torch.Tensor:
-        """The position embedding of ``channels`` leading channels, resampled to ``grid``."""
+        """The position embedding of ``channels`` leading channels at ``grid``: the source's, resampled, plus the
+        grid's own resolution's (``pos_embed_delta``)."""
         pos = self.pos_embed if channels == self.embed_dim else self.pos_embed[..., :channels]
         if tuple(grid) == self.grid_size:
             return pos
-        return resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(self.grid_size),
-                                      num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
+        pos = resample_abs_pos_embed(pos, new_size=list(grid), old_size=list(self.grid_size),
+                                     num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
+        own = getattr(self, 'pos_embed_delta', {}).get(str(grid[0] * self.patch_size))  # none while it is built
+        return pos if own is None else pos + own[..., :channels]
 
     # --- extraction ---------------------------------------------------------------------------------------------
     def static_state(self, subnet: Subnet) -> Dict[str, torch.Tensor]:
@@ -274,6 +285,10 @@ class ElasticVisionTransformer(ElasticSupernet):
         return model
 
     # --- family hooks -------------------------------------------------------------------------------------------
+    def conversion_state(self) -> Dict[str, torch.Tensor]:
+        """What conversion adds to the source model: each resolution's own position embedding, at zero."""
+        return {f'pos_embed_delta.{r}': torch.zeros_like(t) for r, t in self.pos_embed_delta.items()}
+
     @torch.no_grad()
     def rank(self, dimension: str, trained: int = 1) -> None:
         """Rank heads (by the L1 norm of the ``proj`` columns that read each head), MLP hidden channels (by the L1
@@ -312,7 +327,7 @@ class ElasticVisionTransformer(ElasticSupernet):
             readers.append(self.head.weight)
         perm = band_permutation(sum(w.abs().sum(0) for w in readers), bands)
         permute_channels(self.patch_embed.proj, perm)
-        for t in (self.cls_token, self.reg_token, self.pos_embed):
+        for t in (self.cls_token, self.reg_token, self.pos_embed, *self.pos_embed_delta.values()):
             if t is not None:
                 t.data.copy_(t.data.index_select(2, perm))
         for module in (self.patch_embed.norm, self.norm_pre, self.norm, self.fc_norm):

@@ -50,6 +50,8 @@ from .step import ShrinkingConfig, distills_from_teacher, shrinking_step, stage_
 __all__ = ['TrainConfig', 'Trainer', 'TrainingInterrupted', 'save_checkpoint', 'load_checkpoint']
 
 CHECKPOINT = 'last.pth'
+# The default cadence: a stage's curve in a few points, without validation outgrowing the training on small data.
+VALIDATIONS_PER_STAGE = 5
 
 
 @dataclass
@@ -74,7 +76,10 @@ class TrainConfig(ShrinkingConfig):
         zero_init_residual: A run from scratch (not ``pretrained``, first stage ``full``) starts by zeroing the last
             BN scale of every residual block (``training.zero_init_residual``), as the reference's
             ``zero_last_gamma``, BigNAS and timm's ResNets do.
-        val_every: Validate every this many epochs (and always at the end of a stage).
+        val_every: Validate every this many epochs, and always at the end of a stage (None: evenly, at most
+            ``VALIDATIONS_PER_STAGE`` times per stage). Each subnet of the grid costs a BN recalibration and an
+            evaluation, so on a small dataset, whose epochs are a few steps, validating every epoch costs more than
+            the training.
         checkpoint_every: Also checkpoint every this many steps (0: only at epoch ends).
         checkpoint_minutes: Also checkpoint when this many minutes passed since the last checkpoint (0: never).
         log_every: Write a training record to metrics.jsonl every this many steps.
@@ -97,7 +102,7 @@ class TrainConfig(ShrinkingConfig):
     mixup: float = 0.
     cutmix: float = 0.
     zero_init_residual: bool = True
-    val_every: int = 1
+    val_every: Optional[int] = None
     checkpoint_every: int = 0
     checkpoint_minutes: float = 10.
     log_every: int = 10
@@ -110,6 +115,9 @@ class TrainConfig(ShrinkingConfig):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {self.batch_size}')
+        if self.val_every is not None and self.val_every < 1:
+            raise ValueError(f'val_every must be >= 1 epoch, or None for at most {VALIDATIONS_PER_STAGE} per stage, '
+                             f'got {self.val_every}')
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -532,6 +540,7 @@ class Trainer:
         total = self.stage_steps(stage)
         spe = self.steps_per_epoch
         epochs = math.ceil(total / spe)
+        val_every = self.config.val_every or math.ceil(epochs / VALIDATIONS_PER_STAGE)
         bar = None
         if self.is_main and self.config.progress:
             from tqdm.auto import tqdm
@@ -578,7 +587,7 @@ class Trainer:
                     if stop_signal is not None:
                         self._stopped_by, stopping = stop_signal, True
                     done_epochs = math.ceil(self.position.step / spe)
-                    if end_of_epoch and (self.position.step == total or done_epochs % self.config.val_every == 0):
+                    if end_of_epoch and (self.position.step == total or done_epochs % val_every == 0):
                         self.position.validate = True  # owed; a signal leaves it to the resumed run
                         if self._stopped_by is None and not self._owed_validation(stage, sampler, stage_start, lines):
                             stopping = True

@@ -73,7 +73,6 @@ class CostConstraint(Constraint):
         return f'max_cost={self.max_cost!r}, label={self.label!r}'
 
 
-
 class SupernetSpace(ModelSpace):
     """NNI ``ModelSpace`` whose choices are the elastic dimensions of an ofa_timm supernet.
 
