@@ -578,8 +578,13 @@ def test_resume_refuses_another_schedule(data, tmp_path):
     train, val, calib, _ = data
     Trainer(tiny_supernet(), TINY, train, val, calib, config(tmp_path)).run(stop_after=2)
     other = Trainer(tiny_supernet(), TINY.scaled(2.0), train, val, calib, config(tmp_path))
-    with pytest.raises(ValueError, match='another schedule'):
+    with pytest.raises(ValueError, match='another schedule.*--schedule .*last_schedule.yaml'):
         other.resume()
+    # the schedule it names is the run's own: with it the run resumes (a preset that changed since cannot strand it)
+    kept = Trainer(tiny_supernet(), load_schedule(str(tmp_path / 'last_schedule.yaml')), train, val, calib,
+                   config(tmp_path))
+    kept.resume()
+    assert kept.position.global_step == 2
     # Before Stage.floor_weight a floor raised the epoch scale; a run checkpointed so resumes under today's fit.
     old = Trainer(tiny_supernet(), TINY.scaled(2.0), train, val, calib, config(tmp_path / 'old'))
     old.run(stop_after=2)

@@ -352,8 +352,14 @@ class Trainer:
         # A checkpoint of 0.2.0 lists unlocks its family lacks (a ResNet's 'kernel'): they unlocked nothing
         written = known_unlocks(Schedule.from_dict(state['schedule']), self.supernet.space)
         if written.as_run(self.steps_per_epoch) != self.schedule.as_run(self.steps_per_epoch):
+            # A preset may have changed since the run started ('fast' between releases): keep the run's own, so that
+            # it can still be resumed.
+            kept = path.with_name(f'{path.stem}_schedule.yaml')
+            if self.is_main:
+                written.to_yaml(kept)
             raise ValueError(f'{path} was written by a run with another schedule; resume with the same --schedule and '
-                             f'--epochs-scale')
+                             f'--epochs-scale, or with --schedule {kept}, the schedule it was written with (a preset '
+                             f'such as auto may have changed since)')
         self.supernet.load_state_dict(state['model'])
         if state['teacher'] is not None:
             self.teacher = self._make_teacher()
