@@ -21,7 +21,11 @@ later stages. Each variant starts from the same weights, with the same data, bat
   deployed and where it is trained alone (``Stage.min_resolution``), instead of at the step's drawn resolution
   (``fast`` already does: from a pretrained start it is the recipe);
 - ``alpha KD``: the smaller subnets distil from the max subnet with AlphaNet's adaptive alpha-divergence
-  (``--kd alpha``) instead of soft-target cross entropy.
+  (``--kd alpha``) instead of soft-target cross entropy;
+- ``added lr x10``: what conversion adds to the source (kernel transforms, a ViT's per-resolution position
+  embeddings) at 10x the stage's learning rate (``Stage.added_lr_scale``), the shared weights at 1x;
+- ``labels max only``: only the max subnet learns from the labels (label smoothing included), the smaller ones from
+  its predictions alone (``Stage.labels_max_only``; BigNAS regularizes only the max subnet).
 
 Every figure is top-1 on the 300 validation images (30 per class, one image is 0.33 points), which is what a recipe
 may be chosen on; the chosen recipe is then measured on the test split by ``ps_quality.py --parts pretrained``. The
@@ -70,6 +74,8 @@ VARIANTS: Dict[str, Variant] = {
     'shrinking x2': (_stages(length=2.0), {}),
     'min at min res': (_stages(min_resolution=True), {}),
     'alpha KD': (lambda s: s, dict(kd_kind='alpha')),
+    'added lr x10': (_stages(added_lr_scale=10.), {}),
+    'labels max only': (_stages(labels_max_only=True), {}),
 }
 
 

@@ -80,6 +80,9 @@ def test_schedule_yaml_round_trip_and_scale(tmp_path):
     (dict(name='x', epochs=1, lr=0.1, unlock={'depth': 0}), "must be 'all' or a positive int"),
     (dict(name='x', epochs=1, lr=-1), 'lr must be > 0'),
     (dict(name='x', epochs=1, lr=0.1, sampling='random'), "sampling 'random' not in"),
+    (dict(name='x', epochs=1, lr=0.1, added_lr_scale=0), 'added_lr_scale must be > 0'),
+    (dict(name='x', epochs=1, lr=0.1, labels_max_only=True), "labels_max_only needs in-place distillation .*'uniform'"),
+    (dict(name='x', epochs=1, lr=0.1, sampling='sandwich', kd_ratio=0, labels_max_only=True), 'kd_ratio 0'),
 ])
 def test_bad_stages(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -224,6 +227,29 @@ def test_sandwich_with_a_frozen_teacher_distils_the_max_subnet_too():
     shrinking_step(Net(), ['max', 'min'], inplace, lambda s: (torch.tensor(1.0), logits if s == 'max' else teacher),
                    losses.append, ShrinkingConfig(kd_kind='alpha'))  # the min subnet distils from the max with --kd
     assert torch.allclose(losses[1], 1.0 + alpha_divergence(teacher, logits))
+
+
+def test_with_labels_for_the_max_only_the_smaller_subnets_learn_from_its_predictions_alone():
+    """Stage.labels_max_only (BigNAS): the max subnet's loss is its label loss, the others' the distillation from it
+    without their label loss."""
+    from ofa_timm.training import shrinking_step
+
+    class Net:
+        def set_active(self, subnet):
+            pass
+    stage = Stage('s', 1, 0.1, {'kernel': 'all'}, sampling='sandwich', subnets_per_step=3, labels_max_only=True)
+    max_logits, small = torch.tensor([[2., 0.]]), torch.tensor([[0., 2.]])
+    label_loss = torch.tensor(1.5)
+    losses = []
+    shrinking_step(Net(), ['max', 'mid', 'min'], stage, lambda s: (label_loss, max_logits if s == 'max' else small),
+                   losses.append, ShrinkingConfig())
+    kd = distillation_loss(small, max_logits, 'ce', ShrinkingConfig().kd_temperature)
+    assert losses[0].item() == 1.5
+    assert torch.allclose(losses[1], kd) and torch.allclose(losses[2], kd) and kd.item() > 0
+    losses.clear()
+    shrinking_step(Net(), ['max', 'min'], replace(stage, labels_max_only=False),
+                   lambda s: (label_loss, max_logits if s == 'max' else small), losses.append, ShrinkingConfig())
+    assert torch.allclose(losses[1], label_loss + kd)  # the default adds both
 
 
 def test_a_stage_clips_its_gradients_unless_the_run_overrides_it(data, tmp_path, monkeypatch):
@@ -572,6 +598,40 @@ def test_carried_optimizer_state_skips_weights_that_channel_sorting_moved(data, 
     for n, p in named.items():
         i = index[id(p)]
         assert (i in state) == (i in previous and n not in moved), n
+
+
+ADDED_FAST = Schedule(tuple(replace(s, added_lr_scale=10.) if s.unlock else s for s in CARRIED.stages))
+
+
+@pytest.mark.parametrize('resumed', [False, True], ids=['in-process', 'resumed'])
+def test_what_conversion_adds_trains_at_its_own_learning_rate_and_carries_its_state(data, tmp_path, resumed):
+    """Stage.added_lr_scale: the kernel transforms step at 10x the shared weights' lr, and the optimizer state
+    carried from a stage that grouped the parameters otherwise (the full stage, at 1x) follows each parameter."""
+    train, val, calib, _ = data
+    trainer = Trainer(tiny_supernet(), ADDED_FAST, train, val, calib, config(tmp_path))
+    _stop_at_stage_boundary(trainer, 4)  # the end of the full stage
+    assert len(trainer._optimizer.param_groups) == 2  # timm's groups: with and without weight decay
+    carried = {n: trainer._optimizer.state[p]['momentum_buffer'].clone()
+               for n, p in trainer.supernet.named_parameters() if p in trainer._optimizer.state}
+    if resumed:
+        trainer = Trainer(tiny_supernet(seed=123), ADDED_FAST, train, val, calib, config(tmp_path))
+        trainer.resume()
+    trainer.prepare_stage(trainer.schedule.stages[1])
+    added = set(trainer.supernet.added_state())
+    assert added and all('kernel_transform' in n for n in added)
+    named = dict(trainer.supernet.named_parameters())
+    optimizer = trainer._optimizer
+    trainer._scheduler.step_update(2)
+    for group in optimizer.param_groups:
+        names = {n for n, p in named.items() if any(p is q for q in group['params'])}
+        assert names <= added if 'lr_scale' in group else not names & added
+        assert group.get('lr_scale', 1.) in (1., 10.)
+    lrs = {group.get('lr_scale', 1.): group['lr'] for group in optimizer.param_groups}
+    assert lrs[10.] == pytest.approx(10 * lrs[1.]) and lrs[1.] > 0
+    assert carried and {n for n, p in named.items() if p in optimizer.state} == set(carried)
+    for n, buffer in carried.items():
+        assert torch.equal(optimizer.state[named[n]]['momentum_buffer'], buffer), n
+    trainer.run()  # and the run goes on to its end from there
 
 
 def test_resume_refuses_another_schedule(data, tmp_path):

@@ -68,6 +68,7 @@ def test_each_resolution_but_the_sources_has_a_position_embedding_of_its_own():
     assert list(supernet.pos_embed_delta) == ['24']  # 32 px is the source's own
     delta = supernet.pos_embed_delta['24']
     assert delta.shape == (1, 1 + 3 * 3, 192) and not delta.any()  # zero at conversion: the source is unchanged
+    assert list(supernet.added_state()) == ['pos_embed_delta.24']  # what Stage.added_lr_scale reaches
     supernet.load_state_dict(supernet.complete_state(source.state_dict()))  # strict: the source's weights load
     with torch.no_grad():
         delta.normal_()

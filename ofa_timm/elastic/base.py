@@ -384,15 +384,22 @@ class ElasticSupernet(nn.Module, metaclass=abc.ABCMeta):
         """
         return None
 
-    def complete_state(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """``state_dict`` (e.g. timm's weights of the source model) with what conversion adds and it lacks (kernel
-        transforms), at the value conversion gives it (identity), so that it loads into the supernet."""
-        out = dict(state_dict)
+    def added_state(self) -> Dict[str, torch.Tensor]:
+        """What conversion adds to the source model (kernel transforms, per-resolution position embeddings), by
+        state-dict key, at the value conversion gives it (identity, zero): each module's ``conversion_state``."""
+        out: Dict[str, torch.Tensor] = {}
         for name, module in self.named_modules():
             added = getattr(module, 'conversion_state', None)
             if callable(added):
-                for key, value in added().items():
-                    out.setdefault(f'{name}.{key}' if name else key, value)
+                out.update({f'{name}.{key}' if name else key: value for key, value in added().items()})
+        return out
+
+    def complete_state(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``state_dict`` (e.g. timm's weights of the source model) with what conversion adds and it lacks
+        (:meth:`added_state`), so that it loads into the supernet."""
+        out = dict(state_dict)
+        for key, value in self.added_state().items():
+            out.setdefault(key, value)
         return out
 
     @property

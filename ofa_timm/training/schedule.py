@@ -61,6 +61,12 @@ class Stage:
         min_resolution: With sandwich sampling, train the min subnet at the stage's smallest resolution at every step,
             where it is deployed, instead of at the resolution drawn for the step's other subnets (trained alone, a
             subnet sees only its own resolution).
+        added_lr_scale: Learning-rate multiplier for what conversion adds to the source model (kernel transforms,
+            per-resolution position embeddings; ``added_state()``): they start at identity or zero and only the
+            smaller subnets use them, so they may move faster than the shared weights. Only ``Trainer`` reads it.
+        labels_max_only: With sandwich sampling and in-place distillation, only the max subnet learns from the labels
+            (with label smoothing and mixup); the others learn from its predictions alone (BigNAS regularizes only
+            the max subnet).
     """
     name: str
     epochs: float
@@ -75,6 +81,8 @@ class Stage:
     carry_optimizer: bool = False
     floor_weight: float = 1.0
     min_resolution: bool = False
+    added_lr_scale: float = 1.0
+    labels_max_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -93,6 +101,15 @@ class Stage:
             raise ValueError(f"Stage '{self.name}': floor_weight must be > 0, got {self.floor_weight}")
         if not isinstance(self.min_resolution, bool):
             raise ValueError(f"Stage '{self.name}': min_resolution must be true or false, got {self.min_resolution!r}")
+        if not self.added_lr_scale > 0 or not math.isfinite(self.added_lr_scale):
+            raise ValueError(f"Stage '{self.name}': added_lr_scale must be > 0, got {self.added_lr_scale}")
+        if not isinstance(self.labels_max_only, bool):
+            raise ValueError(
+                f"Stage '{self.name}': labels_max_only must be true or false, got {self.labels_max_only!r}")
+        if self.labels_max_only and not (self.sampling == 'sandwich' and self.inplace_kd and self.kd_ratio > 0):
+            raise ValueError(f"Stage '{self.name}': labels_max_only needs in-place distillation (sampling "
+                             f"'sandwich', inplace_kd true, kd_ratio > 0), got sampling {self.sampling!r}, "
+                             f"inplace_kd {self.inplace_kd}, kd_ratio {self.kd_ratio}")
         if self.sampling not in SAMPLING_RULES:
             raise ValueError(f"Stage '{self.name}': sampling {self.sampling!r} not in {list(SAMPLING_RULES)}")
         unlock = dict(self.unlock or {})

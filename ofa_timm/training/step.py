@@ -157,7 +157,9 @@ def shrinking_step(
         if stage.sampling == 'sandwich' and stage.inplace_kd and i == 0:
             teacher = logits.detach()  # in-place distillation from the max subnet
         elif teacher is not None and stage.kd_ratio > 0:
-            loss = loss + stage.kd_ratio * distillation_loss(logits, teacher, config.kd_kind, config.kd_temperature)
+            kd = stage.kd_ratio * distillation_loss(logits, teacher, config.kd_kind, config.kd_temperature)
+            in_place = stage.sampling == 'sandwich' and stage.inplace_kd
+            loss = kd if in_place and stage.labels_max_only else loss + kd
         if not is_finite(loss):
             raise NonFiniteLossError(
                 f"Non-finite loss ({loss.item()}) in stage '{stage.name}' at step {step} for subnet "

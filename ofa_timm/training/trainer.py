@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from timm.data import Mixup
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
 from .._dist import barrier as _barrier, rank_and_world as _dist
@@ -168,19 +168,42 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     return load_weights(path)[0]
 
 
-def _carry_optimizer_state(previous: Dict[str, Any], optimizer: torch.optim.Optimizer,
-                           moved: Sequence[torch.Tensor] = ()) -> None:
+def _param_groups(model: nn.Module, weight_decay: float, added_lr_scale: float) -> List[Dict[str, Any]]:
+    """timm's parameter groups (no weight decay on biases and norms), each split in two where ``added_lr_scale``
+    is not 1: the shared weights, and what conversion adds (``added_state()``) at ``lr_scale`` (which timm's
+    schedulers apply). With 1, the groups are timm's own, as an optimizer without the option has them."""
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=getattr(
+        model, 'no_weight_decay', lambda: set())())
+    if added_lr_scale == 1:
+        return groups
+    added = set(model.added_state())
+    added_ids = {id(p) for name, p in model.named_parameters() if name in added}
+    split = []
+    for group in groups:
+        for is_added in (False, True):
+            params = [p for p in group['params'] if (id(p) in added_ids) == is_added]
+            if params:
+                split.append({**group, 'params': params, **({'lr_scale': added_lr_scale} if is_added else {})})
+    return split
+
+
+def _carry_optimizer_state(previous: Dict[str, Any], previous_order: Sequence[torch.Tensor],
+                           optimizer: torch.optim.Optimizer, moved: Sequence[torch.Tensor] = ()) -> None:
     """Give ``optimizer`` the per-parameter state (momentum, moments, step) of ``previous``, a state dict of an
     optimizer over the same parameters, keeping ``optimizer``'s own hyper-parameters (lr, weight decay).
 
+    ``previous_order`` lists the parameters in ``previous``'s order (its groups', one after the other), so that the
+    state follows each parameter when the two optimizers group them differently (``Stage.added_lr_scale``).
     Parameters in ``moved`` (permuted by channel sorting since ``previous`` was saved) start afresh: their carried
     state would no longer line up with their channels.
     """
     state = optimizer.state_dict()
     index = {id(p): i for group, saved in zip(optimizer.param_groups, state['param_groups'])
              for p, i in zip(group['params'], saved['params'])}
-    skip = {index[id(p)] for p in moved}
-    state['state'] = {i: s for i, s in previous['state'].items() if i not in skip}
+    old_index = [i for saved in previous['param_groups'] for i in saved['params']]
+    skip = {id(p) for p in moved}
+    state['state'] = {index[id(p)]: previous['state'][i] for p, i in zip(previous_order, old_index)
+                      if i in previous['state'] and id(p) not in skip}
     optimizer.load_state_dict(state)
 
 
@@ -522,12 +545,19 @@ class Trainer:
         previous = self._optimizer  # the previous stage's, when this process ran it
         self._optimizer = create_optimizer_v2(
             self.supernet, opt=self.config.opt, lr=lr, weight_decay=self.config.weight_decay,
-            momentum=self.config.momentum)
+            momentum=self.config.momentum, param_group_fn=lambda model: _param_groups(
+                model, self.config.weight_decay, stage.added_lr_scale))
         if carry:  # from the checkpoint at the stage boundary, or from the stage this process just ran
-            carried = self._resume_state['optimizer'] if resumed else (
-                previous.state_dict() if previous is not None else None)
+            if resumed:  # the previous stage grouped the parameters as its own added_lr_scale says
+                carried = self._resume_state['optimizer']
+                before_scale = self.schedule.stages[max(self.position.stage - 1, 0)].added_lr_scale
+                order = [p for g in _param_groups(self.supernet, self.config.weight_decay, before_scale)
+                         for p in g['params']]
+            else:
+                carried = previous.state_dict() if previous is not None else None
+                order = [p for g in previous.param_groups for p in g['params']] if previous is not None else []
             if carried is not None:
-                _carry_optimizer_state(carried, self._optimizer, moved)
+                _carry_optimizer_state(carried, order, self._optimizer, moved)
         self._scheduler, _ = stage_scheduler(
             self._optimizer, self.schedule, stage, self.steps_per_epoch, self.config, lr=lr)
         if resumed:
