@@ -25,7 +25,9 @@ later stages. Each variant starts from the same weights, with the same data, bat
 - ``added lr x10``: what conversion adds to the source (kernel transforms, a ViT's per-resolution position
   embeddings) at 10x the stage's learning rate (``Stage.added_lr_scale``), the shared weights at 1x;
 - ``labels max only``: only the max subnet learns from the labels (label smoothing included), the smaller ones from
-  its predictions alone (``Stage.labels_max_only``; BigNAS regularizes only the max subnet).
+  its predictions alone (``Stage.labels_max_only``; BigNAS regularizes only the max subnet);
+- ``kernel sandwich``: the kernel stage trains the max and the min subnet at every step (``subnets_per_step=2``),
+  where ``fast``'s one subnet per step is, under the sandwich rule, the max subnet alone.
 
 Every figure is top-1 on the 300 validation images (30 per class, one image is 0.33 points), which is what a recipe
 may be chosen on; the chosen recipe is then measured on the test split by ``ps_quality.py --parts pretrained``. The
@@ -56,11 +58,12 @@ Variant = Tuple[Callable[[Schedule], Schedule], Dict[str, Any]]
 
 def _stages(lr_scale: float = 1.0, only: str = '', length: float = 1.0, **changes: Any
             ) -> Callable[[Schedule], Schedule]:
-    """Every stage (or those whose name starts with ``only``) with its lr scaled, its length (warmup included)
-    multiplied by ``length`` and ``changes`` made."""
+    """Every shrinking stage (or those whose name starts with ``only``) with its lr scaled, its length (warmup
+    included) multiplied by ``length`` and ``changes`` made. A stage that unlocks nothing (``full``, which a
+    pretrained start skips) stays as it is."""
     return lambda s: replace(s, stages=tuple(
-        replace(st.lengthened(length), lr=st.lr * lr_scale, **changes) if st.name.startswith(only) else st
-        for st in s.stages))
+        replace(st.lengthened(length), lr=st.lr * lr_scale, **changes) if st.unlock and st.name.startswith(only)
+        else st for st in s.stages))
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -76,6 +79,7 @@ VARIANTS: Dict[str, Variant] = {
     'alpha KD': (lambda s: s, dict(kd_kind='alpha')),
     'added lr x10': (_stages(added_lr_scale=10.), {}),
     'labels max only': (_stages(labels_max_only=True), {}),
+    'kernel sandwich': (_stages(only='kernel', subnets_per_step=2), {}),
 }
 
 

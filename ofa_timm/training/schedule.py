@@ -324,8 +324,9 @@ PRESETS: Dict[str, Recipe] = {
     'ofa': Recipe(full_lr=2.6e-2, full_epochs=180, single_lr=3e-2, single_epochs=120, phase1_lr=2.5e-3,
                   phase1_epochs=25, phase2_lr=7.5e-3, phase2_epochs=120, warmup=5),
     # A short recipe for supernets converted from pretrained timm weights (the full stage is skipped), the default
-    # for a pretrained start ('auto'). Sandwich sampling trains the min subnet at every step (with uniform sampling
-    # it was drawn too rarely in so few steps and ended 12 points below fine-tuning it alone, docs/results.md), the
+    # for a pretrained start ('auto'). Sandwich sampling trains the min subnet at every step of the two-phase stages
+    # (with uniform sampling it was drawn too rarely in so few steps and ended 12 points below fine-tuning it alone,
+    # docs/results.md; the kernel stage's one subnet per step is the max, fine-tuned at every resolution), the
     # optimizer's momentum carries over between stages, gradient norms are clipped at 10, and a floor of 4,000
     # optimizer steps keeps a small dataset from starving it (the budget curve in docs/results.md: on the digits every
     # gap shrank from 1,000 to 2,000 to 4,000 steps and none grew; at 4,000 MobileNetV3's min and mid came within 0.5
