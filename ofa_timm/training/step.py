@@ -151,15 +151,16 @@ def shrinking_step(
         NonFiniteLossError: Naming the stage, the step and the subnet.
     """
     total = 0.
+    in_place = stage.sampling == 'sandwich' and stage.inplace_kd
     for i, subnet in enumerate(subnets):
         supernet.set_active(subnet)
         loss, logits = forward(subnet)
-        if stage.sampling == 'sandwich' and stage.inplace_kd and i == 0:
+        if in_place and i == 0:
             teacher = logits.detach()  # in-place distillation from the max subnet
         elif teacher is not None and stage.kd_ratio > 0:
             kd = stage.kd_ratio * distillation_loss(logits, teacher, config.kd_kind, config.kd_temperature)
-            in_place = stage.sampling == 'sandwich' and stage.inplace_kd
-            loss = kd if in_place and stage.labels_max_only else loss + kd
+            # Stage allows labels_max_only with in-place distillation only: the teacher is this step's max subnet
+            loss = kd if stage.labels_max_only else loss + kd
         if not is_finite(loss):
             raise NonFiniteLossError(
                 f"Non-finite loss ({loss.item()}) in stage '{stage.name}' at step {step} for subnet "
