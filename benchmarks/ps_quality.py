@@ -166,13 +166,15 @@ def _variants(ps: Schedule) -> Dict[str, Schedule]:
 def _alone(bench: Bench, supernet: torch.nn.Module, subnet: Subnet, steps: int, stage: Stage, name: str,
            from_weights: bool) -> float:
     """``subnet`` extracted from ``supernet`` and trained alone for ``steps`` optimizer steps with ``stage``'s lr and
-    warmup (no distillation)."""
+    warmup (no distillation), one forward and backward per step: a stage's ``subnets_per_step`` would accumulate the
+    one subnet's gradient that many times, multiplying its learning rate."""
     alone = single_subnet(supernet.extract(subnet), subnet.resolution)  # nothing elastic: a plain model
     probe = Trainer(alone, Schedule((replace(stage, unlock={}),)), bench.train, bench.val, bench.calib,
                     bench.config(name))
     spe = probe.steps_per_epoch
     epochs = steps / spe
     alone_stage = replace(stage, name='alone', epochs=epochs, unlock={}, kd_ratio=0., sampling='uniform',
+                          subnets_per_step=1,
                           warmup_epochs=min(stage.warmup_epochs * bench.schedule_scale, epochs / 5))
     trainer = Trainer(alone, Schedule((alone_stage,)), bench.train, bench.val, bench.calib,
                       bench.config(name, subnet.resolution, zero_init_residual=not from_weights))
