@@ -27,7 +27,8 @@ later stages. Each variant starts from the same weights, with the same data, bat
 - ``labels max only``: only the max subnet learns from the labels (label smoothing included), the smaller ones from
   its predictions alone (``Stage.labels_max_only``; BigNAS regularizes only the max subnet);
 - ``kernel sandwich``: the kernel stage trains the max and the min subnet at every step (``subnets_per_step=2``),
-  where ``fast``'s one subnet per step is, under the sandwich rule, the max subnet alone.
+  where one subnet per step is, under the sandwich rule, the max subnet alone (``fast`` now does, as ``scratch``
+  did: for either start it is the recipe).
 
 Every figure is top-1 on the 300 validation images (30 per class, one image is 0.33 points), which is what a recipe
 may be chosen on; the chosen recipe is then measured on the test split by ``ps_quality.py --parts pretrained``. The

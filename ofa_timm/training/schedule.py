@@ -40,7 +40,8 @@ class Stage:
         unlock: Dimension (label or name) -> ``'all'`` or the number of largest choices to allow. Dimensions not
             listed stay at their max.
         warmup_epochs: Linear warmup length, in epochs.
-        subnets_per_step: Subnets whose gradients are accumulated per optimizer step.
+        subnets_per_step: Subnets whose gradients are accumulated per optimizer step. Under the sandwich rule the
+            first is the max and the second the min, so a stage of 1 trains the max alone and nothing it unlocks.
         kd_ratio: Weight of the distillation loss (0 disables the teacher).
         sampling: ``'uniform'`` (OFA) or ``'sandwich'`` (BigNAS: max + min + random subnets).
         inplace_kd: With sandwich sampling, distil from the max subnet of the same step (BigNAS's in-place
@@ -324,18 +325,19 @@ PRESETS: Dict[str, Recipe] = {
     'ofa': Recipe(full_lr=2.6e-2, full_epochs=180, single_lr=3e-2, single_epochs=120, phase1_lr=2.5e-3,
                   phase1_epochs=25, phase2_lr=7.5e-3, phase2_epochs=120, warmup=5),
     # A short recipe for supernets converted from pretrained timm weights (the full stage is skipped), the default
-    # for a pretrained start ('auto'). Sandwich sampling trains the min subnet at every step of the two-phase stages
-    # (with uniform sampling it was drawn too rarely in so few steps and ended 12 points below fine-tuning it alone,
-    # docs/results.md; the kernel stage's one subnet per step is the max, fine-tuned at every resolution), the
-    # optimizer's momentum carries over between stages, gradient norms are clipped at 10, and a floor of 4,000
-    # optimizer steps keeps a small dataset from starving it (the budget curve in docs/results.md: on the digits every
-    # gap shrank from 1,000 to 2,000 to 4,000 steps and none grew; at 4,000 MobileNetV3's min and mid came within 0.5
-    # of fine-tuning each alone, and the small ViT at its own resolution held its max within 0.5 at every stage end).
-    # The min subnet trains at the smallest resolution, where it is deployed (on a small ViT with 24-32 px it ended
-    # 3.7 points higher on the validation split; docs/results.md).
-    'fast': Recipe(full_lr=1e-2, full_epochs=10, single_lr=1e-2, single_epochs=10, phase1_lr=2.5e-3, phase1_epochs=2,
-                   phase2_lr=5e-3, phase2_epochs=10, warmup=1, sampling='sandwich', carry_optimizer=True,
-                   clip_grad=10., min_steps=4000, min_resolution=True),
+    # for a pretrained start ('auto'). Sandwich sampling trains the min subnet at every step of every stage (with
+    # uniform sampling it was drawn too rarely in so few steps and ended 12 points below fine-tuning it alone,
+    # docs/results.md); the kernel stage therefore trains two subnets per step, since under the sandwich rule one
+    # would be the max alone and no smaller kernel would train before the depth stage. The optimizer's momentum
+    # carries over between stages, gradient norms are clipped at 10, and a floor of 4,000 optimizer steps keeps a
+    # small dataset from starving it (the budget curve in docs/results.md: on the digits every gap shrank from 1,000
+    # to 2,000 to 4,000 steps and none grew; at 4,000 MobileNetV3's min and mid came within 0.5 of fine-tuning each
+    # alone, and the small ViT at its own resolution held its max within 0.5 at every stage end). The min subnet
+    # trains at the smallest resolution, where it is deployed (on a small ViT with 24-32 px it ended 3.7 points higher
+    # on the validation split; docs/results.md).
+    'fast': Recipe(full_lr=1e-2, full_epochs=10, single_lr=1e-2, single_epochs=10, single_subnets=2,
+                   phase1_lr=2.5e-3, phase1_epochs=2, phase2_lr=5e-3, phase2_epochs=10, warmup=1, sampling='sandwich',
+                   carry_optimizer=True, clip_grad=10., min_steps=4000, min_resolution=True),
     # A short recipe for small datasets trained from scratch (the demo and benchmarks/ps_quality.py), for SGD with
     # Nesterov momentum (--opt sgd). Measured on digits (docs/results.md): every stage after 'full' runs at 0.1-0.3x
     # the full stage's peak lr (at 1x the kernel stage undoes the full stage), warms up, keeps the optimizer's
