@@ -140,7 +140,6 @@ def test_auto_picks_fast_for_a_pretrained_start_and_scratch_otherwise():
     assert not any(s.min_resolution for s in PRESETS['scratch'].schedule(space).stages)
 
 
-
 @pytest.mark.parametrize('preset', sorted(PRESETS))
 def test_every_shrinking_stage_trains_a_subnet_smaller_than_the_max(preset):
     # Under the sandwich rule a stage's first subnet is the max: with one subnet per step a stage fine-tunes the max
@@ -154,6 +153,7 @@ def test_every_shrinking_stage_trains_a_subnet_smaller_than_the_max(preset):
             name = space.by_label(label).name
             if name != 'resolution':
                 assert any(s[name] != mx[name] for s in drawn), f'{preset}: stage {stage.name} never trains {label}'
+
 
 def test_build_schedule_applies_every_override():
     space = mbv3_space()
