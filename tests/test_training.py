@@ -143,7 +143,7 @@ def test_auto_picks_fast_for_a_pretrained_start_and_scratch_otherwise():
 @pytest.mark.parametrize('preset', sorted(PRESETS))
 def test_every_shrinking_stage_trains_a_subnet_smaller_than_the_max(preset):
     # Under the sandwich rule a stage's first subnet is the max: with one subnet per step a stage fine-tunes the max
-    # and trains nothing it unlocks (the pretrained recipe's kernel stage did, until 0.4).
+    # and trains nothing it unlocks (the pretrained recipe's kernel stage once did).
     space = mbv3_space()
     mx = space.max()
     for stage in PRESETS[preset].schedule(space).stages[1:]:
