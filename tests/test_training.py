@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import ofa_timm
 from ofa_timm.example_data import make_shapes_dataset
+from ofa_timm.space import RESOLUTION
 from ofa_timm.training import (
     PRESETS, DataConfig, NonFiniteLossError, Schedule, ShrinkingConfig, Stage, StepSampler, TrainConfig, Trainer,
     alpha_divergence, band_permutation, build_datasets, build_schedule, calibrate_bn, distillation_loss,
@@ -151,7 +152,7 @@ def test_every_shrinking_stage_trains_a_subnet_smaller_than_the_max(preset):
         drawn = [s for step in range(20) for s in sampler.sample(step)]
         for label in stage.unlock:
             name = space.by_label(label).name
-            if name != 'resolution':
+            if name != RESOLUTION:
                 assert any(s[name] != mx[name] for s in drawn), f'{preset}: stage {stage.name} never trains {label}'
 
 
