@@ -24,6 +24,9 @@ Parts (``--parts``):
   and min and mid with the same subnets extracted from the source and fine-tuned alone for as many steps as PS took.
 - ``small``: PS with ``auto`` on 200 training images, against each subnet trained alone for as many steps.
 
+Every subnet trained alone tries its stage's lr times each of ``--alone-lr-scales`` (1, 2 and 4) and keeps the one
+with the best validation top-1, as PS's recipes were tuned on validation; only the chosen run is measured on test.
+
 Each subnet is BN-recalibrated on 500 training images and evaluated on the 1,000 test images (one image is 0.1 points;
 the binomial standard error of a top-1 near 95 % is 0.7 points). Stage-end figures are the max subnet on the test
 split at the end of each stage. The tables go into ``docs/results.md`` between markers named after the model and part.
@@ -32,6 +35,7 @@ shared weights, ``TrainConfig.ema_decay``; the subnets trained alone do not) wri
 
 Usage: python benchmarks/ps_quality.py --model ofa_mobilenetv3_large_100 [--model-kwargs depth=4 ...]
        [--image-size 32] [--parts scratch pretrained small] [--no-ablations] [--floor-scale 2] [--ema-decay 0.998]
+       [--alone-lr-scales 1 2 4]
        [--results docs/results.md]
        [--output /tmp/ps_quality] [--seed 0] [--smoke]
 """
@@ -42,7 +46,7 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -59,6 +63,7 @@ from ofa_timm.training.schedule import PRESETS
 from ofa_timm.training.sampling import applicable_stages
 
 PARTS = ('scratch', 'pretrained', 'small')
+ALONE_LR_SCALES = (1., 2., 4.)  # the subnets trained alone: their stage's lr times each, chosen on validation
 SHARED = 'shared weights, EMA not deployed'  # the row of a run's own weights when --ema-decay deploys their average
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +89,8 @@ class Bench:
         self.calib_images = 64 if args.smoke else 500  # the smoke run checks the plumbing, not the figures
         self.evaluator = SubnetEvaluator(self.calib, self.test, calib_images=self.calib_images, batch_size=64,
                                          seed=args.seed)
+        self.val_evaluator = SubnetEvaluator(self.calib, self.val, calib_images=self.calib_images, batch_size=64,
+                                             seed=args.seed)  # chooses the baselines' lr; nothing reported is on it
         self.schedule_scale = 1.0  # the schedule's epoch scale (it multiplies a stage's warmup), for the runs alone
 
     def config(self, name: str, resolution: Optional[int] = None, **kwargs: Any) -> TrainConfig:
@@ -97,6 +104,9 @@ class Bench:
 
     def test_top1(self, supernet: torch.nn.Module, subnet: Subnet) -> float:
         return self.evaluator(supernet, subnet)['top1']
+
+    def val_top1(self, supernet: torch.nn.Module, subnet: Subnet) -> float:
+        return self.val_evaluator(supernet, subnet)['top1']
 
 
 def deployed(trainer: Trainer) -> torch.nn.Module:
@@ -163,24 +173,41 @@ def _variants(ps: Schedule) -> Dict[str, Schedule]:
             'No PS, uniform': unlocked('uniform'), 'No PS, sandwich': unlocked('sandwich')}
 
 
+class Alone(NamedTuple):
+    """A subnet trained alone at each learning rate of a sweep: the test top-1 at the lr validation chose."""
+    top1: float
+    lr: float
+    val: Dict[float, float]  # validation top-1 at each lr tried
+
+
 def _alone(bench: Bench, supernet: torch.nn.Module, subnet: Subnet, steps: int, stage: Stage, name: str,
-           from_weights: bool) -> float:
-    """``subnet`` extracted from ``supernet`` and trained alone for ``steps`` optimizer steps with ``stage``'s lr and
-    warmup (no distillation), one forward and backward per step: a stage's ``subnets_per_step`` would accumulate the
-    one subnet's gradient that many times, multiplying its learning rate."""
-    alone = single_subnet(supernet.extract(subnet), subnet.resolution)  # nothing elastic: a plain model
-    probe = Trainer(alone, Schedule((replace(stage, unlock={}),)), bench.train, bench.val, bench.calib,
-                    bench.config(name))
-    spe = probe.steps_per_epoch
-    epochs = steps / spe
-    alone_stage = replace(stage, name='alone', epochs=epochs, unlock={}, kd_ratio=0., sampling='uniform',
-                          subnets_per_step=1,
-                          warmup_epochs=min(stage.warmup_epochs * bench.schedule_scale, epochs / 5))
-    trainer = Trainer(alone, Schedule((alone_stage,)), bench.train, bench.val, bench.calib,
-                      bench.config(name, subnet.resolution, zero_init_residual=not from_weights))
-    trainer.run()
-    assert trainer.position.global_step == steps, (trainer.position.global_step, steps)
-    return bench.test_top1(alone, alone.space.max())
+           from_weights: bool) -> Alone:
+    """``subnet`` extracted from ``supernet`` and trained alone for ``steps`` optimizer steps with ``stage``'s warmup
+    (no distillation), one forward and backward per step (a stage's ``subnets_per_step`` would accumulate the one
+    subnet's gradient that many times, multiplying its learning rate), at ``stage.lr`` times each of
+    ``--alone-lr-scales``. The baseline gets the tuning PS's recipes got: its lr is chosen on the validation split,
+    the lower on a tie, and only the chosen run is measured on test."""
+    state = {k: v.clone() for k, v in supernet.state_dict().items()}
+    best, val = None, {}
+    for scale in bench.args.alone_lr_scales:
+        supernet.load_state_dict(state)
+        alone = single_subnet(supernet.extract(subnet), subnet.resolution)  # nothing elastic: a plain model
+        probe = Trainer(alone, Schedule((replace(stage, unlock={}),)), bench.train, bench.val, bench.calib,
+                        bench.config(name))
+        epochs = steps / probe.steps_per_epoch
+        lr = stage.lr * scale
+        alone_stage = replace(stage, name='alone', epochs=epochs, unlock={}, kd_ratio=0., sampling='uniform',
+                              subnets_per_step=1, lr=lr,
+                              warmup_epochs=min(stage.warmup_epochs * bench.schedule_scale, epochs / 5))
+        trainer = Trainer(alone, Schedule((alone_stage,)), bench.train, bench.val, bench.calib,
+                          bench.config(f'{name}_lr{lr:g}', subnet.resolution, zero_init_residual=not from_weights))
+        trainer.run()
+        assert trainer.position.global_step == steps, (trainer.position.global_step, steps)
+        val[lr] = bench.val_top1(alone, alone.space.max())
+        if best is None or val[lr] > val[best[0]]:  # strictly better: a tie keeps the lower lr
+            best = lr, bench.test_top1(alone, alone.space.max())
+    supernet.load_state_dict(state)
+    return Alone(top1=best[1], lr=best[0], val=val)
 
 
 def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
@@ -212,13 +239,14 @@ def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     full = trainer.schedule.stages[0]
     for label, n in ((f'Alone, {steps} steps each', steps), (f'Alone, {math.ceil(steps / 3)} steps each',
                                                             math.ceil(steps / 3))):
-        rows[label] = dict(steps=n)
+        rows[label] = dict(steps=n, lrs={})
         for name, subnet in (('min', space.min()), ('mid', space.mid()), ('max', space.max())):
             initial.load_state_dict(state)
             tick = time.time()
-            rows[label][name] = _alone(bench, initial, subnet, n, full, f'alone_{name}_{n}', from_weights=False)
-            print(f'{label} {name}: {rows[label][name]:.2f} ({time.time() - tick:.0f} s)', flush=True)
-    return 'scratch', dict(rows=rows, steps=steps, n_train=len(bench.train), schedule=trainer.schedule)
+            result = _alone(bench, initial, subnet, n, full, f'alone_{name}_{n}', from_weights=False)
+            rows[label][name], rows[label]['lrs'][name] = result.top1, result.lr
+            print(f'{label} {name}: {_brief_alone(result)} ({time.time() - tick:.0f} s)', flush=True)
+    return 'scratch', dict(rows=rows, steps=steps, n_train=len(bench.train), schedule=trainer.schedule, lr=full.lr)
 
 
 def train_source(bench: Bench, args: argparse.Namespace) -> Path:
@@ -283,7 +311,7 @@ def part_pretrained(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
         supernet.load_state_dict(state)
         tick = time.time()
         alone[name] = _alone(bench, supernet, subnet, steps, first, f'finetune_{name}', from_weights=True)
-        print(f'fine-tuned alone {name}: {alone[name]:.2f} ({time.time() - tick:.0f} s)', flush=True)
+        print(f'fine-tuned alone {name}: {_brief_alone(alone[name])} ({time.time() - tick:.0f} s)', flush=True)
     return 'pretrained', dict(source=source_top1, ps=ps, shared=shared, alone=alone, steps=steps, first=first,
                               source_steps=args.source_steps, n_train=len(bench.train), schedule=trainer.schedule)
 
@@ -309,9 +337,9 @@ def part_small(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     for name, subnet in (('min', space.min()), ('mid', space.mid()), ('max', space.max())):
         initial.load_state_dict(state)
         alone[name] = _alone(bench, initial, subnet, steps, full, f'small_alone_{name}', from_weights=False)
-        print(f'alone {name}: {alone[name]:.2f}', flush=True)
+        print(f'alone {name}: {_brief_alone(alone[name])}', flush=True)
     return 'small', dict(ps=ps, shared=shared, alone=alone, steps=steps, n_train=len(bench.train),
-                         schedule=trainer.schedule)
+                         schedule=trainer.schedule, lr=full.lr)
 
 
 def _randoms(space: Any, args: argparse.Namespace) -> List[Subnet]:
@@ -333,6 +361,11 @@ def model_kwargs_flag(args: argparse.Namespace) -> str:
 
 def _brief(row: Dict[str, Any]) -> str:
     return ', '.join(f'{k} {row[k]:.1f}' for k in ('min', 'mid', 'max', 'mean', 'worst') if k in row)
+
+
+def _brief_alone(result: Alone) -> str:
+    tried = ', '.join(f'lr {lr:g}: {top1:.1f}' for lr, top1 in result.val.items())
+    return f'test {result.top1:.2f} at lr {result.lr:g} (validation {tried})'
 
 
 # --- the report ------------------------------------------------------------------------------------------------------
@@ -360,6 +393,14 @@ def _stage_ends(data: Dict[str, Any]) -> str:
     return f"{line}; {SHARED}: {_stage_line(data['shared']['stages'])}" if data.get('shared') else line
 
 
+def _lr_text(lrs: Dict[str, float], base: float, scales: Sequence[float]) -> str:
+    """Which lr validation chose for each subnet trained alone, from which (or the one lr, when none was chosen)."""
+    if len(scales) == 1:
+        return f'lr {base * scales[0]:g}, not tuned'
+    tried = '/'.join(f'{base * scale:g}' for scale in scales)
+    return f'lr chosen on validation from {tried}: ' + ', '.join(f'{k} {lr:g}' for k, lr in lrs.items())
+
+
 def _schedule_text(schedule: Schedule, steps: int, n_train: int) -> str:
     weights = sorted({s.floor_weight for s in schedule.stages[1:]} - {1.})
     weight = f", the stages after the first weighted {'/'.join(f'{w:g}' for w in weights)} in it" if weights else ''
@@ -372,6 +413,8 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
     flags += setting_flags(args)
     if args.ema_decay:
         flags += f' --ema-decay {args.ema_decay:g}'
+    if tuple(args.alone_lr_scales) != ALONE_LR_SCALES:
+        flags += ' --alone-lr-scales ' + ' '.join(f'{scale:g}' for scale in args.alone_lr_scales)
     flags += model_kwargs_flag(args)
     cmd = (f'`python benchmarks/ps_quality.py --model {args.model} --image-size {args.image_size} --parts {part}'
            f'{flags}` ({seconds / 60:.1f} minutes on the 2-core machine)')
@@ -389,6 +432,8 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
                   '|---|---:|---:|---:|---:|---:|---:|']
         for label, r in rows.items():
             lines.append(f"| {label} | {r['steps']:,} | {_cells(r)} |")
+        lines += [''] + [f"{label}: {_lr_text(r['lrs'], data['lr'], args.alone_lr_scales)}."
+                         for label, r in rows.items() if 'lrs' in r]
         lines += ['', 'Max subnet at the end of each stage: ' + '; '.join(
             f"{label}: {_stage_line(r['stages'])}" for label, r in rows.items() if 'stages' in r), '']
         ps = rows['PS']
@@ -416,8 +461,9 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
         lines += [f"Source `{args.model[4:]}` trained alone for {data['source_steps']:,} steps: {data['source']:.1f}.",
                   '', '| | min | mid | max | random mean | random worst |', '|---|---:|---:|---:|---:|---:|',
                   f"| PS from the source (`fast`) | {_cells(ps)} |", *_shared_row(data, 'PS from the source'),
-                  f"| extracted from the source, fine-tuned alone for {data['steps']:,} steps at lr "
-                  f"{data['first'].lr:g} | {alone['min']:.1f} | {alone['mid']:.1f} | | | |",
+                  f"| extracted from the source, fine-tuned alone for {data['steps']:,} steps ("
+                  f"{_lr_text({k: a.lr for k, a in alone.items()}, data['first'].lr, args.alone_lr_scales)}) | "
+                  f"{alone['min'].top1:.1f} | {alone['mid'].top1:.1f} | | | |",
                   f"| the source | | | {data['source']:.1f} | | |", '',
                   f"Max subnet at the end of each stage: {_stage_ends(data)}.", '', 'Targets:', '',
                   f"- Max within 0.5 point of the source: {ps['max']:.1f} vs {data['source']:.1f} "
@@ -425,16 +471,19 @@ def report(part: str, data: Dict[str, Any], args: argparse.Namespace, seconds: f
                   f"- Max within 0.5 point of the source at every stage end: lowest {low:.1f} ({low_stage}) vs "
                   f"{data['source']:.1f} ({_verdict(low >= data['source'] - 0.5 - 1e-6, low - data['source'] + 0.5)}).",
                   '- Min and mid at least as good as fine-tuning each alone: ' + ', '.join(
-                      f"{k} {ps[k]:.1f} vs {alone[k]:.1f} ({_verdict(ps[k] >= alone[k], ps[k] - alone[k])})"
-                      for k in ('min', 'mid')) + '.']
+                      f"{k} {ps[k]:.1f} vs {alone[k].top1:.1f} "
+                      f"({_verdict(ps[k] >= alone[k].top1, ps[k] - alone[k].top1)})" for k in ('min', 'mid')) + '.']
     else:
         ps, alone = data['ps'], data['alone']
         lines += ['| | min | mid | max | random mean | random worst |', '|---|---:|---:|---:|---:|---:|',
                   f"| PS (`auto`) | {_cells(ps)} |", *_shared_row(data, 'PS'),
-                  f"| each alone, {data['steps']:,} steps | {alone['min']:.1f} | {alone['mid']:.1f} | "
-                  f"{alone['max']:.1f} | | |", '', f"Max subnet at the end of each stage: {_stage_ends(data)}.",
+                  f"| each alone, {data['steps']:,} steps ("
+                  f"{_lr_text({k: a.lr for k, a in alone.items()}, data['lr'], args.alone_lr_scales)}) | "
+                  f"{alone['min'].top1:.1f} | {alone['mid'].top1:.1f} | {alone['max'].top1:.1f} | | |", '',
+                  f"Max subnet at the end of each stage: {_stage_ends(data)}.",
                   '', '- Within 2 points of each subnet alone at equal steps: ' + ', '.join(
-                      f"{k} {ps[k]:.1f} vs {alone[k]:.1f} ({_verdict(ps[k] >= alone[k] - 2, ps[k] - alone[k] + 2)})"
+                      f"{k} {ps[k]:.1f} vs {alone[k].top1:.1f} "
+                      f"({_verdict(ps[k] >= alone[k].top1 - 2, ps[k] - alone[k].top1 + 2)})"
                       for k in ('min', 'mid', 'max')) + '.']
     return '\n'.join(lines)
 
@@ -516,11 +565,16 @@ def main() -> None:
     parser.add_argument('--ema-decay', type=float, default=None,
                         help='PS runs keep an EMA of the shared weights with this decay and deploy it (the subnets '
                              'alone do not)')
+    parser.add_argument('--alone-lr-scales', type=float, nargs='+', default=ALONE_LR_SCALES,
+                        help="the subnets trained alone try the stage's lr times each of these and keep the best on "
+                             'validation (1 alone: no tuning)')
     parser.add_argument('--no-ablations', action='store_true',
                         help='scratch part: PS and the subnets alone, without the four ablation runs')
     args = parse_bench_args(parser)
     if args.ema_decay is not None and not 0 < args.ema_decay < 1:
         parser.error(f'--ema-decay must be in (0, 1), got {args.ema_decay}')
+    if min(args.alone_lr_scales) <= 0 or sorted(set(args.alone_lr_scales)) != list(args.alone_lr_scales):
+        parser.error(f'--alone-lr-scales must be positive, ascending and without repeats, got {args.alone_lr_scales}')
     parts = {'scratch': part_scratch, 'pretrained': part_pretrained, 'small': part_small}
     for name in args.parts:
         start = time.time()

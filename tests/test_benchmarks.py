@@ -48,7 +48,8 @@ def test_quality_matrix_smoke(tmp_path):
     results = tmp_path / 'results.md'
     cmd = [sys.executable, str(BENCHMARKS / 'ps_quality.py'), '--model', 'ofa_mobilenetv3_small_100', '--image-size',
            '16', '--parts', 'scratch', 'pretrained', 'small', '--source-steps', '4', '--smoke', '--output',
-           str(tmp_path / 'out'), '--results', str(results), '--floor-scale', '2', '--ema-decay', '0.9']
+           str(tmp_path / 'out'), '--results', str(results), '--floor-scale', '2', '--ema-decay', '0.9',
+           '--alone-lr-scales', '1', '2']
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     doc = results.read_text()
@@ -58,6 +59,8 @@ def test_quality_matrix_smoke(tmp_path):
     assert doc.count('--floor-scale 2 --ema-decay 0.9') == 3 and doc.count('EMA 0.9 deployed') == 3
     assert 'Max within 0.5 point of the source' in doc and 'Within 2 points of each subnet alone' in doc
     assert '| PS |' in doc and 'Alone,' in doc
+    # The baselines' lr is chosen on validation, per subnet, from the scales given (a line per baseline row)
+    assert doc.count('lr chosen on validation from ') == 4 and doc.count(' --alone-lr-scales 1 2') == 3
     # Each part also reports the run's own weights beside their EMA: a row and a stage-end line
     shared = 'shared weights, EMA not deployed'
     assert f'| PS, {shared} |' in doc and f'| PS from the source, {shared} |' in doc
