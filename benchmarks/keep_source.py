@@ -10,7 +10,8 @@ later stages. Each variant starts from the same weights, with the same data, bat
 
 - ``recipe``: the recipe as it is (sandwich sampling, in-place distillation from the max subnet of the same step);
 - ``frozen KD``: every subnet, the max included, distils from the frozen start (``Stage.inplace_kd=False``);
-- ``lr x0.3`` / ``lr x0.1``: every stage's learning rate scaled (the source ended its own training near lr 0);
+- ``lr x2`` / ``lr x0.3`` / ``lr x0.1``: every stage's learning rate scaled (the source ended its own training
+  near lr 0; the subnets fine-tuned alone in ``ps_quality.py`` choose theirs from 1, 2 and 4x on validation);
 - ``frozen KD, lr x0.3``: both;
 - ``EMA``: the same run as ``recipe``, deploying the exponential moving average of the shared weights
   (``TrainConfig.ema_decay``, timm's ``ModelEmaV3``);
@@ -70,6 +71,7 @@ def _stages(lr_scale: float = 1.0, only: str = '', length: float = 1.0, **change
 VARIANTS: Dict[str, Variant] = {
     'recipe': (lambda s: s, {}),
     'frozen KD': (_stages(inplace_kd=False), {}),
+    'lr x2': (_stages(2.0), {}),
     'lr x0.3': (_stages(0.3), {}),
     'lr x0.1': (_stages(0.1), {}),
     'frozen KD, lr x0.3': (_stages(0.3, inplace_kd=False), {}),
