@@ -565,7 +565,7 @@ def main() -> None:
     parser.add_argument('--ema-decay', type=float, default=None,
                         help='PS runs keep an EMA of the shared weights with this decay and deploy it (the subnets '
                              'alone do not)')
-    parser.add_argument('--alone-lr-scales', type=float, nargs='+', default=ALONE_LR_SCALES,
+    parser.add_argument('--alone-lr-scales', type=float, nargs='+', default=ALONE_LR_SCALES, metavar='SCALE',
                         help="the subnets trained alone try the stage's lr times each of these and keep the best on "
                              'validation (1 alone: no tuning)')
     parser.add_argument('--no-ablations', action='store_true',
