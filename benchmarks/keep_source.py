@@ -163,7 +163,7 @@ def main() -> None:
     bench = Bench(args)
     supernet, shrinking = start(bench, args)
     state = {k: v.clone() for k, v in supernet.state_dict().items()}
-    evaluator = SubnetEvaluator(bench.calib, bench.val, calib_images=bench.calib_images, batch_size=64, seed=args.seed)
+    evaluator = bench.val_evaluator
     source = evaluator(supernet, supernet.space.max())['top1']
     print(f'{args.start} start: {source:.1f} (validation)', flush=True)
     rows: Dict[str, Dict[str, Any]] = {}

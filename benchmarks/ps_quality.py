@@ -187,14 +187,13 @@ def _alone(bench: Bench, supernet: torch.nn.Module, subnet: Subnet, steps: int, 
     subnet's gradient that many times, multiplying its learning rate), at ``stage.lr`` times each of
     ``--alone-lr-scales``. The baseline gets the tuning PS's recipes got: its lr is chosen on the validation split,
     the lower on a tie, and only the chosen run is measured on test."""
-    state = {k: v.clone() for k, v in supernet.state_dict().items()}
-    best, val = None, {}
+    # ``extract`` copies the weights, so every lr starts from the same ones and ``supernet`` is left as it was.
+    probe = Trainer(single_subnet(supernet.extract(subnet), subnet.resolution), Schedule((replace(stage, unlock={}),)),
+                    bench.train, bench.val, bench.calib, bench.config(name))
+    epochs = steps / probe.steps_per_epoch
+    chosen, val = None, {}
     for scale in bench.args.alone_lr_scales:
-        supernet.load_state_dict(state)
         alone = single_subnet(supernet.extract(subnet), subnet.resolution)  # nothing elastic: a plain model
-        probe = Trainer(alone, Schedule((replace(stage, unlock={}),)), bench.train, bench.val, bench.calib,
-                        bench.config(name))
-        epochs = steps / probe.steps_per_epoch
         lr = stage.lr * scale
         alone_stage = replace(stage, name='alone', epochs=epochs, unlock={}, kd_ratio=0., sampling='uniform',
                               subnets_per_step=1, lr=lr,
@@ -204,10 +203,10 @@ def _alone(bench: Bench, supernet: torch.nn.Module, subnet: Subnet, steps: int, 
         trainer.run()
         assert trainer.position.global_step == steps, (trainer.position.global_step, steps)
         val[lr] = bench.val_top1(alone, alone.space.max())
-        if best is None or val[lr] > val[best[0]]:  # strictly better: a tie keeps the lower lr
-            best = lr, bench.test_top1(alone, alone.space.max())
-    supernet.load_state_dict(state)
-    return Alone(top1=best[1], lr=best[0], val=val)
+        if chosen is None or val[lr] > val[chosen[0]]:  # strictly better: a tie keeps the lower lr
+            chosen = lr, alone
+    lr, alone = chosen
+    return Alone(top1=bench.test_top1(alone, alone.space.max()), lr=lr, val=val)
 
 
 def part_scratch(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
