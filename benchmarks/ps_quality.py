@@ -64,6 +64,7 @@ from ofa_timm.training.sampling import applicable_stages
 
 PARTS = ('scratch', 'pretrained', 'small')
 ALONE_LR_SCALES = (1., 2., 4.)  # the subnets trained alone: their stage's lr times each, chosen on validation
+SOURCE_STEPS = 1500  # the stand-in pretrained source's training steps
 SHARED = 'shared weights, EMA not deployed'  # the row of a run's own weights when --ema-decay deploys their average
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -505,18 +506,23 @@ def bench_resolutions(args: argparse.Namespace) -> Tuple[int, ...]:
 
 
 def setting_flags(args: argparse.Namespace) -> str:
-    """``--floor-scale``, ``--floor-weight`` and ``--resolutions`` as a section's command line gives them (nothing
-    at the defaults)."""
+    """``--floor-scale``, ``--floor-weight``, ``--resolutions``, ``--source-steps`` and ``--seed`` as a section's
+    command line gives them (nothing at the defaults): the seed and the source's steps change the data split and the
+    source, so a rerun without them measures something else."""
     flags = f' --floor-scale {args.floor_scale:g}' if args.floor_scale != 1 else ''
     flags += f' --floor-weight {args.floor_weight:g}' if args.floor_weight is not None else ''
-    return flags + (' --resolutions ' + ' '.join(map(str, args.resolutions)) if args.resolutions else '')
+    flags += ' --resolutions ' + ' '.join(map(str, args.resolutions)) if args.resolutions else ''
+    flags += f' --source-steps {args.source_steps}' if args.source_steps != SOURCE_STEPS else ''
+    return flags + (f' --seed {args.seed}' if args.seed != 0 else '')
 
 
 def setting_key(args: argparse.Namespace) -> str:
     """The results-section key's suffix for the same flags, so that each setting keeps its own section."""
     key = f':floor{args.floor_scale:g}' if args.floor_scale != 1 else ''
     key += f':weight{args.floor_weight:g}' if args.floor_weight is not None else ''
-    return key + (':res' + '-'.join(map(str, args.resolutions)) if args.resolutions else '')
+    key += ':res' + '-'.join(map(str, args.resolutions)) if args.resolutions else ''
+    key += f':source{args.source_steps}' if args.source_steps != SOURCE_STEPS else ''
+    return key + (f':seed{args.seed}' if args.seed != 0 else '')
 
 
 def bench_parser(doc: str, image_size: int) -> argparse.ArgumentParser:
@@ -526,7 +532,8 @@ def bench_parser(doc: str, image_size: int) -> argparse.ArgumentParser:
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                         help='source model arguments, e.g. depth=4 patch_size=4 img_size=32 for a small ViT')
     parser.add_argument('--image-size', type=int, default=image_size)
-    parser.add_argument('--source-steps', type=int, default=1500, help='steps the pretrained source is trained for')
+    parser.add_argument('--source-steps', type=int, default=SOURCE_STEPS,
+                        help='steps the pretrained source is trained for')
     parser.add_argument('--floor-scale', type=float, default=1.0,
                         help="multiplies the auto recipe's floor in optimizer steps (the budget curve: 0.5, 1, 2)")
     parser.add_argument('--floor-weight', type=float, default=None,

@@ -4,6 +4,7 @@ there, and the subnet-quality matrix on a few steps.
 Timings and accuracies are not asserted: only that every case ran, checked its models' outputs, and wrote a sane
 table.
 """
+import argparse
 import json
 import math
 import subprocess
@@ -112,3 +113,20 @@ def test_bench_resolutions_must_end_at_the_image_size(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert '--resolutions must be positive, ascending, without repeats, and end at the image size (16)' in result.stderr
+
+
+def test_bench_section_names_the_seed_and_source_steps():
+    """A section's command line and key carry every setting that changes the data split or the source, so that a
+    rerun reproduces it and a run at another seed keeps its own section."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from ps_quality import SOURCE_STEPS, setting_flags, setting_key
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    default = argparse.Namespace(floor_scale=1.0, floor_weight=None, resolutions=None, source_steps=SOURCE_STEPS,
+                                 seed=0)
+    assert setting_flags(default) == '' and setting_key(default) == ''
+    other = argparse.Namespace(floor_scale=0.5, floor_weight=None, resolutions=[24], source_steps=SOURCE_STEPS + 1,
+                               seed=1)
+    assert setting_flags(other) == f' --floor-scale 0.5 --resolutions 24 --source-steps {SOURCE_STEPS + 1} --seed 1'
+    assert setting_key(other) == f':floor0.5:res24:source{SOURCE_STEPS + 1}:seed1'
