@@ -54,10 +54,11 @@ def test_quality_matrix_smoke(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     doc = results.read_text()
-    for part in ('scratch', 'pretrained', 'small'):  # a budget-curve or EMA run has sections of its own
-        key = f'ps_quality:ofa_mobilenetv3_small_100:{part}:floor2:ema0.9'
+    # A budget-curve, EMA or other-source run has sections of its own
+    for part in ('scratch', 'pretrained', 'small'):
+        key = f'ps_quality:ofa_mobilenetv3_small_100:{part}:floor2:source4:ema0.9'
         assert f'<!-- {key}:begin -->' in doc and f'<!-- {key}:end -->' in doc
-    assert doc.count('--floor-scale 2 --ema-decay 0.9') == 3 and doc.count('EMA 0.9 deployed') == 3
+    assert doc.count('--floor-scale 2 --source-steps 4 --ema-decay 0.9') == 3 and doc.count('EMA 0.9 deployed') == 3
     assert 'Max within 0.5 point of the source' in doc and 'Within 2 points of each subnet alone' in doc
     assert '| PS |' in doc and 'Alone,' in doc
     # The baselines' lr is chosen on validation, per subnet, from the scales given (a line per baseline row)
@@ -79,8 +80,9 @@ def test_keep_source_smoke(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     doc = results.read_text()
-    assert '<!-- keep_source:ofa_mobilenetv3_small_100:pretrained:begin -->' in doc and '**Validation** top-1' in doc
-    assert '--variants recipe "frozen KD"`' in doc  # the command as run
+    assert '<!-- keep_source:ofa_mobilenetv3_small_100:pretrained:source4:begin -->' in doc
+    assert '**Validation** top-1' in doc
+    assert '--variants recipe "frozen KD" --source-steps 4`' in doc  # the command as run
     rows = [line for line in doc.splitlines() if line.startswith('| recipe |') or line.startswith('| frozen KD |')]
     assert len(rows) == 2 and all(line.count(' → ') == 3 for line in rows)  # the max at each of the four stage ends
     assert 'source trained alone' in result.stdout
@@ -93,13 +95,13 @@ def test_keep_source_smoke(tmp_path):
     assert 'full stage:' in again.stdout
     doc = results.read_text()
     # Another floor or resolutions: a section of its own, beside the default one's
-    assert '<!-- keep_source:ofa_mobilenetv3_small_100:scratch:floor0.5:res12-16:begin -->' in doc
+    assert '<!-- keep_source:ofa_mobilenetv3_small_100:scratch:floor0.5:res12-16:source4:begin -->' in doc
     assert "the full stage's max subnet scores" in doc and '| kernel lr x0.5 |' in doc
-    assert '--start scratch --variants "kernel lr x0.5" --floor-scale 0.5 --resolutions 12 16`' in doc
+    assert '--start scratch --variants "kernel lr x0.5" --floor-scale 0.5 --resolutions 12 16 --source-steps 4`' in doc
     # and a title of its own, so that each section has its own anchor
-    assert ('### Keeping the full stage: `ofa_mobilenetv3_small_100`, scratch, `--floor-scale 0.5 --resolutions 12 16`'
-            in doc)
-    assert '### Keeping the source: `ofa_mobilenetv3_small_100`, pretrained\n' in doc
+    assert ('### Keeping the full stage: `ofa_mobilenetv3_small_100`, scratch, '
+            '`--floor-scale 0.5 --resolutions 12 16 --source-steps 4`' in doc)
+    assert '### Keeping the source: `ofa_mobilenetv3_small_100`, pretrained, `--source-steps 4`\n' in doc
     # The source is trained once, and a later run with the same settings reuses it.
     reuse = subprocess.run(cmd[:-2] + ['--results', '', '--variants', 'recipe'], capture_output=True, text=True,
                            timeout=600)
