@@ -505,24 +505,26 @@ def bench_resolutions(args: argparse.Namespace) -> Tuple[int, ...]:
     return tuple(args.resolutions) if args.resolutions else (size * 3 // 4, size * 7 // 8, size)
 
 
+def _settings(args: argparse.Namespace) -> List[Tuple[str, str, List[str]]]:
+    """The settings a section is measured at that are not the defaults, each as (flag, key label, values):
+    ``--floor-scale``, ``--floor-weight``, ``--resolutions``, ``--source-steps`` and ``--seed``. The seed and the
+    source's steps change the data split and the source, so a rerun without them measures something else."""
+    settings = [('--floor-scale', 'floor', [f'{args.floor_scale:g}'] if args.floor_scale != 1 else []),
+                ('--floor-weight', 'weight', [f'{args.floor_weight:g}'] if args.floor_weight is not None else []),
+                ('--resolutions', 'res', [str(r) for r in args.resolutions or ()]),
+                ('--source-steps', 'source', [str(args.source_steps)] if args.source_steps != SOURCE_STEPS else []),
+                ('--seed', 'seed', [str(args.seed)] if args.seed != 0 else [])]
+    return [(flag, label, values) for flag, label, values in settings if values]
+
+
 def setting_flags(args: argparse.Namespace) -> str:
-    """``--floor-scale``, ``--floor-weight``, ``--resolutions``, ``--source-steps`` and ``--seed`` as a section's
-    command line gives them (nothing at the defaults): the seed and the source's steps change the data split and the
-    source, so a rerun without them measures something else."""
-    flags = f' --floor-scale {args.floor_scale:g}' if args.floor_scale != 1 else ''
-    flags += f' --floor-weight {args.floor_weight:g}' if args.floor_weight is not None else ''
-    flags += ' --resolutions ' + ' '.join(map(str, args.resolutions)) if args.resolutions else ''
-    flags += f' --source-steps {args.source_steps}' if args.source_steps != SOURCE_STEPS else ''
-    return flags + (f' --seed {args.seed}' if args.seed != 0 else '')
+    """Those settings as a section's command line gives them (nothing at the defaults)."""
+    return ''.join(f' {flag} ' + ' '.join(values) for flag, _, values in _settings(args))
 
 
 def setting_key(args: argparse.Namespace) -> str:
-    """The results-section key's suffix for the same flags, so that each setting keeps its own section."""
-    key = f':floor{args.floor_scale:g}' if args.floor_scale != 1 else ''
-    key += f':weight{args.floor_weight:g}' if args.floor_weight is not None else ''
-    key += ':res' + '-'.join(map(str, args.resolutions)) if args.resolutions else ''
-    key += f':source{args.source_steps}' if args.source_steps != SOURCE_STEPS else ''
-    return key + (f':seed{args.seed}' if args.seed != 0 else '')
+    """The results-section key's suffix for the same settings, so that each setting keeps its own section."""
+    return ''.join(f':{label}' + '-'.join(values) for _, label, values in _settings(args))
 
 
 def bench_parser(doc: str, image_size: int) -> argparse.ArgumentParser:
